@@ -1,0 +1,156 @@
+"""Angle-oriented contrastive loss (SPEC section 4), blocked so that memory stays bounded.
+
+For features of the same N tokens under two views, u = normalize(e1 - c), v = normalize(e2 - c)
+and F = [u; v] with labels [m; m]. Row a of F has the positive <u_i, v_i> / tau and its
+negatives are the rows of the *opposite* label; its loss is -pos_a + log sum_neg exp(<F_a, F_b> /
+tau) (the positive is not in the denominator). The loss is the mean over all 2N rows, and 0 when
+the batch has no anomalous or no normal token.
+
+A dense version holds the 2N x 2N similarity matrix (batch 32 x 256 tokens: 1 GiB per level, and
+as much again for its gradient). Here the log-sum-exp over negatives is computed for blocks of
+rows against blocks of columns with a running maximum, and its gradient (a custom VJP) is
+recomputed block by block, so at most block_size x block_size similarities exist at once.
+Labels act as weights: there is no boolean indexing and every shape is static.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+DEFAULT_BLOCK_SIZE = 2048
+_PAD_LABEL = -1.0  # padding rows: neither normal (0) nor anomalous (1), so never a negative
+
+
+def _normalize(x: Array, eps: float = 1e-12) -> Array:
+  # torch.nn.functional.normalize: x / max(||x||, eps).
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def _negative_mask(row_labels: Array, col_labels: Array) -> Array:
+  # Opposite labels sum to exactly 1; padding (-1) never does with 0, 1 or -1.
+  return (row_labels[:, None] + col_labels[None, :]) == 1.0
+
+
+def _blocks(x: Array, block: int) -> Array:
+  return x.reshape(x.shape[0] // block, block, *x.shape[1:])
+
+
+def _row_block_lse(rows: Array, row_labels: Array, cols: Array, col_labels: Array,
+                   inv_temp: float) -> Array:
+  """log sum_{b negative} exp(<row, col_b> * inv_temp) for a block of rows, streaming over
+  column blocks; rows without negatives get 0."""
+
+  def step(carry, col_block):
+    running_max, running_sum = carry
+    cb, cl = col_block
+    sims = (rows @ cb.T) * inv_temp
+    sims = jnp.where(_negative_mask(row_labels, cl), sims, -jnp.inf)
+    new_max = jnp.maximum(running_max, jnp.max(sims, axis=1))
+    safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    running_sum = (running_sum * jnp.exp(jnp.where(jnp.isfinite(running_max),
+                                                   running_max - safe_max, -jnp.inf))
+                   + jnp.sum(jnp.exp(sims - safe_max[:, None]), axis=1))
+    return (new_max, running_sum), None
+
+  init = (jnp.full(rows.shape[:1], -jnp.inf, rows.dtype), jnp.zeros(rows.shape[:1], rows.dtype))
+  (running_max, running_sum), _ = jax.lax.scan(step, init, (cols, col_labels))
+  return jnp.where(running_sum > 0, running_max + jnp.log(jnp.maximum(running_sum, 1e-30)), 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _negative_lse(features: Array, labels: Array, inv_temp: float, block: int) -> Array:
+  """Per-row log-sum-exp over negatives; features (M, D) with M a multiple of block."""
+  col_blocks = (_blocks(features, block), _blocks(labels, block))
+  per_block = jax.lax.map(
+      lambda rb: _row_block_lse(rb[0], rb[1], *col_blocks, inv_temp),
+      (_blocks(features, block), _blocks(labels, block)))
+  return per_block.reshape(-1)
+
+
+def _negative_lse_fwd(features, labels, inv_temp, block):
+  lse = _negative_lse(features, labels, inv_temp, block)
+  return lse, (features, labels, lse)
+
+
+def _negative_lse_bwd(inv_temp, block, residuals, grad_lse):
+  # d lse_a / d F = sum_b P_ab F_b * inv_temp + (as column) sum_b P_ba F_b * inv_temp, with
+  # P_ab = exp(S_ab - lse_a) on negatives. S is symmetric, so row block A needs only
+  # (g_A P_AB + (g_B P_BA)^T) F_B over the column blocks B.
+  features, labels, lse = residuals
+  col_blocks = (_blocks(features, block), _blocks(labels, block), _blocks(lse, block),
+                _blocks(grad_lse, block))
+
+  def row_block(rb):
+    rows, row_labels, row_lse, row_grad = rb
+
+    def step(acc, cb):
+      cols, col_labels, col_lse, col_grad = cb
+      sims = (rows @ cols.T) * inv_temp
+      neg = _negative_mask(row_labels, col_labels)
+      weight = (row_grad[:, None] * jnp.exp(jnp.where(neg, sims - row_lse[:, None], -jnp.inf))
+                + col_grad[None, :] * jnp.exp(jnp.where(neg, sims - col_lse[None, :], -jnp.inf)))
+      return acc + weight @ cols, None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros_like(rows), col_blocks)
+    return acc * inv_temp
+
+  grad = jax.lax.map(row_block, (_blocks(features, block), _blocks(labels, block),
+                                 _blocks(lse, block), _blocks(grad_lse, block)))
+  return grad.reshape(features.shape), jnp.zeros_like(labels)
+
+
+_negative_lse.defvjp(_negative_lse_fwd, _negative_lse_bwd)
+
+
+def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = None,
+               temperature: float = 0.15, *, weights: Optional[Array] = None,
+               block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
+  """Angle-oriented contrastive loss of one level.
+
+  Args:
+    e1, e2: (N, D) projected features of the same tokens under two views.
+    labels: (N,) in {0, 1}, 1 = anomalous.
+    center: (D,) the level's centre, subtracted before normalising; None for no centre.
+    temperature: tau.
+    weights: optional (N,) in {0, 1}: 0 drops a token entirely (padding, unused references);
+      static shapes for variable token counts.
+    block_size: rows and columns of similarities held at once (memory cap); inputs are padded
+      to a multiple of it. Value and gradient do not depend on it.
+
+  Returns:
+    Scalar float32 loss; 0 when the kept tokens include no anomalous or no normal one.
+  """
+  e1 = jnp.asarray(e1, jnp.float32)
+  e2 = jnp.asarray(e2, jnp.float32)
+  labels = jnp.asarray(labels, jnp.float32)
+  if e1.ndim != 2 or e1.shape != e2.shape or labels.shape != e1.shape[:1]:
+    raise ValueError(f"angle_loss expects e1, e2 (N, D) and labels (N,), got {e1.shape}, "
+                     f"{e2.shape}, {labels.shape}")
+  keep = jnp.ones_like(labels) if weights is None else jnp.asarray(weights, jnp.float32)
+  if center is not None:
+    center = jnp.asarray(center, jnp.float32)
+    e1, e2 = e1 - center, e2 - center
+  u, v = _normalize(e1), _normalize(e2)
+  n = labels.shape[0]
+  row_labels = jnp.where(keep > 0, labels, _PAD_LABEL)
+  features = jnp.concatenate([u, v], axis=0)
+  all_labels = jnp.concatenate([row_labels, row_labels], axis=0)
+  block = min(block_size, 2 * n)
+  padded = -(-2 * n // block) * block
+  features = jnp.pad(features, ((0, padded - 2 * n), (0, 0)))
+  all_labels = jnp.pad(all_labels, (0, padded - 2 * n), constant_values=_PAD_LABEL)
+  lse = _negative_lse(features, all_labels, 1.0 / temperature, block)[:2 * n]
+  positives = jnp.sum(u * v, axis=-1) / temperature
+  kept_rows = jnp.concatenate([keep, keep])
+  count = jnp.maximum(jnp.sum(kept_rows), 1.0)
+  loss = (jnp.sum(lse * kept_rows) - 2.0 * jnp.sum(positives * keep)) / count
+  num_anomalous = jnp.sum(labels * keep)
+  has_both = (num_anomalous > 0) & (num_anomalous < jnp.sum(keep))
+  return jnp.where(has_both, loss, 0.0)
