@@ -74,16 +74,19 @@ class _CrossAttention(nn.Module):
                       kernel_init=nn.initializers.xavier_uniform(),
                       bias_init=nn.initializers.zeros, name=name)
 
-    split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
-    q = split(dense("query")(x))               # (B, L, H, d)
-    k = split(dense("key")(ref))               # (R, H, d), once per call
-    v = split(dense("value")(ref))             # (R, H, d), once per call
+    # Heads lead: (H, B*L, d) @ (H, d, R) is a plainly batched matmul, which XLA's CPU backend
+    # runs about twice as fast as the equivalent 4-D einsum (measured on the paper's sizes).
+    b, l, _ = x.shape
+    heads = lambda t: t.reshape(t.shape[0], self.num_heads, head_dim).transpose(1, 0, 2)
+    q = heads(dense("query")(x).reshape(b * l, self.dim))   # (H, B*L, d)
+    k = heads(dense("key")(ref))                             # (H, R, d), once per call
+    v = heads(dense("value")(ref))                           # (H, R, d), once per call
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    logits = jnp.einsum("blhd,rhd->bhlr", q, k)
+    logits = jnp.matmul(q, k.transpose(0, 2, 1))             # (H, B*L, R)
     # Softmax over the references in float32 even under bfloat16 compute.
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    attended = jnp.einsum("bhlr,rhd->blhd", weights, v)
-    attended = attended.reshape(*attended.shape[:-2], self.dim)
+    attended = jnp.matmul(weights, v)                        # (H, B*L, d)
+    attended = attended.transpose(1, 0, 2).reshape(b, l, self.dim)
     return nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=_torch_linear_kernel_init, bias_init=nn.initializers.zeros,
                     name="out")(attended)

@@ -1,0 +1,82 @@
+"""The default configuration: the paper's pretraining recipe (SPEC section 5).
+
+Experiment files in `experiments/` start from `default_config()` and override fields; the
+command line overrides any field as `--config.path.to.field=value`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The paper's recipe: DINOv2-base on RealIAD, batch 32, 10 epochs, bfloat16."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.name = "dinov2-base"
+  c.backbone.weights = ""            # path to the user's .pth/.pt/.safetensors file
+  c.backbone.cache_dir = ""          # converted weights are cached here ("" = beside the run)
+  c.backbone.taps = ml_collections.FieldReference(None, field_type=tuple)  # None = the default taps
+  c.image_size = 224
+
+  c.data = ml_collections.ConfigDict()
+  c.data.pretrain_format = "realiad"   # a reader of data_pipelines (realiad, mvtec, visa, ...)
+  c.data.pretrain_root = ""
+  c.data.pretrain_classes = ""         # comma-separated; "" = every class found
+  c.data.pretrain_tfds_dir = ""        # packed ArrayRecord shards instead of the folder
+  c.data.val_format = "mvtec"          # held-out validation classes, for checkpoint selection
+  c.data.val_root = ""
+  c.data.val_classes = ""
+  c.data.batch_size = 32
+  c.data.shots = (1, 4, 8)             # n_shot drawn per batch
+  c.data.max_shots = 8                 # static maximum: unused shots are masked
+  c.data.anomaly_share = 0.0           # minimum share of anomalous images per batch (>= 1 image)
+  c.data.augment = True
+  c.data.num_workers = 0
+  c.data.label_threshold_share = 32 / 196   # angle-loss token label: share of patch pixels set
+  c.data.skip_unreadable_share = 0.0   # >0: skip unreadable images up to this share of the set
+
+  c.projector = ml_collections.ConfigDict()
+  c.projector.num_heads = 16
+  c.projector.num_ref_tokens = 2048
+  c.projector.depth = 1
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.angle = True
+  c.loss.norm = True
+  c.loss.temperature = 0.15
+  c.loss.center = True                 # subtract the per-level centre in the angle loss
+  c.loss.residual = True               # False: raw backbone features into the projector
+  c.loss.angle_block_size = 2048       # similarity block (memory cap) of the angle loss
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.weight_decay = 5e-4          # coupled L2, as torch.optim.Adam
+  c.optim.epochs = 10
+  c.optim.decay_epochs = (7, 9)
+  c.optim.decay_factor = 0.1
+  c.optim.max_steps = 0                # >0 caps the run (tests, smoke runs)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.dtype = "bfloat16"           # compute dtype; parameters stay float32
+  c.train.log_every = 10
+  c.train.checkpoint_every = 500       # steps
+  c.train.keep_checkpoints = 3
+  c.train.eval_every_epochs = 1        # 0 = never
+  c.train.select_on = "validation"     # or "test" to reproduce the paper's selection
+  c.train.center_shots = 4
+  c.train.max_similarities = 1 << 25   # residual matching memory cap
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.format = "mvtec"
+  c.eval.root = ""
+  c.eval.classes = ""
+  c.eval.methods = ("featurenorm", "patchcore")
+  c.eval.features = ("original", "pretrained")
+  c.eval.shots = 8                     # reference images per class for the residuals
+  c.eval.k_shot = 0                    # >0: few-shot training set of k normal images per class
+  c.eval.noisy_share = 0.0             # share of anomalous images mixed into training
+  c.eval.checkpoint = "angle"          # which selected checkpoint: angle | norm | latest
+  return c

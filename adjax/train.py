@@ -1,0 +1,408 @@
+"""Pretraining runs: `adjax centers`, `adjax refs` and `adjax pretrain` (SPEC section 5).
+
+The side effects live here (files, logging, devices, signals); the math is in train_step.py.
+A run's folder follows adjax/run_layout.py. A run started in a folder that has a checkpoint
+resumes from it by itself, with the data iterator where it stopped, so that a resumed run ends
+with the same parameters as an uninterrupted one. SIGTERM (preemption) saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from adjax import run_layout
+from adjax import sharding
+from adjax.models.projector import init_projector
+from adjax.optim import make_optimizer
+from adjax.residual import residual_features
+from adjax.train_step import StepSettings, init_train_state, make_train_step
+
+log = logging.getLogger("adjax.train")
+
+_COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------------ building blocks
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  if config.train.dtype not in _COMPUTE_DTYPES:
+    raise ValueError(f"config.train.dtype must be one of {sorted(_COMPUTE_DTYPES)}, got "
+                     f"{config.train.dtype!r}")
+  return _COMPUTE_DTYPES[config.train.dtype]
+
+
+def build_backbone(config: ml_collections.ConfigDict, workdir: Optional[str] = None):
+  """(backbone, params) from config.backbone: the user's weights file, the packaged
+  EfficientNet-Lite0 weights, or random weights for the test backbone `tiny-vit`."""
+  from adjax.models.backbones import get_backbone
+  overrides = {}
+  if config.backbone.get("taps"):
+    overrides["taps"] = tuple(config.backbone.taps)
+  backbone = get_backbone(config.backbone.name, **overrides)
+  weights = config.backbone.weights
+  cache_dir = config.backbone.cache_dir or None
+  if weights:
+    params = backbone.load(weights, cache_dir=cache_dir)
+  elif config.backbone.name == "efficientnet-lite0":
+    from adjax.models.backbones.efficientnet import default_weights_path
+    params = backbone.load(default_weights_path(), cache_dir=cache_dir)
+  elif config.backbone.name == "tiny-vit":
+    params = backbone.init(jax.random.PRNGKey(config.seed))
+  else:
+    raise ValueError(f"backbone {config.backbone.name!r} needs its weights: pass "
+                     "--config.backbone.weights=FILE (.pth, .pt or .safetensors)")
+  return backbone, params
+
+
+def _classes(value: str) -> Optional[list[str]]:
+  names = [c.strip() for c in str(value or "").split(",") if c.strip()]
+  return names or None
+
+
+def pretrain_records(config: ml_collections.ConfigDict) -> list:
+  """The pretraining index: packed ArrayRecord shards or the dataset folder."""
+  from data_pipelines import records as records_lib
+  classes = _classes(config.data.pretrain_classes)
+  if config.data.get("pretrain_tfds_dir"):
+    from data_pipelines.tfds_builders import packed_records
+    records = packed_records(config.data.pretrain_tfds_dir)
+    if classes:
+      records = [r for r in records if r.class_name in classes]
+  else:
+    if not config.data.pretrain_root:
+      raise ValueError("config.data.pretrain_root is empty: give the pretraining dataset's "
+                       "folder (--config.data.pretrain_root=DIR)")
+    records = records_lib.read_dataset(config.data.pretrain_format, config.data.pretrain_root,
+                                       classes)
+  if not records:
+    raise ValueError(f"no pretraining images found in {config.data.pretrain_root!r}")
+  return records
+
+
+def step_settings(config: ml_collections.ConfigDict, backbone) -> StepSettings:
+  return StepSettings(
+      level_strides=tuple(backbone.level_strides), num_heads=config.projector.num_heads,
+      temperature=config.loss.temperature, use_angle=config.loss.angle,
+      use_norm=config.loss.norm, use_center=config.loss.center,
+      use_residual=config.loss.residual, angle_block_size=config.loss.angle_block_size,
+      label_threshold_share=config.data.label_threshold_share,
+      max_similarities=config.train.max_similarities, compute_dtype=compute_dtype(config))
+
+
+def make_loader(config: ml_collections.ConfigDict, records: Sequence, backbone):
+  """This process's pretraining loader (its shard of the data, its share of the batch)."""
+  from data_pipelines.pretrain_pipeline import make_pretrain_loader
+  processes = jax.process_count()
+  if config.data.batch_size % jax.device_count():
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
+                     f"the device count {jax.device_count()}")
+  patch = max(backbone.level_strides)
+  return make_pretrain_loader(
+      records, image_size=config.image_size, batch_size=config.data.batch_size // processes,
+      shots=tuple(config.data.shots), max_shots=config.data.max_shots,
+      anomaly_share=config.data.anomaly_share or None, augment=config.data.augment,
+      patch_size=patch, label_threshold=int(config.data.label_threshold_share * patch * patch),
+      seed=config.seed, shard_index=jax.process_index(), shard_count=processes,
+      num_workers=config.data.num_workers)
+
+
+# ------------------------------------------------------------------------ centres
+def compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbone=None,
+                    backbone_params=None, records=None) -> list[np.ndarray]:
+  """Per-level centre: the mean residual feature of normal images (no augmentation, 4 shots).
+
+  For every (dataset, class, view) of the pretraining set, `center_shots` normal images are the
+  references and up to `center_images_per_group` other normal images give residuals; the mean
+  over all their tokens is the centre. Written to `<workdir>/centers.npz`.
+  """
+  from data_pipelines.images import load_record
+  if backbone is None:
+    backbone, backbone_params = build_backbone(config, workdir)
+  records = pretrain_records(config) if records is None else records
+  groups: dict[tuple, list] = {}
+  for r in records:
+    if r.label == 0:
+      groups.setdefault((r.dataset, r.class_name, r.view), []).append(r)
+  shots = int(config.train.center_shots)
+  per_group = int(config.train.get("center_images_per_group", 16))
+  rng = np.random.default_rng(config.seed)
+  dtype = compute_dtype(config)
+  sums: Optional[list[np.ndarray]] = None
+  count = 0
+  for key in sorted(groups):
+    members = groups[key]
+    if len(members) < shots + 1:
+      continue
+    order = rng.permutation(len(members))
+    refs = [members[i] for i in order[:shots]]
+    queries = [members[i] for i in order[shots:shots + per_group]]
+    load = lambda rs: np.stack([load_record(r, config.image_size)[0] for r in rs])
+    ref_levels = backbone.extract(backbone_params, load(refs) / np.float32(255), dtype)
+    query_levels = backbone.extract(backbone_params, load(queries) / np.float32(255), dtype)
+    residuals = [np.asarray(residual_features(q, r.reshape(-1, r.shape[-1]))[0], np.float64)
+                 for q, r in zip(query_levels, ref_levels)]
+    level_sums = [res.reshape(-1, res.shape[-1]).sum(0) for res in residuals]
+    sums = level_sums if sums is None else [a + b for a, b in zip(sums, level_sums)]
+    count += len(queries)
+  if sums is None:
+    raise ValueError(f"no (class, view) of the pretraining set has more than {shots} normal "
+                     "images: cannot compute centres")
+  tokens = [count * int(np.prod(lv.shape[1:3])) for lv in query_levels]
+  centers = [(s / t).astype(np.float32) for s, t in zip(sums, tokens)]
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    run_layout.atomic_write(run_layout.centers_path(workdir), lambda f: np.savez(
+        f, **{f"l{k + 1}": c for k, c in enumerate(centers)}))
+  return centers
+
+
+def load_centers(workdir: str) -> Optional[list[np.ndarray]]:
+  path = run_layout.centers_path(workdir)
+  if not os.path.isfile(path):
+    return None
+  with np.load(path) as data:
+    return [data[f"l{k + 1}"] for k in range(len(data.files))]
+
+
+# ------------------------------------------------------------------------ the run
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so the run saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _MetricWriter:
+  """metrics.jsonl and TensorBoard event files, written by process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.path = run_layout.metrics_path(workdir)
+    self.tb = None
+    if self.enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # optional: JSON lines are always written
+        self.tb = None
+
+  def write(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    run_layout.append_jsonl(self.path, {"step": step, **values})
+    if self.tb is not None:
+      for key, value in values.items():
+        if isinstance(value, (int, float)):
+          self.tb.add_scalar(key, value, step)
+      self.tb.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
+             evaluator=None, progress: bool = True) -> dict[str, Any]:
+  """Trains the projector; resumes from `<workdir>/checkpoints` when there is one.
+
+  Args:
+    config: see adjax/configs.py.
+    workdir: the run's folder.
+    evaluator: optional callable (params, epoch) -> {"angle": score, "norm": score, ...} used
+      every `config.train.eval_every_epochs` to keep the best checkpoint per head (higher is
+      better); by default built from config.data.val_* (or the test set with
+      config.train.select_on == "test") when those are set.
+    progress: show a progress bar.
+
+  Returns:
+    A summary: steps, skipped steps, last metrics, seconds, images/s.
+  """
+  from tqdm import tqdm
+  from adjax.checkpointing import RunCheckpointer, abstract_like
+
+  sharding.maybe_initialize_distributed()
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    run_layout.save_config(workdir, config)
+  mesh = sharding.data_mesh()
+  backbone, backbone_params = build_backbone(config, workdir)
+  records = pretrain_records(config)
+  loader = make_loader(config, records, backbone)
+  steps_per_epoch = max(1, len(loader))
+  total_steps = int(config.optim.epochs) * steps_per_epoch
+  if config.optim.max_steps:
+    total_steps = min(total_steps, int(config.optim.max_steps))
+
+  centers = None
+  if config.loss.center and config.loss.angle:
+    centers = load_centers(workdir)
+    if centers is None:
+      centers = compute_centers(config, workdir, backbone=backbone,
+                                backbone_params=backbone_params, records=records)
+
+  settings = step_settings(config, backbone)
+  optimizer = make_optimizer(config.optim.lr, config.optim.weight_decay, steps_per_epoch,
+                             tuple(config.optim.decay_epochs), config.optim.decay_factor)
+  params = init_projector(jax.random.PRNGKey(config.seed), backbone.level_dims,
+                          num_heads=config.projector.num_heads,
+                          num_ref_tokens=config.projector.num_ref_tokens,
+                          depth=config.projector.depth)
+  state = sharding.replicate(init_train_state(params, optimizer,
+                                              jax.random.PRNGKey(config.seed + 1)), mesh)
+  frozen = sharding.replicate({"backbone": backbone_params,
+                               "centers": None if centers is None else
+                               [jnp.asarray(c) for c in centers]}, mesh)
+  step_fn = jax.jit(make_train_step(settings, optimizer, backbone.extract),
+                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
+                                  sharding.replicated(mesh)),
+                    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+                    donate_argnums=0)
+
+  checkpointer = RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
+  iterator = iter(loader)
+  start_step = 0
+  if checkpointer.latest_step() is not None:
+    state, data_state, start_step = checkpointer.restore(abstract_like(state))
+    iterator.set_state(data_state)
+    log.info("resumed from step %d", start_step)
+  writer = _MetricWriter(workdir)
+  evaluator = evaluator if evaluator is not None else _default_evaluator(
+      config, backbone, backbone_params)
+  best = _BestTracker(workdir)
+  batch_keys = ("view1", "view2", "masks", "refs", "ref_valid")
+  images_per_step = config.data.batch_size
+  bar = tqdm(total=total_steps, initial=start_step, disable=not progress or
+             jax.process_index() != 0, desc="pretrain", unit="step", dynamic_ncols=True)
+  last_metrics: dict[str, float] = {}
+  t_start, steps_done = time.perf_counter(), 0
+  step = start_step
+  with _Preemption() as preemption:
+    while step < total_steps:
+      local = next(iterator)
+      batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
+      state, metrics = step_fn(state, batch, frozen)
+      step += 1
+      steps_done += 1
+      bar.update(1)
+      if step % config.train.log_every == 0 or step == total_steps:
+        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - t_start
+        last_metrics["images_per_s"] = steps_done * images_per_step / max(elapsed, 1e-9)
+        last_metrics["lr_epoch"] = step / steps_per_epoch
+        writer.write(step, last_metrics)
+        bar.set_postfix({k: f"{last_metrics[k]:.4g}" for k in ("loss", "images_per_s")}
+                        | {"skipped": int(last_metrics["skipped"])})
+      if evaluator is not None and _evaluation_due(step, steps_per_epoch, total_steps,
+                                                   config.train.eval_every_epochs):
+        scores = evaluator(jax.device_get(state["params"]), step / steps_per_epoch)
+        writer.write(step, {f"val/{k}": float(v) for k, v in scores.items()})
+        best.update(step, jax.device_get(state["params"]), scores)
+      if step % config.train.checkpoint_every == 0 or step == total_steps:
+        checkpointer.save(step, state, iterator.get_state())
+      if preemption.requested:
+        log.warning("SIGTERM: saving step %d and exiting", step)
+        checkpointer.save(step, state, iterator.get_state(), force=True)
+        break
+  checkpointer.close()
+  bar.close()
+  writer.close()
+  seconds = time.perf_counter() - t_start
+  summary = {"steps": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+             "skipped": int(jax.device_get(state["skipped"])), "seconds": seconds,
+             "images_per_s": steps_done * images_per_step / max(seconds, 1e-9),
+             "preempted": step < total_steps, "last": last_metrics}
+  if best.kinds_saved == 0 and jax.process_index() == 0 and step == total_steps:
+    # No evaluator: the final parameters serve as both selections.
+    for kind in run_layout.KINDS:
+      run_layout.save_best(workdir, kind, jax.device_get(state["params"]),
+                           {"step": step, "metrics": last_metrics, "selected_by": "final"})
+  return summary
+
+
+def final_params(workdir: str) -> Any:
+  """The projector parameters of the latest checkpoint (numpy)."""
+  import orbax.checkpoint as ocp
+  from adjax.checkpointing import RunCheckpointer
+  checkpointer = RunCheckpointer(workdir, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {run_layout.checkpoints_dir(workdir)}")
+    restored = checkpointer.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    checkpointer.close()
+  return jax.device_get(restored["state"]["params"])
+
+
+def _evaluation_due(step: int, steps_per_epoch: int, total_steps: int, every: int) -> bool:
+  """At the end of every `every`-th epoch, and always at the last step."""
+  if step == total_steps:
+    return True
+  return bool(every) and step % steps_per_epoch == 0 and (step // steps_per_epoch) % every == 0
+
+
+class _BestTracker:
+  """Keeps `<workdir>/best/{angle,norm}` as the parameters with the highest score so far.
+
+  The reference selects its `*_angle` checkpoint with PatchCore and `*_norm` with FeatureNorm;
+  scores here are {"angle": PatchCore score, "norm": FeatureNorm score}.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.kinds_saved = 0
+    self.best: dict[str, float] = {}
+    for kind in run_layout.KINDS:
+      meta_path = run_layout.best_meta_path(workdir, kind)
+      if os.path.isfile(meta_path):
+        self.best[kind] = float(run_layout.read_json(meta_path).get("score", -np.inf))
+        self.kinds_saved += 1
+
+  def update(self, step: int, params: Any, scores: dict[str, float]) -> None:
+    if jax.process_index() != 0:
+      return
+    for kind in run_layout.KINDS:
+      if kind in scores and scores[kind] > self.best.get(kind, -np.inf):
+        self.best[kind] = float(scores[kind])
+        run_layout.save_best(self.workdir, kind, params,
+                             {"step": step, "score": float(scores[kind]), "metrics": scores})
+        self.kinds_saved += 1
+
+
+def _default_evaluator(config, backbone, backbone_params):
+  """Validation with PatchCore (angle head) and FeatureNorm (norm head), when configured."""
+  use_test = config.train.select_on == "test"
+  if config.train.select_on not in ("validation", "test"):
+    raise ValueError(f"config.train.select_on must be 'validation' or 'test', got "
+                     f"{config.train.select_on!r}")
+  root = config.eval.root if use_test else config.data.val_root
+  if not root or not config.train.eval_every_epochs:
+    return None
+  from adjax.evaluate import make_selection_evaluator
+  return make_selection_evaluator(config, backbone, backbone_params, use_test=use_test)

@@ -1,0 +1,204 @@
+"""The pretraining step (SPEC section 5) as pure functions, compiled once with jax.jit.
+
+One step: frozen backbone features of both views and of each image's reference images, the
+residual of every token against its nearest reference token (own class and view; unused shots
+masked), the projector on both views at once (the reference projection is shared), and per
+level angle(e1, e2) + norm(e1) + norm(e2). Only the projector receives gradients.
+
+Shapes are static: the number of shots varies per batch through `ref_valid`, not through
+shapes. A step whose loss or gradient is not finite leaves the parameters and optimiser state
+unchanged and increments `skipped`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adjax.labels import token_labels
+from adjax.losses.angle import angle_loss
+from adjax.losses.norm import norm_loss
+from adjax.models.projector import project
+from adjax.residual import residual_features
+
+Array = jax.Array
+Levels = list[Array]
+TrainState = dict[str, Any]   # params, opt_state, step, rng, skipped
+ExtractFn = Callable[[Any, Array], Levels]  # (backbone params, images in [0, 1]) -> levels
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What the compiled step needs besides arrays (hashable: part of the compile key)."""
+  level_strides: tuple[int, ...]
+  num_heads: int = 16
+  temperature: float = 0.15
+  use_angle: bool = True
+  use_norm: bool = True
+  use_center: bool = True
+  use_residual: bool = True
+  angle_block_size: int = 2048
+  label_threshold_share: float = 32 / 196
+  max_similarities: int = 1 << 25
+  compute_dtype: Any = jnp.bfloat16
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation,
+                     rng: Array) -> TrainState:
+  """The train state: projector params (float32), optimiser state, counters and rng."""
+  return {"params": params, "opt_state": optimizer.init(params),
+          "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32), "rng": rng}
+
+
+def level_labels(masks: Array, strides: Sequence[int],
+                 threshold_share: float) -> list[tuple[Array, Array]]:
+  """(angle_labels, norm_labels) per level from pixel masks (B, S, S), each (B, S/s, S/s).
+
+  A token of stride s is anomalous for the angle loss when more than threshold_share of its
+  s * s pixels are set (32 of 196 at s = 14, the reference's rule).
+  """
+  return [token_labels(masks, patch_size=s, threshold=threshold_share * s * s) for s in strides]
+
+
+def images_to_unit(images: Array) -> Array:
+  """uint8 images to float32 in [0, 1] (batches travel as uint8: 4x less host->device)."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def reference_levels(extract: ExtractFn, backbone_params: Any, refs: Array,
+                     ref_valid: Array) -> tuple[Levels, list[Array]]:
+  """Backbone features of each image's reference images, flattened per image.
+
+  Args:
+    refs: (B, S_max, H, W, 3) reference images; ref_valid: (B, S_max) bool.
+
+  Returns:
+    (levels of (B, S_max * h * w, C), validity of each reference token (B, S_max * h * w)).
+  """
+  b, shots = refs.shape[:2]
+  feats = extract(backbone_params, images_to_unit(refs.reshape(b * shots, *refs.shape[2:])))
+  levels, valid = [], []
+  for f in feats:
+    _, h, w, c = f.shape
+    levels.append(f.reshape(b, shots * h * w, c))
+    valid.append(jnp.repeat(ref_valid, h * w, axis=1))
+  return levels, valid
+
+
+def residual_levels(features: Levels, ref_feats: Levels, ref_valid: Sequence[Array],
+                    settings: StepSettings) -> Levels:
+  """Residuals of every level (or the raw features when the residual is switched off)."""
+  if not settings.use_residual:
+    return list(features)
+  return [residual_features(f, r, v, max_similarities=settings.max_similarities)[0]
+          for f, r, v in zip(features, ref_feats, ref_valid)]
+
+
+def pretraining_loss(params: Any, residuals1: Levels, residuals2: Levels, masks: Array,
+                     centers: Optional[Sequence[Array]],
+                     settings: StepSettings) -> tuple[Array, dict[str, Array]]:
+  """Sum over levels of angle(e1, e2) + norm(e1) + norm(e2) on projected residuals.
+
+  Args:
+    params: projector parameters.
+    residuals1, residuals2: per level (B, h, w, C), the two views' residual features.
+    masks: (B, S, S) pixel masks (shared by both views: same geometry).
+    centers: per level (C,) or None.
+
+  Returns:
+    (loss, metrics) with per-level terms.
+  """
+  b = residuals1[0].shape[0]
+  both = [jnp.concatenate([r1, r2], axis=0) for r1, r2 in zip(residuals1, residuals2)]
+  projected = project(params, both, num_heads=settings.num_heads, dtype=settings.compute_dtype)
+  labels = level_labels(masks, settings.level_strides, settings.label_threshold_share)
+  total = jnp.zeros((), jnp.float32)
+  metrics = {}
+  for k, (out, (angle_labels, norm_labels)) in enumerate(zip(projected, labels)):
+    out = out.astype(jnp.float32)  # losses and their norms in float32
+    c = out.shape[-1]
+    e1, e2 = out[:b].reshape(-1, c), out[b:].reshape(-1, c)
+    angle_labels, norm_labels = angle_labels.reshape(-1), norm_labels.reshape(-1)
+    level_total = jnp.zeros((), jnp.float32)
+    if settings.use_angle:
+      center = centers[k] if (settings.use_center and centers is not None) else None
+      angle = angle_loss(e1, e2, angle_labels, center, settings.temperature,
+                         block_size=settings.angle_block_size)
+      metrics[f"angle/l{k + 1}"] = angle
+      level_total += angle
+    if settings.use_norm:
+      norm = norm_loss(e1, norm_labels) + norm_loss(e2, norm_labels)
+      metrics[f"norm/l{k + 1}"] = norm
+      level_total += norm
+    total += level_total
+  metrics["loss"] = total
+  return total, metrics
+
+
+def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, loss: Array,
+                    grads: Any) -> tuple[TrainState, Array]:
+  """One optimiser update, skipped (state kept, `skipped` + 1) when anything is not finite."""
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  updates, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  new_params = optax.apply_updates(state["params"], updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return {
+      "params": keep(new_params, state["params"]),
+      "opt_state": keep(new_opt_state, state["opt_state"]),
+      "step": state["step"] + 1,
+      "skipped": state["skipped"] + (1 - finite.astype(jnp.int32)),
+      "rng": state["rng"],
+  }, finite
+
+
+def make_train_step(settings: StepSettings, optimizer: optax.GradientTransformation,
+                    extract: Optional[ExtractFn]) -> Callable:
+  """The step `(state, batch, frozen) -> (state, metrics)`, not yet jitted.
+
+  batch (numpy or global jax arrays, leading axis = images):
+    view1, view2 (B, S, S, 3) uint8; masks (B, S, S); and either
+    refs (B, S_max, S, S, 3) uint8 with ref_valid (B, S_max) bool (references through the
+    backbone inside the step), or ref_feat_{k} (B, N_k, C_k) with ref_feat_valid_{k} (B, N_k)
+    (precomputed reference features).
+  frozen: {"backbone": backbone params, "centers": list of (C_k,) or None}.
+  """
+
+  def step(state: TrainState, batch: dict[str, Array], frozen: dict[str, Any]):
+    backbone_params = frozen["backbone"]
+    feats1 = extract(backbone_params, images_to_unit(batch["view1"]))
+    feats2 = extract(backbone_params, images_to_unit(batch["view2"]))
+    if "ref_feat_0" in batch:
+      ref_feats = [batch[f"ref_feat_{k}"] for k in range(len(feats1))]
+      ref_valid = [batch[f"ref_feat_valid_{k}"] for k in range(len(feats1))]
+    elif settings.use_residual:
+      ref_feats, ref_valid = reference_levels(extract, backbone_params, batch["refs"],
+                                              batch["ref_valid"])
+    else:
+      ref_feats, ref_valid = [None] * len(feats1), [None] * len(feats1)
+    residuals = jax.lax.stop_gradient(
+        (residual_levels(feats1, ref_feats, ref_valid, settings),
+         residual_levels(feats2, ref_feats, ref_valid, settings)))
+    return residual_update(state, residuals[0], residuals[1], batch["masks"],
+                           frozen.get("centers"), settings, optimizer)
+
+  return step
+
+
+def residual_update(state: TrainState, residuals1: Levels, residuals2: Levels, masks: Array,
+                    centers: Optional[Sequence[Array]], settings: StepSettings,
+                    optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """Projector forward, losses, backward and update on given residual features."""
+  (loss, metrics), grads = jax.value_and_grad(pretraining_loss, has_aux=True)(
+      state["params"], residuals1, residuals2, masks, centers, settings)
+  new_state, finite = apply_gradients(state, optimizer, loss, grads)
+  metrics["finite"] = finite.astype(jnp.float32)
+  metrics["skipped"] = new_state["skipped"]
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return new_state, metrics

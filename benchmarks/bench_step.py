@@ -1,0 +1,95 @@
+"""Times the pretraining update on given residual features: projector on both views, angle and
+norm losses on every level, backward and Adam update (the part of the step the PyTorch
+reference's 11.7 s covers at batch 4, C = 768, 4 levels, 16 x 16 tokens on a 2-core CPU).
+
+Prints one JSON line: images_per_s, seconds per step, model FLOPs (analytic, forward x 3) and
+the FLOP rate they imply, and XLA's own FLOP count of the compiled step.
+
+  python benchmarks/bench_step.py --batch 4 --dim 768 --levels 4 --side 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def model_flops(batch: int, dim: int, levels: int, side: int, num_ref: int) -> float:
+  """Forward + backward (3 x forward) matmul FLOPs of projector and angle loss."""
+  tokens = 2 * batch * side * side          # both views go through the projector
+  per_level = (3 * 2 * num_ref * dim * dim  # reference projection, keys, values (once)
+               + 2 * 2 * tokens * dim * dim  # query and output projections
+               + 2 * 2 * tokens * num_ref * dim  # attention logits and weighted sum
+               + 2 * 2 * tokens * dim * 4 * dim  # fc1, fc2
+               + 2 * tokens * tokens * dim)  # angle-loss similarities (2N x 2N)
+  return 3.0 * levels * per_level
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--dim", type=int, default=768)
+  parser.add_argument("--levels", type=int, default=4)
+  parser.add_argument("--side", type=int, default=16)
+  parser.add_argument("--num-ref", type=int, default=2048)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--steps", type=int, default=5)
+  args = parser.parse_args()
+
+  from adjax.models.projector import init_projector
+  from adjax.optim import make_optimizer
+  from adjax.train_step import StepSettings, init_train_state, residual_update
+
+  dtype = jnp.dtype(args.dtype)
+  settings = StepSettings(level_strides=(14,) * args.levels, compute_dtype=dtype)
+  optimizer = make_optimizer(1e-4, 5e-4, steps_per_epoch=1000)
+  params = init_projector(jax.random.key(0), [args.dim] * args.levels,
+                          num_ref_tokens=args.num_ref)
+  state = init_train_state(params, optimizer, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  shape = (args.batch, args.side, args.side, args.dim)
+  res1 = [jnp.asarray(rng.normal(size=shape).astype(np.float32)) for _ in range(args.levels)]
+  res2 = [r + 0.1 for r in res1]
+  size = args.side * 14
+  masks = np.zeros((args.batch, size, size), np.float32)
+  masks[0, :size // 3, :size // 3] = 1
+  masks = jnp.asarray(masks)
+  centers = [jnp.zeros((args.dim,), jnp.float32)] * args.levels
+
+  step = jax.jit(lambda s, a, b, m, c: residual_update(s, a, b, m, c, settings, optimizer),
+                 donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, res1, res2, masks, centers).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  state, metrics = compiled(state, res1, res2, masks, centers)   # warm-up
+  jax.block_until_ready(metrics["loss"])
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, res1, res2, masks, centers)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t0)
+  seconds = float(np.median(times))
+  flops = model_flops(args.batch, args.dim, args.levels, args.side, args.num_ref)
+  print(json.dumps({
+      "bench": "step", "backend": jax.default_backend(), "devices": jax.device_count(),
+      "batch": args.batch, "dim": args.dim, "levels": args.levels, "side": args.side,
+      "num_ref": args.num_ref, "dtype": args.dtype, "seconds_per_step": round(seconds, 4),
+      "images_per_s": round(args.batch / seconds, 3), "model_gflops": round(flops / 1e9, 1),
+      "gflops_per_s": round(flops / seconds / 1e9, 1),
+      "xla_gflops": round(xla_flops / 1e9, 1), "compile_s": round(compile_s, 1),
+      "loss": float(metrics["loss"]),
+      "reference_seconds_per_step": 11.7,
+      "speedup_vs_reference": round(11.7 / seconds, 2)}))
+
+
+if __name__ == "__main__":
+  main()
