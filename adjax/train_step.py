@@ -171,24 +171,38 @@ def make_train_step(settings: StepSettings, optimizer: optax.GradientTransformat
   """
 
   def step(state: TrainState, batch: dict[str, Array], frozen: dict[str, Any]):
-    backbone_params = frozen["backbone"]
-    feats1 = extract(backbone_params, images_to_unit(batch["view1"]))
-    feats2 = extract(backbone_params, images_to_unit(batch["view2"]))
-    if "ref_feat_0" in batch:
-      ref_feats = [batch[f"ref_feat_{k}"] for k in range(len(feats1))]
-      ref_valid = [batch[f"ref_feat_valid_{k}"] for k in range(len(feats1))]
-    elif settings.use_residual:
-      ref_feats, ref_valid = reference_levels(extract, backbone_params, batch["refs"],
-                                              batch["ref_valid"])
-    else:
-      ref_feats, ref_valid = [None] * len(feats1), [None] * len(feats1)
-    residuals = jax.lax.stop_gradient(
-        (residual_levels(feats1, ref_feats, ref_valid, settings),
-         residual_levels(feats2, ref_feats, ref_valid, settings)))
-    return residual_update(state, residuals[0], residuals[1], batch["masks"],
+    residuals1, residuals2 = batch_residuals(batch, frozen, settings, extract)
+    return residual_update(state, residuals1, residuals2, batch["masks"],
                            frozen.get("centers"), settings, optimizer)
 
   return step
+
+
+def batch_residuals(batch: dict[str, Array], frozen: dict[str, Any], settings: StepSettings,
+                    extract: ExtractFn) -> tuple[Levels, Levels]:
+  """Frozen part of the step: residual features of both views (no gradient flows back)."""
+  backbone_params = frozen["backbone"]
+  feats1 = extract(backbone_params, images_to_unit(batch["view1"]))
+  feats2 = extract(backbone_params, images_to_unit(batch["view2"]))
+  if "ref_feat_0" in batch:
+    ref_feats = [batch[f"ref_feat_{k}"] for k in range(len(feats1))]
+    ref_valid = [batch[f"ref_feat_valid_{k}"] for k in range(len(feats1))]
+  elif settings.use_residual:
+    ref_feats, ref_valid = reference_levels(extract, backbone_params, batch["refs"],
+                                            batch["ref_valid"])
+  else:
+    ref_feats, ref_valid = [None] * len(feats1), [None] * len(feats1)
+  return jax.lax.stop_gradient(
+      (residual_levels(feats1, ref_feats, ref_valid, settings),
+       residual_levels(feats2, ref_feats, ref_valid, settings)))
+
+
+def batch_loss(params: Any, batch: dict[str, Array], frozen: dict[str, Any],
+               settings: StepSettings, extract: ExtractFn) -> tuple[Array, dict[str, Array]]:
+  """The step's loss on a batch without updating anything (validation, tests)."""
+  residuals1, residuals2 = batch_residuals(batch, frozen, settings, extract)
+  return pretraining_loss(params, residuals1, residuals2, batch["masks"],
+                          frozen.get("centers"), settings)
 
 
 def residual_update(state: TrainState, residuals1: Levels, residuals2: Levels, masks: Array,

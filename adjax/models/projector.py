@@ -56,6 +56,26 @@ def _linear(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
                   bias_init=_torch_linear_bias_init(fan_in), name=name)
 
 
+class _KeyProjection(nn.Module):
+  """The key projection, whose bias gets an exactly zero gradient.
+
+  Adding the same vector to every key shifts each query's logits by a constant, which the
+  softmax removes: the key bias's true gradient is zero. Autodiff returns float noise instead,
+  and Adam divides it by its own tiny magnitude into full-size random steps (which made the
+  8-device and 1-device runs differ by ~lr). The stop_gradient makes it the exact zero.
+  """
+  features: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    dtype = self.dtype or x.dtype
+    return (x.astype(dtype) @ kernel.astype(dtype)
+            + jax.lax.stop_gradient(bias).astype(dtype))
+
+
 class _CrossAttention(nn.Module):
   """Multi-head attention of image tokens (queries) over shared reference tokens."""
   dim: int
@@ -79,7 +99,7 @@ class _CrossAttention(nn.Module):
     b, l, _ = x.shape
     heads = lambda t: t.reshape(t.shape[0], self.num_heads, head_dim).transpose(1, 0, 2)
     q = heads(dense("query")(x).reshape(b * l, self.dim))   # (H, B*L, d)
-    k = heads(dense("key")(ref))                             # (H, R, d), once per call
+    k = heads(_KeyProjection(self.dim, self.dtype, name="key")(ref))  # (H, R, d), once per call
     v = heads(dense("value")(ref))                           # (H, R, d), once per call
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
     logits = jnp.matmul(q, k.transpose(0, 2, 1))             # (H, B*L, R)

@@ -1,0 +1,437 @@
+"""Read PyTorch checkpoints (.pth/.pt) without torch and without running pickled code.
+
+PyTorch checkpoints are pickles. A plain ``pickle.load`` would call whatever the file names
+(``os.system`` included), so this reader uses a restricted ``Unpickler`` whose ``find_class``
+answers only for the few names a checkpoint of weights needs:
+
+- ``collections.OrderedDict`` (state dicts are OrderedDicts);
+- the tensor rebuild functions of ``torch._utils`` / ``torch._tensor`` and the typed storage
+  classes (``torch.FloatStorage`` ...), which are replaced by our own code that rebuilds a numpy
+  array from the raw bytes of the storage record;
+- in TorchScript archives only (OpenAI CLIP ``.pt`` files), ``__torch__.*`` classes, replaced by
+  an inert record that keeps the module's attributes (no TorchScript code is read or run), and
+  a few pure list/type-tag helpers of ``torch.jit._pickle``.
+
+Every other global is refused with ``UnsafeCheckpointError`` before anything is called. Dicts,
+lists, tuples, strings, numbers and bools are built by pickle opcodes themselves.
+
+Three container layouts are read:
+- the zip format of ``torch.save`` (PyTorch >= 1.6): ``<dir>/data.pkl`` plus one record
+  ``<dir>/data/<key>`` per storage;
+- TorchScript archives (``torch.jit.save``): the same zip layout with ``code/`` and
+  ``constants.pkl`` beside it; only ``data.pkl`` is read and it is flattened to a state dict;
+- the legacy format (PyTorch < 1.6, e.g. the EfficientNet-Lite0 file): a magic-number pickle, a
+  protocol pickle, a system-info pickle, the object pickle, a pickle listing storage keys, then
+  each storage as an 8-byte element count followed by its raw bytes.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from typing import Any, BinaryIO
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "load_torch_file",
+    "load_torch_state_dict",
+    "flatten_state",
+]
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+# Typed storage class name -> numpy dtype of its elements.
+_STORAGE_DTYPES: dict[str, np.dtype] = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+    "ComplexFloatStorage": np.dtype(np.complex64),
+    "ComplexDoubleStorage": np.dtype(np.complex128),
+    "UntypedStorage": np.dtype(np.uint8),
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file is unreadable: truncated, corrupt or of an unknown layout."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+  """A checkpoint's pickle names something other than tensors and plain containers."""
+
+
+class _StorageType:
+  """Stands for ``torch.<X>Storage`` inside the pickle: only carries the element dtype."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.dtype = _STORAGE_DTYPES[name]
+
+
+class _Storage:
+  """One storage record: a flat numpy array, filled when its bytes are read."""
+
+  def __init__(self, key: str, dtype: np.dtype, numel: int):
+    self.key = key
+    self.dtype = dtype
+    self.numel = numel
+    self.data: np.ndarray | None = None
+
+
+class _TensorRef:
+  """A tensor view into a storage; turned into a numpy array once all storages are read."""
+
+  def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+    self.storage = storage
+    self.offset = int(offset)
+    self.size = tuple(int(s) for s in size)
+    self.stride = tuple(int(s) for s in stride)
+
+  def materialise(self, path: str) -> np.ndarray:
+    data = self.storage.data
+    if data is None:
+      raise CheckpointError(f"{path}: storage {self.storage.key!r} was never read (corrupt file)")
+    if any(s == 0 for s in self.size):
+      return np.zeros(self.size, data.dtype)
+    last = self.offset + sum((n - 1) * st for n, st in zip(self.size, self.stride))
+    if self.offset < 0 or last >= data.size or any(st < 0 for st in self.stride):
+      raise CheckpointError(
+          f"{path}: tensor of shape {self.size} at offset {self.offset} runs past its storage "
+          f"{self.storage.key!r} of {data.size} elements (corrupt file)")
+    view = np.lib.stride_tricks.as_strided(
+        data[self.offset:], shape=self.size,
+        strides=tuple(st * data.itemsize for st in self.stride), writeable=False)
+    return np.array(view)  # own the memory, contiguous
+
+
+class ScriptObject:
+  """Inert record of a TorchScript object (``__torch__.*`` class): its name and attributes."""
+
+  def __init__(self, qualname: str):
+    self.qualname = qualname
+    self.state: dict[str, Any] = {}
+
+  def __setstate__(self, state: Any) -> None:
+    # BUILD opcode: TorchScript passes the attribute dict. Anything else is kept as is.
+    self.state = state if isinstance(state, dict) else {"__state__": state}
+
+  def __repr__(self) -> str:
+    return f"ScriptObject({self.qualname!r})"
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+  if not isinstance(storage, _Storage):
+    raise UnsafeCheckpointError("tensor rebuild got something other than a storage record")
+  return _TensorRef(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
+  del requires_grad, backward_hooks
+  return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+  # Tensor subclasses: only plain Tensor / Parameter are accepted (new_type is our marker).
+  del state
+  if new_type is not _TENSOR_MARKER or func not in (_rebuild_tensor, _rebuild_parameter):
+    raise UnsafeCheckpointError("tensor of an unknown subclass")
+  return func(*args)
+
+
+def _identity_first(value, *unused):
+  return value
+
+
+_TENSOR_MARKER = object()
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TENSOR_MARKER,
+    ("torch.nn.parameter", "Parameter"): _TENSOR_MARKER,
+}
+
+# Pure helpers TorchScript's pickler may emit for typed lists and type tags.
+_JIT_HELPERS = {"restore_type_tag", "build_intlist", "build_tensorlist", "build_doublelist",
+                "build_boollist"}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """An Unpickler that resolves only allow-listed globals and storage persistent ids."""
+
+  def __init__(self, file: BinaryIO, *, path: str, storages: dict[str, _Storage],
+               load_record=None, allow_script_objects: bool = False):
+    super().__init__(file)
+    self._path = path
+    self._storages = storages
+    self._load_record = load_record
+    self._allow_script = allow_script_objects
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in _ALLOWED_GLOBALS:
+      return _ALLOWED_GLOBALS[(module, name)]
+    if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
+      return _StorageType(name)
+    if self._allow_script:
+      if module == "torch.jit._pickle" and name in _JIT_HELPERS:
+        return _identity_first
+      if module == "__torch__" or module.startswith("__torch__."):
+        qualname = f"{module}.{name}"
+        return type(name, (ScriptObject,), {"__new__": lambda cls, *a: _new_script(cls, qualname)})
+    raise UnsafeCheckpointError(
+        f"{self._path}: refusing to load: the pickle asks for '{module}.{name}', which is not a "
+        "tensor or a plain container. Only weights are read from checkpoints; a file that needs "
+        "other objects may run arbitrary code and is not loaded.")
+
+  def persistent_load(self, pid: Any) -> Any:
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+      raise UnsafeCheckpointError(f"{self._path}: unknown persistent id {pid!r:.80}")
+    storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], pid[4]
+    if not isinstance(storage_type, _StorageType):
+      raise UnsafeCheckpointError(f"{self._path}: storage of unknown type {storage_type!r:.80}")
+    dtype = storage_type.dtype
+    if key not in self._storages:
+      storage = _Storage(key, dtype, int(numel))
+      if storage_type.name == "UntypedStorage":
+        storage.numel = int(numel)  # bytes
+      if self._load_record is not None:
+        storage.data = self._load_record(key, dtype, storage.numel)
+      self._storages[key] = storage
+    storage = self._storages[key]
+    view_meta = pid[5] if len(pid) > 5 else None
+    if view_meta is not None:  # legacy views into a larger storage: (view_key, offset, size)
+      _, offset, size = view_meta
+      view = _Storage(f"{key}[{offset}:{offset + size}]", dtype, int(size))
+      view.data = None
+      # Resolved after the storage bytes are read (legacy format only).
+      view.parent = (storage, int(offset))  # type: ignore[attr-defined]
+      self._storages.setdefault(view.key, view)
+      return self._storages[view.key]
+    return storage
+
+
+def _new_script(cls, qualname: str) -> ScriptObject:
+  obj = object.__new__(cls)
+  ScriptObject.__init__(obj, qualname)
+  return obj
+
+
+def _materialise(obj: Any, path: str) -> Any:
+  """Replace every ``_TensorRef`` by its numpy array, recursively through containers."""
+  if isinstance(obj, _TensorRef):
+    return obj.materialise(path)
+  if isinstance(obj, collections.OrderedDict):
+    return collections.OrderedDict((k, _materialise(v, path)) for k, v in obj.items())
+  if isinstance(obj, dict):
+    return {k: _materialise(v, path) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_materialise(v, path) for v in obj]
+  if isinstance(obj, tuple):
+    return tuple(_materialise(v, path) for v in obj)
+  if isinstance(obj, ScriptObject):
+    obj.state = {k: _materialise(v, path) for k, v in obj.state.items()}
+    return obj
+  return obj
+
+
+def _unpickle(data: BinaryIO, **kwargs) -> Any:
+  path = kwargs["path"]
+  try:
+    return _RestrictedUnpickler(data, **kwargs).load()
+  except CheckpointError:
+    raise
+  except (EOFError, pickle.UnpicklingError, struct.error, ValueError, TypeError, KeyError,
+          IndexError, AttributeError, MemoryError) as e:
+    raise CheckpointError(
+        f"{path}: cannot read the checkpoint's pickle ({type(e).__name__}: {e}); the file is "
+        "truncated or corrupt") from e
+
+
+def _load_zip(path: str, zf: zipfile.ZipFile) -> Any:
+  names = zf.namelist()
+  pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+  if not pickles:
+    pickles = [n for n in names if n == "data.pkl"]
+  if len(pickles) != 1:
+    raise CheckpointError(
+        f"{path}: a zip file but not a PyTorch checkpoint (expected one '<dir>/data.pkl', "
+        f"found {len(pickles)})")
+  prefix = pickles[0][: -len("data.pkl")]
+  is_script = (prefix + "constants.pkl") in names or any(
+      n.startswith(prefix + "code/") for n in names)
+  byteorder = "little"
+  if prefix + "byteorder" in names:
+    byteorder = zf.read(prefix + "byteorder").decode().strip() or "little"
+
+  def load_record(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+    name = f"{prefix}data/{key}"
+    try:
+      raw = zf.read(name)
+    except KeyError as e:
+      raise CheckpointError(f"{path}: storage record '{name}' is missing (corrupt file)") from e
+    nbytes = numel * dtype.itemsize
+    if len(raw) < nbytes:
+      raise CheckpointError(
+          f"{path}: storage record '{name}' has {len(raw)} bytes, expected {nbytes} (truncated)")
+    arr = np.frombuffer(raw, dtype=dtype, count=numel)
+    if byteorder == "big" and dtype.itemsize > 1:
+      arr = arr.byteswap()
+    return arr
+
+  storages: dict[str, _Storage] = {}
+  obj = _unpickle(io.BytesIO(zf.read(pickles[0])), path=path, storages=storages,
+                  load_record=load_record, allow_script_objects=is_script)
+  obj = _materialise(obj, path)
+  if is_script:
+    return flatten_state(obj)
+  return obj
+
+
+def _read_exact(f: BinaryIO, n: int, path: str, what: str) -> bytes:
+  raw = f.read(n)
+  if len(raw) != n:
+    raise CheckpointError(f"{path}: file ends inside {what} (truncated: {len(raw)} of {n} bytes)")
+  return raw
+
+
+def _load_legacy(path: str, f: BinaryIO) -> Any:
+  common = dict(path=path, storages={})
+  magic = _unpickle(f, **common)
+  if magic != _LEGACY_MAGIC:
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint (no zip header, no legacy magic)")
+  protocol = _unpickle(f, **common)
+  if protocol != _LEGACY_PROTOCOL:
+    raise CheckpointError(f"{path}: unsupported legacy protocol version {protocol!r}")
+  sys_info = _unpickle(f, **common)
+  if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+    raise CheckpointError(f"{path}: big-endian legacy checkpoints are not supported")
+  storages: dict[str, _Storage] = {}
+  obj = _unpickle(f, path=path, storages=storages)
+  keys = _unpickle(f, path=path, storages={})
+  if not isinstance(keys, list):
+    raise CheckpointError(f"{path}: corrupt legacy checkpoint (storage key list)")
+  for key in keys:
+    key = str(key)
+    storage = storages.get(key)
+    if storage is None:
+      raise CheckpointError(f"{path}: storage {key!r} listed but never used (corrupt file)")
+    (numel,) = struct.unpack("<q", _read_exact(f, 8, path, f"the size of storage {key!r}"))
+    nbytes = numel * storage.dtype.itemsize
+    raw = _read_exact(f, nbytes, path, f"storage {key!r}")
+    storage.data = np.frombuffer(raw, dtype=storage.dtype, count=numel)
+  for storage in storages.values():  # legacy views share their parent's bytes
+    parent = getattr(storage, "parent", None)
+    if parent is not None and parent[0].data is not None:
+      base, offset = parent
+      storage.data = base.data[offset: offset + storage.numel]
+  return _materialise(obj, path)
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+  """Load a PyTorch checkpoint as numpy arrays inside plain containers.
+
+  Args:
+    path: a ``.pth``/``.pt`` file written by ``torch.save`` (zip or legacy format) or
+      ``torch.jit.save`` (TorchScript archive).
+
+  Returns:
+    The pickled object with every tensor as a numpy array (bfloat16 as ``ml_dtypes.bfloat16``).
+    A TorchScript archive is returned flattened as a ``{dotted name: array}`` dict, like its
+    ``state_dict()``.
+
+  Raises:
+    FileNotFoundError: the path does not exist.
+    UnsafeCheckpointError: the pickle names anything other than tensors and plain containers.
+    CheckpointError: the file is truncated, corrupt or not a PyTorch checkpoint.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  with open(path, "rb") as f:
+    head = f.read(4)
+    f.seek(0)
+    if head[:2] == b"PK":
+      try:
+        zf = zipfile.ZipFile(f)
+      except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: a zip checkpoint that cannot be opened ({e}); the file is truncated or "
+            "corrupt") from e
+      with zf:
+        try:
+          return _load_zip(path, zf)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+          raise CheckpointError(f"{path}: corrupt zip record ({e})") from e
+    if head[:1] == b"\x80":
+      return _load_legacy(path, f)
+  raise CheckpointError(
+      f"{path}: not a PyTorch checkpoint (expected a zip archive or a legacy pickle; the file "
+      f"starts with {head!r})")
+
+
+def flatten_state(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
+  """Flatten nested dicts / TorchScript records into ``{dotted.name: array}``.
+
+  Non-array leaves (bools, numbers, strings, None) are dropped: a state dict holds arrays.
+
+  Args:
+    obj: what ``load_torch_file`` returned (or a part of it).
+    prefix: name prefix for the keys.
+
+  Returns:
+    A flat dict of numpy arrays.
+  """
+  out: dict[str, np.ndarray] = {}
+  if isinstance(obj, np.ndarray):
+    out[prefix.rstrip(".")] = obj
+    return out
+  items: Any
+  if isinstance(obj, ScriptObject):
+    items = obj.state.items()
+  elif isinstance(obj, dict):
+    items = obj.items()
+  elif isinstance(obj, (list, tuple)):
+    items = ((str(i), v) for i, v in enumerate(obj))
+  else:
+    return out
+  for k, v in items:
+    out.update(flatten_state(v, f"{prefix}{k}."))
+  return out
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Load a checkpoint and return its flat ``{name: array}`` state dict.
+
+  Args:
+    path: a ``.pth``/``.pt`` checkpoint.
+
+  Returns:
+    Flat dict of numpy arrays (the tensors found anywhere in the checkpoint, named by their
+    dotted path; a plain state dict keeps its own keys).
+  """
+  obj = load_torch_file(path)
+  if isinstance(obj, dict) and all(isinstance(v, np.ndarray) for v in obj.values()):
+    return dict(obj)
+  flat = flatten_state(obj)
+  if not flat:
+    raise CheckpointError(f"{os.fspath(path)}: the checkpoint holds no tensors")
+  return flat
