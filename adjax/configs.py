@@ -67,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_every_epochs = 1        # 0 = never
   c.train.select_on = "validation"     # or "test" to reproduce the paper's selection
   c.train.center_shots = 4
+  c.train.center_images_per_group = 16   # normal images per (class, view) for the centres
   c.train.max_similarities = 1 << 25   # residual matching memory cap
 
   c.eval = ml_collections.ConfigDict()
@@ -74,9 +75,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.root = ""
   c.eval.classes = ""
   c.eval.methods = ("featurenorm", "patchcore")
-  c.eval.features = ("original", "pretrained")
+  c.eval.features = ("original", "pretrained")   # also "residual": residuals, no projector
   c.eval.shots = 8                     # reference images per class for the residuals
   c.eval.k_shot = 0                    # >0: few-shot training set of k normal images per class
   c.eval.noisy_share = 0.0             # share of anomalous images mixed into training
-  c.eval.checkpoint = "angle"          # which selected checkpoint: angle | norm | latest
+  c.eval.checkpoint = "auto"           # auto: the reference's rule (angle for PatchCore/PaDiM,
+                                       # norm for the rest), or angle | norm for every method
+  c.eval.batch_size = 16
+  c.eval.tsne = True
+  c.eval.method_settings = ml_collections.ConfigDict()   # e.g. {"patchcore": {"coreset_ratio": 0.1}}
   return c

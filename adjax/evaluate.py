@@ -1,0 +1,338 @@
+"""`adjax evaluate`: downstream detectors on original and pretrained features (SPEC section 6).
+
+For every evaluation class: backbone features of its normal training images and of its test
+images are computed once; from them the feature kinds are derived:
+
+  original    the backbone's features;
+  residual    features minus their nearest reference feature (references: every token of
+              `eval.shots` normal training images of the class), no projector;
+  pretrained  projector(residual), the paper's pretrained features.
+
+Every method then fits on the training features and scores the test images of the same class,
+with the same seed, for each kind. The reference uses its PatchCore-selected ("angle")
+checkpoint for PatchCore and PaDiM and the FeatureNorm-selected ("norm") one for the rest;
+`eval.checkpoint = "auto"` does the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from adjax import run_layout
+from adjax.models.projector import project
+from adjax.residual import residual_features
+
+log = logging.getLogger("adjax.evaluate")
+
+FEATURE_KINDS = ("original", "residual", "pretrained")
+_ANGLE_METHODS = ("patchcore", "padim")   # use the PatchCore-selected checkpoint
+
+
+def checkpoint_kind_for(method: str, choice: str = "auto") -> str:
+  """Which selected checkpoint a method uses: the reference's rule, unless forced."""
+  if choice == "auto":
+    return "angle" if method in _ANGLE_METHODS else "norm"
+  if choice not in run_layout.KINDS:
+    raise ValueError(f"config.eval.checkpoint must be 'auto', 'angle' or 'norm', got {choice!r}")
+  return choice
+
+
+def _in_batches(fn: Callable, images: np.ndarray, batch: int) -> list[np.ndarray]:
+  """fn over batches of images, levels concatenated (the last batch padded to keep one shape)."""
+  outs: list[list[np.ndarray]] = []
+  n = len(images)
+  for start in range(0, n, batch):
+    chunk = images[start:start + batch]
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    levels = fn(chunk)
+    outs.append([np.asarray(lv)[:batch - pad] for lv in levels])
+  return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+
+
+class FeatureMaker:
+  """Computes original / residual / pretrained features of a class's images."""
+
+  def __init__(self, backbone, backbone_params, *, dtype=jnp.float32, batch_size: int = 16,
+               num_heads: int = 16, max_similarities: int = 1 << 25):
+    self.backbone = backbone
+    self.backbone_params = backbone_params
+    self.dtype = dtype
+    self.batch_size = batch_size
+    self.num_heads = num_heads
+    self.max_similarities = max_similarities
+    self._project = jax.jit(lambda p, levels: project(p, levels, num_heads=num_heads,
+                                                      dtype=dtype))
+
+  def backbone_levels(self, images: np.ndarray) -> list[np.ndarray]:
+    """images (N, S, S, 3) uint8 -> levels (N, h, w, C) float32."""
+    return _in_batches(lambda x: self.backbone.extract(
+        self.backbone_params, jnp.asarray(x, jnp.float32) / 255.0, self.dtype),
+        images, self.batch_size)
+
+  def residual_levels(self, levels: Sequence[np.ndarray],
+                      refs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Residuals against shared references refs[k] (N_k, C_k)."""
+    out = []
+    for level, ref in zip(levels, refs):
+      chunks = [np.asarray(residual_features(jnp.asarray(level[i:i + self.batch_size]),
+                                             jnp.asarray(ref),
+                                             max_similarities=self.max_similarities)[0])
+                for i in range(0, len(level), self.batch_size)]
+      out.append(np.concatenate(chunks))
+    return out
+
+  def projected_levels(self, params: Any, levels: Sequence[np.ndarray]) -> list[np.ndarray]:
+    n = len(levels[0])
+    outs = []
+    for start in range(0, n, self.batch_size):
+      chunk = [lv[start:start + self.batch_size] for lv in levels]
+      pad = self.batch_size - len(chunk[0])
+      if pad:
+        chunk = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunk]
+      res = self._project(params, [jnp.asarray(c) for c in chunk])
+      outs.append([np.asarray(r, np.float32)[:self.batch_size - pad] for r in res])
+    return [np.concatenate([o[k] for o in outs]) for k in range(len(levels))]
+
+  def kinds(self, kinds: Sequence[str], train_levels, test_levels, refs,
+            projector: dict[str, Any]) -> dict[str, tuple[list, list]]:
+    """{kind: (train levels, test levels)}; projector maps checkpoint kind -> params."""
+    out: dict[str, tuple[list, list]] = {}
+    need_residual = any(k in ("residual", "pretrained") for k in kinds)
+    if "original" in kinds:
+      out["original"] = (train_levels, test_levels)
+    if need_residual:
+      res_train = self.residual_levels(train_levels, refs)
+      res_test = self.residual_levels(test_levels, refs)
+      if "residual" in kinds:
+        out["residual"] = (res_train, res_test)
+      if "pretrained" in kinds:
+        for ckpt, params in projector.items():
+          out[f"pretrained:{ckpt}"] = (self.projected_levels(params, res_train),
+                                       self.projected_levels(params, res_test))
+    return out
+
+
+def reference_features(levels: Sequence[np.ndarray], shots: int) -> list[np.ndarray]:
+  """Every token of the first `shots` images: (shots * h * w, C) per level."""
+  return [lv[:shots].reshape(-1, lv.shape[-1]) for lv in levels]
+
+
+def score_method(name: str, settings: dict, train_levels, test_levels, image_size: int,
+                 seed: int, test_labels: np.ndarray, test_masks: np.ndarray,
+                 state: Any = None) -> tuple[dict[str, float], np.ndarray, np.ndarray, Any]:
+  """Fits (unless `state` is given) and scores one method; returns metrics, scores, maps."""
+  from adjax import metrics as metrics_lib
+  from adjax.methods import get_method
+  method = get_method(name, **settings)
+  if state is None:
+    state = method.fit([jnp.asarray(x) for x in train_levels], jax.random.PRNGKey(seed))
+  scores, maps = method.score(state, [jnp.asarray(x) for x in test_levels], image_size)
+  scores, maps = np.asarray(scores, np.float64), np.asarray(maps, np.float32)
+  result = metrics_lib.image_metrics(test_labels, scores)
+  result = {f"image_{k}": v for k, v in result.items()}
+  if test_masks.any():
+    pixel = metrics_lib.pixel_metrics(test_masks, maps)
+    result.update({f"pixel_{k}": v for k, v in pixel.items()})
+  return result, scores, maps, state
+
+
+def _classes(value: str) -> Optional[list[str]]:
+  names = [c.strip() for c in str(value or "").split(",") if c.strip()]
+  return names or None
+
+
+def load_projectors(workdir: Optional[str], kinds_needed: Sequence[str]) -> dict[str, Any]:
+  """The selected projector params of a run: {"angle": params, "norm": params}."""
+  out = {}
+  for kind in sorted(set(kinds_needed)):
+    params, _ = run_layout.load_best(workdir, kind)
+    out[kind] = jax.tree.map(jnp.asarray, params)
+  return out
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
+             out_dir: Optional[str] = None, *, progress: bool = True,
+             backbone=None, backbone_params=None) -> dict[str, Any]:
+  """Evaluates every method on every class of config.eval, for every feature kind.
+
+  Args:
+    config: the run's config (eval.*: format, root, classes, methods, features, shots,
+      k_shot, noisy_share, checkpoint, method_settings).
+    workdir: a pretraining run (for the projector); may be None when only `original` and
+      `residual` features are evaluated.
+    out_dir: where tables, heat maps and the t-SNE plot go (default `<workdir>/eval`).
+
+  Returns:
+    {"results": {method: {class: {kind: {metric: value}}}}, "seconds": ...}; also written to
+    `<out_dir>/results.json`.
+  """
+  from tqdm import tqdm
+  from adjax import reporting
+  from adjax.train import build_backbone, compute_dtype
+  from data_pipelines.eval_pipeline import load_eval_class
+  from data_pipelines.records import read_dataset
+
+  t0 = time.perf_counter()
+  ev = config.eval
+  if not ev.root:
+    raise ValueError("config.eval.root is empty: give the evaluation dataset's folder "
+                     "(--config.eval.root=DIR)")
+  out_dir = out_dir or os.path.join(workdir or ".", "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  kinds = tuple(ev.features)
+  unknown = [k for k in kinds if k not in FEATURE_KINDS]
+  if unknown:
+    raise ValueError(f"config.eval.features has unknown kinds {unknown}; choose from "
+                     f"{FEATURE_KINDS}")
+  methods = tuple(ev.methods)
+  if backbone is None:
+    backbone, backbone_params = build_backbone(config, workdir)
+  checkpoint_choice = ev.get("checkpoint", "auto")
+  projector = {}
+  if "pretrained" in kinds:
+    if not workdir:
+      raise ValueError("pretrained features need a run: pass --workdir RUN")
+    projector = load_projectors(workdir, [checkpoint_kind_for(m, checkpoint_choice)
+                                          for m in methods])
+  maker = FeatureMaker(backbone, backbone_params, dtype=compute_dtype(config),
+                       batch_size=int(ev.get("batch_size", 16)),
+                       num_heads=config.projector.num_heads,
+                       max_similarities=config.train.max_similarities)
+  records = read_dataset(ev.format, ev.root, _classes(ev.classes))
+  class_names = sorted({r.class_name for r in records})
+  method_settings = dict(ev.get("method_settings", {}) or {})
+  results: dict[str, dict[str, dict[str, dict[str, float]]]] = {m: {} for m in methods}
+  pending_multi: dict[str, list] = {}
+  bar = tqdm(total=len(class_names) * len(methods), desc="evaluate", disable=not progress,
+             dynamic_ncols=True)
+  tsne_done = False
+  for class_name in class_names:
+    data = load_eval_class(records, class_name, image_size=config.image_size,
+                           k_shot=ev.k_shot or None, noisy_share=ev.noisy_share,
+                           seed=config.seed)
+    train_levels = maker.backbone_levels(data["train_images"])
+    test_levels = maker.backbone_levels(data["test_images"])
+    refs = reference_features(train_levels, int(ev.shots))
+    features = maker.kinds(kinds, train_levels, test_levels, refs, projector)
+    labels, masks = data["test_labels"], data["test_masks"]
+    for method in methods:
+      settings = dict(method_settings.get(method, {}))
+      for kind in kinds:
+        key = kind if kind != "pretrained" else \
+            f"pretrained:{checkpoint_kind_for(method, checkpoint_choice)}"
+        train_f, test_f = features[key]
+        metrics, scores, maps, _ = score_method(method, settings, train_f, test_f,
+                                                config.image_size, config.seed, labels, masks)
+        results[method].setdefault(class_name, {})[kind] = metrics
+        if kind == kinds[-1] and method == methods[0]:
+          reporting.save_overlays(data["test_images"], maps, scores,
+                                  os.path.join(out_dir, "heatmaps", method, kind, class_name),
+                                  num=2, masks=masks)
+      bar.update(1)
+    if not tsne_done and ev.get("tsne", True):
+      _tsne(features, kinds, masks, backbone, out_dir, class_name, checkpoint_choice, config)
+      tsne_done = True
+  bar.close()
+  for method in methods:
+    for pair in _table_pairs(kinds):
+      subset = {c: {k: v for k, v in per_kind.items() if k in pair}
+                for c, per_kind in results[method].items()}
+      stem = f"results_{method}" if pair[0] == "original" else \
+          f"results_{method}_{pair[0]}_vs_{pair[1]}"
+      reporting.write_tables(subset, out_dir, stem=stem, kinds=pair,
+                             title=f"{method}: {pair[0]} vs {pair[1]} features")
+  summary = {"results": results, "classes": class_names, "kinds": list(kinds),
+             "methods": list(methods), "seconds": time.perf_counter() - t0,
+             "means": mean_table(results)}
+  run_layout.write_json(os.path.join(out_dir, "results.json"), summary)
+  return summary
+
+
+def _table_pairs(kinds: Sequence[str]) -> list[tuple[str, str]]:
+  """Which feature kinds are compared side by side: original vs pretrained first."""
+  pairs = [(a, b) for a, b in (("original", "pretrained"), ("residual", "pretrained"),
+                               ("original", "residual")) if a in kinds and b in kinds]
+  return pairs[:2] if pairs else []
+
+
+def mean_table(results: dict) -> dict[str, dict[str, dict[str, float]]]:
+  """{method: {kind: {metric: mean over classes}}}."""
+  out: dict = {}
+  for method, per_class in results.items():
+    acc: dict[str, dict[str, list[float]]] = {}
+    for per_kind in per_class.values():
+      for kind, metrics in per_kind.items():
+        for metric, value in metrics.items():
+          acc.setdefault(kind, {}).setdefault(metric, []).append(value)
+    out[method] = {kind: {m: float(np.nanmean(v)) for m, v in metrics.items()}
+                   for kind, metrics in acc.items()}
+  return out
+
+
+def _tsne(features, kinds, masks, backbone, out_dir, class_name, checkpoint_choice, config):
+  """The paper's figure: normal vs anomalous test tokens, original beside pretrained."""
+  from adjax import reporting
+  from adjax.labels import token_labels
+  level = len(backbone.level_strides) - 1  # the deepest level
+  stride = backbone.level_strides[level]
+  _, norm_labels = token_labels(np.asarray(masks, np.float32), patch_size=stride,
+                                threshold=0)
+  labels = norm_labels.reshape(-1)
+  panels = {}
+  for kind in kinds:
+    key = kind if kind != "pretrained" else f"pretrained:{checkpoint_kind_for('featurenorm', checkpoint_choice)}"
+    test = features[key][1][level]
+    panels[kind] = (test.reshape(-1, test.shape[-1]), labels)
+  if labels.sum() > 0:
+    reporting.plot_tsne(panels, os.path.join(out_dir, f"tsne_{class_name}.png"),
+                        max_points=1000, seed=config.seed, max_iter=500,
+                        title=f"{class_name}: test tokens (level {level + 1})")
+
+
+def make_selection_evaluator(config: ml_collections.ConfigDict, backbone, backbone_params, *,
+                             use_test: bool = False) -> Callable[[Any, float], dict]:
+  """Checkpoint selection during pretraining: mean image AUROC of PatchCore ("angle") and of
+  FeatureNorm ("norm") on pretrained features of the validation classes (or, to reproduce the
+  paper, of the test set)."""
+  from adjax.train import compute_dtype
+  from data_pipelines.eval_pipeline import load_eval_class
+  from data_pipelines.records import read_dataset
+  fmt = config.eval.format if use_test else config.data.val_format
+  root = config.eval.root if use_test else config.data.val_root
+  classes = _classes(config.eval.classes if use_test else config.data.val_classes)
+  records = read_dataset(fmt, root, classes)
+  maker = FeatureMaker(backbone, backbone_params, dtype=compute_dtype(config),
+                       num_heads=config.projector.num_heads,
+                       max_similarities=config.train.max_similarities)
+  prepared = []
+  for class_name in sorted({r.class_name for r in records}):
+    data = load_eval_class(records, class_name, image_size=config.image_size, seed=config.seed)
+    train_levels = maker.backbone_levels(data["train_images"])
+    test_levels = maker.backbone_levels(data["test_images"])
+    refs = reference_features(train_levels, int(config.eval.shots))
+    prepared.append((maker.residual_levels(train_levels, refs),
+                     maker.residual_levels(test_levels, refs), data))
+
+  def evaluator(params: Any, epoch: float) -> dict[str, float]:
+    del epoch
+    scores = {"angle": [], "norm": []}
+    for res_train, res_test, data in prepared:
+      train_p = maker.projected_levels(params, res_train)
+      test_p = maker.projected_levels(params, res_test)
+      for kind, method in (("angle", "patchcore"), ("norm", "featurenorm")):
+        metrics, *_ = score_method(method, {}, train_p, test_p, config.image_size, config.seed,
+                                   data["test_labels"], data["test_masks"])
+        scores[kind].append(metrics["image_auroc"])
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+  return evaluator

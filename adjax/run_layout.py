@@ -1,0 +1,244 @@
+"""The layout of a run's workdir, shared by the trainer, the evaluator, export/import and sweeps.
+
+  <workdir>/config.json            the run's config (ConfigDict as JSON)
+  <workdir>/checkpoints/           orbax CheckpointManager steps (the latest N)
+  <workdir>/best/angle/params.npz  projector params selected by PatchCore ("*_angle")
+  <workdir>/best/angle/meta.json   {"step": ..., "metrics": {...}, ...}
+  <workdir>/best/norm/...          the same, selected by FeatureNorm ("*_norm")
+  <workdir>/centers.npz            per-level centres c_k
+  <workdir>/metrics.jsonl          one JSON object per logged step
+  <workdir>/results.json           a finished run's (or sweep point's) results
+  <workdir>/DONE                   written last by a sweep when the point finished
+
+Params are stored flattened: `path/with/slashes -> array` in an .npz, so that reading them
+needs numpy only. Every writer here is atomic (a temporary file in the same folder, then
+os.replace), so a crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+PARAMS_FILE = "params.npz"
+META_FILE = "meta.json"
+CENTERS_FILE = "centers.npz"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+DONE_FILE = "DONE"
+KINDS = ("angle", "norm")
+
+Params = dict[str, Any]
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, CONFIG_FILE)
+
+
+def checkpoints_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINTS_DIR)
+
+
+def best_dir(workdir: str, kind: str) -> str:
+  """`<workdir>/best/<kind>`, kind one of KINDS."""
+  if kind not in KINDS:
+    raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {KINDS}")
+  return os.path.join(workdir, BEST_DIR, kind)
+
+
+def best_params_path(workdir: str, kind: str) -> str:
+  return os.path.join(best_dir(workdir, kind), PARAMS_FILE)
+
+
+def best_meta_path(workdir: str, kind: str) -> str:
+  return os.path.join(best_dir(workdir, kind), META_FILE)
+
+
+def centers_path(workdir: str) -> str:
+  return os.path.join(workdir, CENTERS_FILE)
+
+
+def metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, METRICS_FILE)
+
+
+def results_path(workdir: str) -> str:
+  return os.path.join(workdir, RESULTS_FILE)
+
+
+def done_path(workdir: str) -> str:
+  return os.path.join(workdir, DONE_FILE)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = True) -> None:
+  """Calls `write(f)` on a temporary file beside `path`, then renames it over `path`.
+
+  Args:
+    path: destination; its folder is created if needed.
+    write: writes the content to the open file object it gets.
+    binary: open the temporary file in binary (True) or text mode.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
+  try:
+    with os.fdopen(fd, "wb" if binary else "w") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as indented JSON, atomically."""
+  atomic_write(path, lambda f: json.dump(obj, f, indent=1, sort_keys=False, default=_json_default),
+               binary=False)
+
+
+def _json_default(value: Any) -> Any:
+  # numpy / jax scalars and arrays that end up in metrics.
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  if isinstance(value, (set, frozenset)):
+    return sorted(value)
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_json(path: str) -> Any:
+  """Reads a JSON file, naming the file in the error when it is missing or malformed."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"file not found: {path}")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as err:
+      raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
+  """Appends one JSON line (metrics logs; an append of one short line needs no rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    f.write(json.dumps(record, default=_json_default) + "\n")
+
+
+# ----------------------------------------------------------------------------- params
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  """`{"a": {"b": x}}` -> `{"a/b": np.asarray(x)}`."""
+  flat: dict[str, np.ndarray] = {}
+  for key, value in tree.items():
+    if "/" in str(key):
+      raise ValueError(f"parameter name {key!r} contains '/', which flattening reserves")
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten_params(value, name + "/"))
+    else:
+      flat[name] = np.asarray(value)
+  return flat
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> Params:
+  """`{"a/b": x}` -> `{"a": {"b": x}}`."""
+  tree: Params = {}
+  for name, value in flat.items():
+    parts = name.split("/")
+    node = tree
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"parameter {name!r} clashes with a leaf at {part!r}")
+    node[parts[-1]] = value
+  return tree
+
+
+def save_params(path: str, params: Mapping[str, Any]) -> None:
+  """Saves a params tree as a flattened .npz, atomically."""
+  flat = flatten_params(params)
+  atomic_write(path, lambda f: np.savez(f, **flat))
+
+
+def load_params(path: str) -> Params:
+  """Loads a params tree saved by `save_params` (numpy arrays)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"params file not found: {path}")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      flat = {name: data[name] for name in data.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # truncated or not an npz
+    raise ValueError(f"{path}: not a readable params .npz ({type(err).__name__}: {err})") from err
+  if not flat:
+    raise ValueError(f"{path}: holds no parameters")
+  return unflatten_params(flat)
+
+
+def save_best(workdir: str, kind: str, params: Mapping[str, Any],
+              meta: Mapping[str, Any]) -> None:
+  """Writes `best/<kind>/params.npz` then `best/<kind>/meta.json` (the meta last: a reader
+  that finds meta.json finds the params that go with it)."""
+  save_params(best_params_path(workdir, kind), params)
+  write_json(best_meta_path(workdir, kind), dict(meta))
+
+
+def load_best(workdir: str, kind: str) -> tuple[Params, dict[str, Any]]:
+  """Reads `best/<kind>`: (params, meta). meta is {} when meta.json is absent."""
+  params = load_params(best_params_path(workdir, kind))
+  meta_file = best_meta_path(workdir, kind)
+  meta = read_json(meta_file) if os.path.isfile(meta_file) else {}
+  return params, meta
+
+
+# ----------------------------------------------------------------------------- config
+def save_config(workdir: str, config: Any) -> None:
+  """Writes the config (a ConfigDict or a plain dict) as `<workdir>/config.json`."""
+  data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  write_json(config_path(workdir), data)
+
+
+def load_config(workdir: str):
+  """Reads `<workdir>/config.json` on top of `adjax.configs.default_config()`.
+
+  Values take the default's types (JSON lists become tuples where the default is a tuple);
+  keys the default does not have are added as they are.
+
+  Returns:
+    An ml_collections.ConfigDict.
+  """
+  from adjax.configs import default_config  # ml_collections; only when configs are used
+  data = read_json(config_path(workdir))
+  if not isinstance(data, dict):
+    raise ValueError(f"{config_path(workdir)}: expected a JSON object")
+  config = default_config()
+  merge_into_config(config, data)
+  return config
+
+
+def merge_into_config(config: Any, data: Mapping[str, Any]) -> None:
+  """Recursively sets `data` into `config` (a ConfigDict), keeping the config's field types."""
+  for key, value in data.items():
+    if key in config and hasattr(config[key], "keys") and isinstance(value, Mapping):
+      merge_into_config(config[key], value)
+      continue
+    if isinstance(value, Mapping):
+      import ml_collections
+      sub = ml_collections.ConfigDict()
+      merge_into_config(sub, value)
+      config[key] = sub
+      continue
+    if isinstance(value, list):
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if key in config:
+      current = config[key]
+      if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    config[key] = value

@@ -1,0 +1,433 @@
+"""Sweeps: run a list of config overrides one point after another, or emit launch commands.
+
+A sweep is a plain function in an experiment file that returns `[(name, overrides), ...]`, e.g.
+`experiments/ablations.py:loss_sweep`. The base config is the file's `get_config(arg)` (or
+another `--config FILE[:ARG]`); each point applies its overrides, then the command line's
+`--config.*` overrides, and runs in its own workdir `<sweep_dir>/<name>`:
+
+- the job is the experiment file's `run(config, workdir) -> dict | None` when it defines one,
+  else pretraining followed by evaluation (`adjax.train.pretrain`, `adjax.evaluate.evaluate`);
+- `<point>/results.json` records the point: status (done / failed), overrides, seconds, the
+  job's results (its return value, or the results.json it wrote) or the error;
+- `<point>/DONE` is written last when the point succeeded; a rerun skips such points and
+  retries the failed ones; a failed point (its traceback in `<point>/error.log`) does not stop
+  the others.
+
+`emit_commands` writes one `adjax sweep ... --only NAME` command per point for a cluster
+scheduler (each runs one point through this same code). `collect` gathers every point's
+results.json into results.md, results.csv and results.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import re
+import shlex
+import time
+import traceback
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from adjax import config_loading
+from adjax import run_layout
+from adjax.errors import UserError
+
+SWEEP_FILE = "sweep.json"
+ERROR_FILE = "error.log"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One point of a sweep: its workdir name and its config overrides."""
+  name: str
+  overrides: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- loading
+def parse_sweep_spec(spec: str, sweep: str | None = None) -> tuple[str, str]:
+  """`FILE:FUNC` (or FILE with `sweep=FUNC`) -> (FILE, FUNC).
+
+  Raises:
+    UserError: no function named, or both forms disagree.
+  """
+  path, func = config_loading.parse_config_spec(spec)
+  if func and sweep and func != sweep:
+    raise UserError(f"sweep named twice: {spec!r} and --sweep {sweep}")
+  func = func or sweep
+  if not func:
+    raise UserError(f"name the sweep function: {path}:NAME or --sweep NAME")
+  return path, func
+
+
+def sweep_functions(module: Any) -> list[str]:
+  """Names of the module's sweep functions (public callables whose name ends in `_sweep`)."""
+  return sorted(name for name in dir(module)
+                if name.endswith("sweep") and not name.startswith("_")
+                and callable(getattr(module, name)))
+
+
+def load_points(path: str, func: str) -> tuple[Any, list[Point]]:
+  """Imports the sweep file and calls its sweep function.
+
+  Returns:
+    (the module, the points).
+
+  Raises:
+    UserError: no such function, or points with bad or duplicate names or bad overrides.
+  """
+  module = config_loading.load_module(path)
+  fn = getattr(module, func, None)
+  if not callable(fn):
+    raise UserError(f"{path} has no sweep function {func!r}; it has: "
+                    f"{', '.join(sweep_functions(module)) or 'none'}")
+  points = []
+  for item in fn():
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], Mapping)):
+      raise UserError(f"{path}:{func} must return (name, overrides dict) pairs, got {item!r:.100}")
+    name, overrides = item
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+      raise UserError(f"{path}:{func}: point name {name!r} is not a safe folder name "
+                      "(letters, digits and . _ = + , -)")
+    points.append(Point(name, dict(overrides)))
+  names = [p.name for p in points]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise UserError(f"{path}:{func}: duplicate point names {duplicates}")
+  if not points:
+    raise UserError(f"{path}:{func} returned no points")
+  return module, points
+
+
+def point_config(config_spec: str, point: Point,
+                 cli_overrides: Sequence[tuple[str, str]] = ()):
+  """The config of one point: the base config, the point's overrides, then the CLI's."""
+  config = config_loading.load_config(config_spec)
+  try:
+    config_loading.apply_overrides(config, point.overrides)
+  except ValueError as err:
+    raise UserError(f"sweep point {point.name!r}: {err}") from err
+  config_loading.apply_overrides(config, cli_overrides)
+  return config
+
+
+def _base_spec(path: str, config_spec: str | None) -> str:
+  """`--config` defaults to the sweep file; `:ARG` means the sweep file with ARG."""
+  if not config_spec:
+    return path
+  if config_spec.startswith(":"):
+    return path + config_spec
+  return config_spec
+
+
+def is_done(point_dir: str) -> bool:
+  return os.path.isfile(run_layout.done_path(point_dir))
+
+
+# ----------------------------------------------------------------------------- running
+def default_run(config: Any, workdir: str) -> dict[str, Any] | None:
+  """Pretrain, then evaluate into `<workdir>/eval`; returns the evaluation's results."""
+  from adjax.evaluate import evaluate
+  from adjax.train import pretrain
+  pretrain(config, workdir)
+  out_dir = os.path.join(workdir, "eval")
+  results = evaluate(config, workdir, out_dir)
+  if results is None and os.path.isfile(os.path.join(out_dir, run_layout.RESULTS_FILE)):
+    results = run_layout.read_json(os.path.join(out_dir, run_layout.RESULTS_FILE))
+  return results
+
+
+def _plan(path: str, points: Sequence[Point], sweep_dir: str, func: str,
+          config_spec: str) -> None:
+  # Every job of an emitted sweep writes the same content: a race between them is harmless.
+  run_layout.write_json(os.path.join(sweep_dir, SWEEP_FILE), {
+      "sweep": f"{os.path.abspath(path)}:{func}", "config": config_spec,
+      "points": [{"name": p.name, "overrides": p.overrides} for p in points]})
+
+
+def run_sweep(spec: str, sweep_dir: str, *, sweep: str | None = None,
+              config_spec: str | None = None,
+              cli_overrides: Sequence[tuple[str, str]] = (),
+              only: Iterable[str] | None = None,
+              run_fn: Callable[[Any, str], Any] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, list[str]]:
+  """Runs the points of a sweep one after another.
+
+  Args:
+    spec: `FILE:FUNC` or FILE (with `sweep`).
+    sweep_dir: the sweep's folder; point i runs in `<sweep_dir>/<name_i>`.
+    sweep: the sweep function's name when `spec` has none.
+    config_spec: base config `FILE[:ARG]` (or `:ARG` for the sweep file with ARG); default the
+      sweep file's `get_config()`.
+    cli_overrides: `(key, text)` overrides applied to every point after its own.
+    only: run only these point names.
+    run_fn: the job `(config, workdir) -> results`; default the file's `run`, else
+      `default_run`.
+    log: progress lines go here.
+
+  Returns:
+    {"done": [...], "skipped": [...], "failed": [...]} point names.
+
+  Raises:
+    UserError: a bad spec, an unknown point in `only`, or a point whose overrides do not fit
+      the config (checked for every point before any runs).
+  """
+  path, func = parse_sweep_spec(spec, sweep)
+  module, points = load_points(path, func)
+  base = _base_spec(path, config_spec)
+  if only is not None:
+    only = list(only)
+    unknown = [n for n in only if n not in {p.name for p in points}]
+    if unknown:
+      raise UserError(f"unknown sweep point(s) {unknown}; the points are "
+                      f"{', '.join(p.name for p in points)}")
+    points_to_run = [p for p in points if p.name in only]
+  else:
+    points_to_run = points
+  configs = {p.name: point_config(base, p, cli_overrides) for p in points_to_run}
+  job = run_fn or getattr(module, "run", None) or default_run
+  os.makedirs(sweep_dir, exist_ok=True)
+  _plan(path, points, sweep_dir, func, base)
+
+  summary: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+  for i, point in enumerate(points_to_run, 1):
+    tag = f"[{i}/{len(points_to_run)}] {point.name}"
+    workdir = os.path.join(sweep_dir, point.name)
+    if is_done(workdir):
+      log(f"{tag}: already done, skipped")
+      summary["skipped"].append(point.name)
+      continue
+    ok = _run_point(point, configs[point.name], workdir, job, tag, log)
+    summary["done" if ok else "failed"].append(point.name)
+  log(f"sweep {os.path.basename(path)}:{func}: {len(summary['done'])} done, "
+      f"{len(summary['skipped'])} skipped, {len(summary['failed'])} failed"
+      + (f" ({', '.join(summary['failed'])})" if summary["failed"] else ""))
+  return summary
+
+
+def _run_point(point: Point, config: Any, workdir: str, job: Callable, tag: str,
+               log: Callable[[str], None]) -> bool:
+  os.makedirs(workdir, exist_ok=True)
+  results_file = run_layout.results_path(workdir)
+  for stale in (results_file, os.path.join(workdir, ERROR_FILE)):
+    if os.path.exists(stale):  # a failed attempt's record; the job may write its own
+      os.remove(stale)
+  run_layout.save_config(workdir, config)
+  record = {"point": point.name, "overrides": point.overrides}
+  log(f"{tag}: running in {workdir}")
+  start = time.time()
+  try:
+    results = job(config, workdir)
+    if results is None and os.path.isfile(results_file):
+      results = run_layout.read_json(results_file)
+  except Exception as err:  # a failed point must not stop the sweep; KeyboardInterrupt does
+    seconds = round(time.time() - start, 3)
+    message = " ".join(f"{type(err).__name__}: {err}".split())
+    with open(os.path.join(workdir, ERROR_FILE), "w") as f:
+      f.write(traceback.format_exc())
+    run_layout.write_json(results_file, {**record, "status": "failed", "seconds": seconds,
+                                         "error": message})
+    log(f"{tag}: FAILED after {seconds:.1f}s: {message[:300]} (see "
+        f"{os.path.join(workdir, ERROR_FILE)})")
+    return False
+  seconds = round(time.time() - start, 3)
+  run_layout.write_json(results_file, {**record, "status": "done", "seconds": seconds,
+                                       "results": results if results is not None else {}})
+  run_layout.atomic_write(run_layout.done_path(workdir),
+                          lambda f: f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n"),
+                          binary=False)
+  log(f"{tag}: done in {seconds:.1f}s")
+  return True
+
+
+# ----------------------------------------------------------------------------- emitting
+def emit_commands(spec: str, sweep_dir: str, *, sweep: str | None = None,
+                  config_spec: str | None = None,
+                  cli_overrides: Sequence[tuple[str, str]] = (),
+                  program: str = "adjax") -> list[str]:
+  """One shell command per point, each running that point alone (`--only NAME`).
+
+  The points' configs are built (and so checked) first; paths are made absolute so that the
+  commands run from any folder.
+
+  Returns:
+    The commands, in the sweep's order.
+  """
+  path, func = parse_sweep_spec(spec, sweep)
+  _, points = load_points(path, func)
+  base = _base_spec(path, config_spec)
+  for point in points:
+    point_config(base, point, cli_overrides)
+  os.makedirs(sweep_dir, exist_ok=True)
+  _plan(path, points, sweep_dir, func, base)
+  base_path, base_arg = config_loading.parse_config_spec(base)
+  base_abs = os.path.abspath(base_path) + (f":{base_arg}" if base_arg is not None else "")
+  commands = []
+  for point in points:
+    argv = [program, "sweep", f"{os.path.abspath(path)}:{func}",
+            "--workdir", os.path.abspath(sweep_dir), "--only", point.name, "--config", base_abs]
+    argv += [f"{config_loading.OVERRIDE_PREFIX}{k}={v}" for k, v in cli_overrides]
+    commands.append(" ".join(shlex.quote(a) for a in argv))
+  return commands
+
+
+# ----------------------------------------------------------------------------- collecting
+def flatten_metrics(results: Any, prefix: str = "") -> dict[str, float]:
+  """Nested results -> {"a/b/c": number}; non-numeric leaves are left out."""
+  out: dict[str, float] = {}
+  if isinstance(results, Mapping):
+    for key, value in results.items():
+      out.update(flatten_metrics(value, f"{prefix}{key}/"))
+  elif isinstance(results, bool):
+    pass
+  elif isinstance(results, (int, float)):
+    out[prefix.rstrip("/")] = float(results)
+  elif hasattr(results, "item") and getattr(results, "size", 2) == 1:  # numpy scalars
+    try:
+      out[prefix.rstrip("/")] = float(results.item())
+    except (TypeError, ValueError):
+      pass
+  return out
+
+
+def _read_rows(sweep_dir: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+  planned: list[dict[str, Any]] = []
+  plan_file = os.path.join(sweep_dir, SWEEP_FILE)
+  if os.path.isfile(plan_file):
+    plan = run_layout.read_json(plan_file)
+    planned = [p for p in plan.get("points", []) if isinstance(p, dict) and "name" in p]
+  names = [p["name"] for p in planned]
+  for entry in sorted(os.listdir(sweep_dir)):
+    if entry not in names and os.path.isfile(run_layout.results_path(
+        os.path.join(sweep_dir, entry))):
+      names.append(entry)
+  overrides_of = {p["name"]: p.get("overrides", {}) for p in planned}
+  rows, override_keys, metric_keys = [], [], []
+  for name in names:
+    record_file = run_layout.results_path(os.path.join(sweep_dir, name))
+    record: dict[str, Any] = {}
+    if os.path.isfile(record_file):
+      try:
+        record = run_layout.read_json(record_file)
+      except ValueError as err:
+        record = {"status": "unreadable", "error": str(err)}
+    if not isinstance(record, dict):
+      record = {"status": "unreadable"}
+    overrides = record.get("overrides", overrides_of.get(name, {})) or {}
+    status = record.get("status", "pending" if not record else "done")
+    # A results.json the job wrote by itself (no sweep record around it) is the results.
+    results = record.get("results", {} if "status" in record else record)
+    metrics = flatten_metrics(results)
+    for key in overrides:
+      if key not in override_keys:
+        override_keys.append(key)
+    for key in metrics:
+      if key not in metric_keys:
+        metric_keys.append(key)
+    rows.append({"point": name, "status": status, "seconds": record.get("seconds"),
+                 "overrides": overrides, "metrics": metrics, "error": record.get("error", "")})
+  return rows, override_keys, metric_keys
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, float):
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+  if isinstance(value, (list, tuple)):
+    return ",".join(_cell(v) for v in value)
+  return str(value)
+
+
+def _pick_plot_metrics(metric_keys: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
+  if wanted:
+    missing = [m for m in wanted if m not in metric_keys]
+    if missing:
+      raise UserError(f"no metric {missing[0]!r} in the results; metrics: "
+                      f"{', '.join(metric_keys) or 'none'}")
+    return list(wanted)
+  preferred = [m for m in metric_keys if "auroc" in m.lower()]
+  return (preferred or list(metric_keys))[:4]
+
+
+def collect(sweep_dir: str, *, out_dir: str | None = None,
+            metrics: Sequence[str] | None = None) -> dict[str, Any]:
+  """Gathers every point's results.json into one table (Markdown, CSV) and one plot (PNG).
+
+  Args:
+    sweep_dir: the sweep's folder (with sweep.json and one subfolder per point).
+    out_dir: where to write results.md/.csv/.png (default `sweep_dir`).
+    metrics: metric columns to plot (default: up to 4 AUROC columns, else the first 4).
+
+  Returns:
+    {"rows": n, "markdown": path, "csv": path, "plot": path or None, "columns": [...]}.
+
+  Raises:
+    UserError: the folder does not exist or holds no sweep points.
+  """
+  if not os.path.isdir(sweep_dir):
+    raise UserError(f"sweep folder not found: {sweep_dir}")
+  rows, override_keys, metric_keys = _read_rows(sweep_dir)
+  if not rows:
+    raise UserError(f"{sweep_dir} holds no sweep points (no sweep.json, no <point>/results.json)")
+  out_dir = out_dir or sweep_dir
+  os.makedirs(out_dir, exist_ok=True)
+  header = ["point", "status", "seconds", *override_keys, *metric_keys, "error"]
+
+  def values(row):
+    return [row["point"], row["status"], row["seconds"],
+            *[row["overrides"].get(k) for k in override_keys],
+            *[row["metrics"].get(k) for k in metric_keys], row["error"]]
+
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(header)
+  for row in rows:
+    writer.writerow(["" if v is None else (_cell(v) if isinstance(v, (bool, list, tuple))
+                                           else v) for v in values(row)])
+  csv_path = os.path.join(out_dir, "results.csv")
+  run_layout.atomic_write(csv_path, lambda f: f.write(buffer.getvalue()), binary=False)
+
+  escape = lambda text: text.replace("|", "\\|").replace("\n", " ")
+  lines = ["| " + " | ".join(escape(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  for row in rows:
+    cells = [_cell(v) for v in values(row)]
+    cells[-1] = cells[-1][:120]
+    lines.append("| " + " | ".join(escape(c) for c in cells) + " |")
+  md_path = os.path.join(out_dir, "results.md")
+  run_layout.atomic_write(md_path, lambda f: f.write("\n".join(lines) + "\n"), binary=False)
+
+  plotted = _pick_plot_metrics(metric_keys, metrics)
+  plot_path = os.path.join(out_dir, "results.png") if plotted else None
+  if plot_path:
+    _plot(rows, plotted, plot_path, os.path.basename(os.path.abspath(sweep_dir)))
+  return {"rows": len(rows), "markdown": md_path, "csv": csv_path, "plot": plot_path,
+          "columns": header, "plotted": plotted}
+
+
+def _plot(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: str, title: str) -> None:
+  """One grouped horizontal bar chart: a group per point, a bar per metric (Agg, no display)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(8, 1.2 + 0.45 * len(rows) * max(1, len(metrics)) ** 0.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  height = 0.8 / len(metrics)
+  for j, metric in enumerate(metrics):
+    ys = [i + (j - (len(metrics) - 1) / 2) * height for i in range(len(rows))]
+    xs = [row["metrics"].get(metric, float("nan")) for row in rows]
+    ax.barh(ys, xs, height=height, label=metric)
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels([f"{r['point']}" + ("" if r["status"] == "done" else f" ({r['status']})")
+                      for r in rows])
+  ax.invert_yaxis()
+  ax.set_title(title)
+  ax.legend(fontsize="small", loc="best")
+  fig.tight_layout()
+  run_layout.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

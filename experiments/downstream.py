@@ -1,0 +1,64 @@
+"""A downstream method on a dataset, on original and on pretrained features (SPEC section 6).
+
+Arguments (comma-separated): `method=patchcore|padim|featurenorm|cflow|uniad|glass` (default
+patchcore), `dataset=mvtec|visa|btad|mpdd|mvtec3d` (default mvtec), `backbone=` one of the
+paper's five (default dinov2-base; it must be the pretraining run's), `checkpoint=angle|norm`
+(default: the paper's choice, angle for PatchCore and PaDiM, norm for the others), `runlocal`
+(EfficientNet-Lite0 on the embedded dataset's evaluation classes, whatever `dataset` says),
+`data=DIR` (the embedded dataset's folder for runlocal).
+
+Every method runs on both feature kinds ("original": the backbone's; "pretrained":
+projector(residual(features))) with 8 reference shots per class, so one run compares them.
+
+On a pretraining run (or on a released checkpoint imported with `adjax import`):
+
+  adjax evaluate --config experiments/downstream.py:method=padim,dataset=visa \
+      --workdir runs/pretrain-dinov2-base --out runs/pretrain-dinov2-base/eval/padim-visa \
+      --config.eval.root=/data/VisA --config.backbone.weights=/weights/dinov2_vitb14_pretrain.pth
+
+  adjax import checkpoints_pro_angle.pth --backbone dinov2-base --out runs/released
+  adjax evaluate --config experiments/downstream.py:method=patchcore,dataset=mvtec \
+      --workdir runs/released --config.eval.root=/data/mvtec_ad \
+      --config.backbone.weights=/weights/dinov2_vitb14_pretrain.pth
+
+Here, in minutes (after `adjax pretrain --config experiments/pretrain.py:runlocal --workdir
+runs/local`):
+
+  adjax evaluate --config experiments/downstream.py:method=featurenorm,runlocal \
+      --workdir runs/local
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from adjax.config_loading import parse_arg
+from experiments import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The evaluation config; see the module docstring for the arguments."""
+  args = parse_arg(arg, method="patchcore", dataset="mvtec", backbone="dinov2-base",
+                   checkpoint="", runlocal=False, data="")
+  method, dataset = args["method"], args["dataset"]
+  if method not in common.METHOD_CHECKPOINT:
+    raise ValueError(f"unknown method {method!r}; choose one of "
+                     f"{', '.join(common.METHOD_CHECKPOINT)}")
+  if dataset not in common.DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(common.DATASETS)}")
+  checkpoint = args["checkpoint"] or common.METHOD_CHECKPOINT[method]
+  if checkpoint not in ("angle", "norm", "latest"):
+    raise ValueError(f"checkpoint must be angle, norm or latest, got {checkpoint!r}")
+
+  c = common.base_config(args["backbone"])
+  c.eval.format = dataset            # mvtec3d: its RGB images only
+  c.eval.root = ""                   # the user's dataset folder
+  c.eval.classes = ""                # every class found
+  c.eval.methods = (method,)
+  c.eval.features = ("original", "pretrained")
+  c.eval.shots = 8                   # reference images per class for the residuals
+  c.eval.k_shot = 0                  # the full normal training set
+  c.eval.checkpoint = checkpoint
+  if args["runlocal"]:
+    common.apply_runlocal(c, args["data"] or None)
+  return c

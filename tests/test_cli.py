@@ -1,0 +1,182 @@
+"""The `adjax` command (adjax/cli.py): help, dispatch, and one-line user errors with exit 2.
+
+Run in-process through `main(argv)`; the jobs written elsewhere (train, evaluate, demo, data)
+are replaced by recording fakes in sys.modules, so these tests check the command line only.
+One test runs the installed console script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+
+from adjax import cli, run_layout
+from adjax.cli import main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PRETRAIN = str(REPO / "experiments" / "pretrain.py")
+
+
+def _one_error_line(capsys) -> str:
+  err = capsys.readouterr().err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  assert "Traceback" not in err
+  return lines[0]
+
+
+def _fake_module(monkeypatch, name: str, **functions) -> list:
+  """Installs a module `name` whose functions record their arguments in the returned list."""
+  calls: list = []
+  module = types.ModuleType(name)
+  for fn_name, result in functions.items():
+    def fn(*args, _name=fn_name, _result=result, **kwargs):
+      calls.append((_name, args, kwargs))
+      if isinstance(_result, Exception):
+        raise _result
+      return _result
+    setattr(module, fn_name, fn)
+  monkeypatch.setitem(sys.modules, name, module)
+  return calls
+
+
+@pytest.mark.parametrize("argv", [[]] + [[c] for c in cli.COMMANDS] +
+                         [["data", "embedded"], ["data", "pack"]])
+def test_help_of_every_subcommand(argv, capsys):
+  assert main(argv + ["--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: " + " ".join(["adjax"] + argv))
+  # The shared flags have the same names everywhere they apply.
+  if argv and argv[0] in ("refs", "centers", "pretrain", "evaluate", "sweep", "import"):
+    assert "--config FILE[:ARG]" in out
+  if argv and argv[0] in ("refs", "centers", "pretrain", "evaluate", "export", "sweep"):
+    assert "--workdir DIR" in out
+
+
+def test_unknown_command_and_missing_flag_are_one_line(capsys):
+  assert main(["frobnicate"]) == 2
+  assert "invalid choice: 'frobnicate'" in _one_error_line(capsys)
+  assert main(["export", "--out", "x.pth"]) == 2
+  line = _one_error_line(capsys)
+  assert line.startswith("adjax export: error:") and "--workdir" in line
+  assert main([]) == 2
+  _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.optim.lrr=3", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("--config.optim.lr=fast", "expected a number"),
+    ("--config.loss.center=maybe", "expected a boolean"),
+    ("--config.data.batch_size=1.5", "expected an integer"),
+    ("--config.nothing=1", "unknown config key 'nothing'"),
+])
+def test_bad_override_is_one_line_exit_2(override, expected, tmp_path, monkeypatch, capsys):
+  calls = _fake_module(monkeypatch, "adjax.train", pretrain=None)
+  argv = ["pretrain", "--config", PRETRAIN, "--workdir", str(tmp_path), override]
+  assert main(argv) == 2
+  line = _one_error_line(capsys)
+  assert line.startswith("adjax pretrain: error:") and expected in line
+  assert not calls  # nothing ran
+
+
+def test_override_on_a_command_without_config_is_refused(capsys):
+  assert main(["collect", "somewhere", "--config.optim.lr=1"]) == 2
+  assert "takes no --config.* overrides" in _one_error_line(capsys)
+
+
+def test_pretrain_gets_the_experiment_config_with_overrides(tmp_path, monkeypatch):
+  calls = _fake_module(monkeypatch, "adjax.train", pretrain={"steps": 3})
+  workdir = str(tmp_path / "run")
+  argv = ["pretrain", "--config", PRETRAIN + ":runlocal", "--workdir", workdir,
+          "--config.optim.lr=0.5", "--config.data.shots", "1,2,3", "--config.loss.center=no"]
+  assert main(argv) == 0
+  (name, (config, got_workdir), _), = calls
+  assert name == "pretrain" and got_workdir == workdir
+  assert config.backbone.name == "efficientnet-lite0"     # from the runlocal variant
+  assert config.optim.lr == 0.5 and isinstance(config.optim.lr, float)
+  assert config.data.shots == (1, 2, 3)
+  assert config.loss.center is False
+
+
+@pytest.mark.parametrize("command,function", [("refs", "precompute_references"),
+                                              ("centers", "compute_centers")])
+def test_refs_and_centers_dispatch(command, function, tmp_path, monkeypatch):
+  calls = _fake_module(monkeypatch, "adjax.train", **{function: None})
+  assert main([command, "--workdir", str(tmp_path), "--config.seed=7"]) == 0
+  (name, (config, workdir), _), = calls
+  assert name == function and workdir == str(tmp_path) and config.seed == 7
+
+
+def test_evaluate_uses_the_runs_config_json(tmp_path, monkeypatch, capsys):
+  from adjax.configs import default_config
+  config = default_config()
+  config.backbone.name = "clip-large"
+  run_layout.save_config(str(tmp_path), config)
+  calls = _fake_module(monkeypatch, "adjax.evaluate", evaluate={"image_auroc": 0.75})
+  assert main(["evaluate", "--workdir", str(tmp_path), "--config.eval.shots=4"]) == 0
+  (_, (got, workdir, out_dir), _), = calls
+  assert got.backbone.name == "clip-large" and got.eval.shots == 4
+  assert out_dir == os.path.join(str(tmp_path), "eval")
+  assert json.loads(capsys.readouterr().out) == {"image_auroc": 0.75}
+
+
+def test_library_value_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+  _fake_module(monkeypatch, "adjax.train",
+               pretrain=ValueError("data.pretrain_root '' is not a folder\n(set it)"))
+  assert main(["pretrain", "--workdir", str(tmp_path)]) == 2
+  assert _one_error_line(capsys) == ("adjax pretrain: error: data.pretrain_root '' is not a "
+                                     "folder (set it)")
+
+
+def test_missing_library_module_says_not_available(monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "adjax.train", None)  # import of it fails
+  assert main(["pretrain", "--workdir", "w"]) == 2
+  assert "not available yet" in _one_error_line(capsys)
+
+
+def test_demo_and_data_dispatch(tmp_path, monkeypatch):
+  demo_calls = _fake_module(monkeypatch, "adjax.demo", run_demo=None)
+  assert main(["demo", "--workdir", "w", "--config.optim.max_steps=3"]) == 0
+  assert demo_calls == [("run_demo", ({"optim.max_steps": "3", "workdir": "w"},), {})]
+
+  data_calls = _fake_module(monkeypatch, "data_pipelines.embedded",
+                            generate_embedded_dataset={"eval_root": "e", "generated": True})
+  assert main(["data", "embedded", "--out", str(tmp_path), "--image-size", "64"]) == 0
+  (_, (out,), kwargs), = data_calls
+  assert out == str(tmp_path) and kwargs["image_size"] == 64
+
+  pack_calls = _fake_module(monkeypatch, "data_pipelines.tfds_builders", pack_dataset="/b")
+  assert main(["data", "pack", "--format", "mvtec", "--root", "r", "--out", "o",
+               "--classes", "a,b"]) == 0
+  (_, args, kwargs), = pack_calls
+  assert args == ("mvtec", "r", "o") and kwargs["classes"] == ["a", "b"]
+
+
+def test_bench_runs_the_script_with_the_remaining_args(tmp_path, capsys):
+  record = tmp_path / "argv.json"
+  script = tmp_path / "toy.py"
+  script.write_text("import json, sys\n"
+                    f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n"
+                    "sys.exit(3)\n")
+  assert main(["bench", str(script), "--steps", "5", "--config.x=1"]) == 3
+  assert json.loads(record.read_text()) == ["--steps", "5", "--config.x=1"]
+  assert main(["bench", "no-such-benchmark"]) == 2
+  assert "unknown benchmark 'no-such-benchmark'" in _one_error_line(capsys)
+
+
+def test_installed_console_script(tmp_path):
+  script = pathlib.Path(sys.executable).parent / "adjax"
+  assert script.exists(), "run `pip install --no-deps -e .` to install the adjax command"
+  proc = subprocess.run([str(script), "export", "--workdir", str(tmp_path / "none"),
+                         "--out", str(tmp_path / "x.pth")],
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"adjax export: error: run workdir not found: {tmp_path / 'none'}"]
