@@ -1,0 +1,237 @@
+"""CFLOW-AD: conditional normalising flows on feature tokens (SPEC section 6).
+
+One flow per level (the last 3): 8 FrEIA-style all-in-one coupling blocks, each
+  x1, x2 = split(x)  (x1 has C - C//2 channels)
+  a = 0.1 * subnet([x1, c]),  subnet = Linear(d, 2d) - ReLU - Linear(2d, 2 |x2|)
+  x2 <- x2 * exp(1.9 tanh(a_s)) + a_t
+  x <- W_perm (x * s_g + o_g),  s_g = 0.1 softplus_{beta=0.5}(g)  (1 at init)
+with W_perm a fixed random orthogonal matrix, conditioned on CFLOW's 128-d 2-D sinusoidal
+position code c. log p(x) = -C/2 log(2 pi) - |z|^2 / 2 + log|det J|; the loss is
+-log sigmoid(log p / C). Adam, lr 2e-4 with linear warm-up and cosine decay.
+
+Scoring follows the reference (ad_models/cflow/train_val.py): per level, log p / C of every
+test token, minus its maximum over the whole test set, exponentiated, upsampled bilinearly
+(align corners); the levels' maps are summed and turned into anomaly scores as
+max(map) - map, the maximum again over the whole test set; the image score is the map's
+maximum. That normalisation makes a test image's scores depend on the other test images passed
+in the same call: pass a class's whole test set at once (the computation is blocked inside).
+
+Training draws each step's fibre batch (tokens with their positions) uniformly at random from
+all training tokens of a level; `epochs` counts passes of (number of tokens / fiber_batch)
+steps. The reference's schedule is 25 meta-epochs x 8 sub-epochs = 200 such passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adjax.methods import common
+
+_LOG_2PI_HALF = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class CFlow:
+  """Settings of CFLOW (defaults: SPEC section 6 and the reference).
+
+  Attributes:
+    num_levels: use the last this many levels.
+    coupling_blocks: coupling blocks per flow.
+    clamp: soft clamp of the log scale (alpha in FrEIA).
+    cond_dim: position code dimension.
+    lr: peak learning rate (Adam).
+    epochs: passes over the training tokens (see module docstring).
+    warmup_ratio: share of the steps with linear warm-up from lr / 10.
+    final_lr_ratio: the cosine decays to lr * this.
+    fiber_batch: tokens per step and level (the reference's N = 4096).
+    score_block: tokens per block when scoring.
+    sigma: Gaussian smoothing of the final map (the reference does none).
+  """
+  num_levels: int | None = 3
+  coupling_blocks: int = 8
+  clamp: float = 1.9
+  cond_dim: int = 128
+  lr: float = 2e-4
+  epochs: int = 200
+  warmup_ratio: float = 2.0 / 25.0
+  final_lr_ratio: float = 1e-3
+  fiber_batch: int = 4096
+  score_block: int = 8192
+  sigma: float = 0.0
+
+  name = "cflow"
+
+  def num_steps(self, num_tokens: int) -> int:
+    """Training steps for a level with `num_tokens` tokens."""
+    return max(1, self.epochs * math.ceil(num_tokens / self.fiber_batch))
+
+  def init(self, rng: jax.Array, dims: list[int]) -> dict:
+    """Initial flows for levels with `dims` channels.
+
+    Returns:
+      {"params": [per level trainable dict], "perms": [per level (blocks, C, C)]}.
+    """
+    gen = common.host_rng(rng)
+    params = [_init_flow(gen, int(c), self) for c in dims]
+    perms = [_random_orthogonal(gen, self.coupling_blocks, int(c)) for c in dims]
+    return {"params": params, "perms": perms}
+
+  def fit(self, train_levels: Any, rng: jax.Array) -> dict:
+    """Trains one flow per level.
+
+    Args:
+      train_levels: list of (N, h_k, w_k, C_k) normal training features.
+      rng: PRNG key.
+
+    Returns:
+      {"params", "perms", "loss"}: the trained flows and the loss of the last step.
+    """
+    levels = common.last_levels(common.check_levels(train_levels, "train_levels"),
+                                self.num_levels)
+    k_init, k_train = jax.random.split(rng)
+    state = self.init(k_init, [x.shape[-1] for x in levels])
+    n_tok = levels[0].shape[0] * levels[0].shape[1] * levels[0].shape[2]
+    params, loss = _train(self, tuple(levels), state["params"], state["perms"], k_train,
+                          self.num_steps(n_tok))
+    return {"params": params, "perms": state["perms"], "loss": loss}
+
+  def log_likelihood(self, state: dict, levels: Any) -> list[jax.Array]:
+    """log p / C of every token: list of (M, h_k, w_k) for the method's levels."""
+    levels = common.last_levels(common.check_levels(levels, "levels"), self.num_levels)
+    return list(_log_likelihood(self, tuple(levels), state["params"], state["perms"]))
+
+  def score(self, state: dict, test_levels: Any, image_size: Any):
+    """Scores a class's whole test set (see the module docstring on normalisation).
+
+    Args:
+      state: from `fit`.
+      test_levels: list of (M, h_k, w_k, C_k).
+      image_size: int or (H, W).
+
+    Returns:
+      (image_scores (M,), maps (M, H, W)) float32.
+    """
+    levels = common.last_levels(common.check_levels(test_levels, "test_levels"),
+                                self.num_levels)
+    return _score(self, tuple(levels), state["params"], state["perms"],
+                  common.image_hw(image_size))
+
+
+def _random_orthogonal(gen: np.random.Generator, num: int, c: int) -> jax.Array:
+  """`num` fixed random orthogonal (C, C) matrices (Haar, via QR with sign correction)."""
+  q, r = np.linalg.qr(gen.standard_normal((num, c, c)))
+  q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+  return jnp.asarray(q, jnp.float32)
+
+
+def _init_flow(gen: np.random.Generator, c: int, cfg: CFlow) -> dict:
+  len1, len2 = c - c // 2, c // 2
+  d = len1 + cfg.cond_dim
+  l1, l2 = [], []
+  for _ in range(cfg.coupling_blocks):
+    l1.append(common.torch_linear_init(gen, d, 2 * d))
+    l2.append(common.torch_linear_init(gen, 2 * d, 2 * len2))
+  stack = lambda ps, key: jnp.stack([p[key] for p in ps])
+  g0 = 2.0 * math.log(math.exp(5.0) - 1.0)  # 0.1 * softplus_{0.5}(g0) = 1
+  return {"w1": stack(l1, "w"), "b1": stack(l1, "b"), "w2": stack(l2, "w"),
+          "b2": stack(l2, "b"),
+          "scale": jnp.full((cfg.coupling_blocks, c), g0, jnp.float32),
+          "offset": jnp.zeros((cfg.coupling_blocks, c), jnp.float32)}
+
+
+def flow_forward(params: dict, perms: jax.Array, x: jax.Array, cond: jax.Array,
+                 clamp: float) -> tuple[jax.Array, jax.Array]:
+  """Runs a flow: x (B, C), cond (B, P) -> (z (B, C), log|det J| (B,))."""
+  c = x.shape[-1]
+  len1 = c - c // 2
+  len2 = c // 2
+
+  def block(carry, p):
+    x, logdet = carry
+    x1, x2 = x[:, :len1], x[:, len1:]
+    h = jax.nn.relu(jnp.concatenate([x1, cond], -1) @ p["w1"] + p["b1"])
+    a = 0.1 * (h @ p["w2"] + p["b2"])
+    s = clamp * jnp.tanh(a[:, :len2])
+    x2 = x2 * jnp.exp(s) + a[:, len2:]
+    g = 0.1 * 2.0 * jax.nn.softplus(0.5 * p["scale"])
+    x = (jnp.concatenate([x1, x2], -1) * g + p["offset"]) @ p["perm"].T
+    return (x, logdet + s.sum(-1) + jnp.sum(jnp.log(g))), None
+
+  (z, logdet), _ = jax.lax.scan(block, (x, jnp.zeros(x.shape[:1], x.dtype)),
+                                dict(params, perm=perms))
+  return z, logdet
+
+
+def log_prob_per_dim(params, perms, x, cond, clamp):
+  """log p(x) / C under a flow with a standard normal base."""
+  c = x.shape[-1]
+  z, logdet = flow_forward(params, perms, x, cond, clamp)
+  return (-c * _LOG_2PI_HALF - 0.5 * jnp.sum(z * z, -1) + logdet) / c
+
+
+def _tokens_and_positions(cfg: CFlow, x: jax.Array):
+  n, h, w, c = x.shape
+  pos = jnp.asarray(common.sinusoidal_position_2d(cfg.cond_dim, h, w)).reshape(h * w, -1)
+  return x.reshape(n * h * w, c), pos
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _train(cfg: CFlow, levels: tuple, params: list, perms: list, rng: jax.Array, steps: int):
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=cfg.lr / 10.0, peak_value=cfg.lr,
+      warmup_steps=max(1, int(round(cfg.warmup_ratio * steps))),
+      decay_steps=max(2, steps), end_value=cfg.lr * cfg.final_lr_ratio)
+  opt = optax.adam(schedule)
+  data = [_tokens_and_positions(cfg, x) for x in levels]
+  hw = [x.shape[1] * x.shape[2] for x in levels]
+
+  def loss_fn(params, key):
+    total = 0.0
+    for k, ((tok, pos), p, perm) in enumerate(zip(data, params, perms)):
+      idx = jax.random.randint(jax.random.fold_in(key, k), (cfg.fiber_batch,), 0,
+                               tok.shape[0])
+      lp = log_prob_per_dim(p, perm, tok[idx], pos[idx % hw[k]], cfg.clamp)
+      total = total + jnp.mean(-jax.nn.log_sigmoid(lp))
+    return total
+
+  def step(carry, i):
+    params, opt_state = carry
+    loss, grads = jax.value_and_grad(loss_fn)(params, jax.random.fold_in(rng, i))
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(steps))
+  return params, losses[-1]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _log_likelihood(cfg: CFlow, levels: tuple, params: list, perms: list):
+  out = []
+  for x, p, perm in zip(levels, params, perms):
+    n, h, w, _ = x.shape
+    tok, pos = _tokens_and_positions(cfg, x)
+    cond = jnp.tile(pos, (n, 1))
+    lp = jax.lax.map(lambda a: log_prob_per_dim(p, perm, a[0][None], a[1][None],
+                                                cfg.clamp)[0],
+                     (tok, cond), batch_size=min(cfg.score_block, tok.shape[0]))
+    out.append(lp.reshape(n, h, w))
+  return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _score(cfg: CFlow, levels: tuple, params: list, perms: list, hw: tuple[int, int]):
+  total = None
+  for lp in _log_likelihood(cfg, levels, params, perms):
+    prob = jnp.exp(lp - lp.max())  # the reference normalises over the whole test set
+    up = common.resize_maps(prob, hw, align_corners=True)
+    total = up if total is None else total + up
+  maps = common.gaussian_blur(total.max() - total, cfg.sigma)
+  return maps.reshape(maps.shape[0], -1).max(axis=1), maps

@@ -1,0 +1,306 @@
+"""Downstream detectors on generated features with defects they must find (SPEC section 6).
+
+Normal samples are a smooth random field shared by all images (the "object") plus small
+noise; anomalous samples add a localized blob along a random direction. The shared pieces are
+checked against PyTorch / scipy / brute force.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+from adjax import metrics
+from adjax.methods import METHODS, common, get_method, knn
+from adjax.methods import cflow as cflow_lib
+from adjax.methods import padim as padim_lib
+
+GRID = 8
+IMAGE = 32
+
+
+def make_data(seed, n, anomalous_frac=0.0, channels=(12, 12, 12, 12), amp=3.0, noise=0.1):
+  """Levels (n, 8, 8, C), image labels (n,), token masks (n, 8, 8)."""
+  rng = np.random.default_rng(seed)
+  base = np.random.default_rng(1234)  # the object is the same for every call
+  yy, xx = np.meshgrid(np.arange(GRID), np.arange(GRID), indexing="ij")
+  labels = np.zeros(n, np.int32)
+  labels[:int(round(n * anomalous_frac))] = 1
+  cy, cx = rng.uniform(1, GRID - 2, n), rng.uniform(1, GRID - 2, n)
+  bump = np.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2)
+                / 2.0) * labels[:, None, None]
+  levels = []
+  for c in channels:
+    fy, fx, ph = base.uniform(0, 0.6, c), base.uniform(0, 0.6, c), base.uniform(0, 6.3, c)
+    field = np.cos(fy * yy[..., None] + fx * xx[..., None] + ph)
+    x = field[None] + noise * rng.standard_normal((n, GRID, GRID, c))
+    d = rng.standard_normal((n, c))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    levels.append((x + amp * bump[..., None] * d[:, None, None, :]).astype(np.float32))
+  return levels, labels, (bump > 0.5).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+  train, _, _ = make_data(0, 24)
+  test, labels, token_masks = make_data(1, 24, 0.5)
+  masks = np.kron(token_masks, np.ones((IMAGE // GRID, IMAGE // GRID)))
+  return train, test, labels, masks
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("src,dst", [((5, 7), (32, 20)), ((16, 16), (224, 224)),
+                                     ((9, 6), (4, 3))])
+def test_resize_matches_torch(align, src, dst):
+  x = np.random.default_rng(0).standard_normal((2,) + src).astype(np.float32)
+  want = F.interpolate(torch.from_numpy(x)[:, None], size=dst, mode="bilinear",
+                       align_corners=align)[:, 0].numpy()
+  got = np.asarray(common.resize_maps(jnp.asarray(x), dst, align_corners=align))
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape,sigma", [((40, 33), 4.0), ((10, 12), 4.0), ((16, 16), 1.5)])
+def test_gaussian_blur_matches_scipy(shape, sigma):
+  x = np.random.default_rng(1).standard_normal((2,) + shape).astype(np.float32)
+  want = np.stack([scipy.ndimage.gaussian_filter(m.astype(np.float64), sigma) for m in x])
+  got = np.asarray(common.gaussian_blur(jnp.asarray(x), sigma))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(6912, 1024), (9216, 1024), (3072, 1024), (30, 7), (5, 5),
+                                        (3, 8)])
+def test_adaptive_pool_matches_torch(n_in, n_out):
+  x = np.random.default_rng(2).standard_normal((3, n_in)).astype(np.float32)
+  want = F.adaptive_avg_pool1d(torch.from_numpy(x)[:, None], n_out)[:, 0].numpy()
+  np.testing.assert_allclose(np.asarray(common.adaptive_avg_pool(jnp.asarray(x), n_out)), want,
+                             atol=1e-5)
+
+
+def test_patch_aggregation_matches_torch_patchcore():
+  """3x3 unfold, per-level pooling, resize to the first grid, stack, pool: as PatchCore."""
+  rng = np.random.default_rng(3)
+  levels = [rng.standard_normal((2, 6, 6, 20)).astype(np.float32),
+            rng.standard_normal((2, 3, 3, 28)).astype(np.float32)]
+  embed, target = 64, 48
+  feats = []
+  for x in levels:
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)  # (B, C, h, w)
+    b, c, h, w = t.shape
+    u = F.unfold(t, kernel_size=3, padding=1).reshape(b, c, 3, 3, h, w)
+    u = u.permute(0, 4, 5, 1, 2, 3)  # (B, h, w, C, 3, 3)
+    if (h, w) != (6, 6):
+      u = u.permute(0, 3, 4, 5, 1, 2).reshape(-1, h, w)
+      u = F.interpolate(u[:, None], size=(6, 6), mode="bilinear", align_corners=False)[:, 0]
+      u = u.reshape(b, c, 3, 3, 6, 6).permute(0, 4, 5, 1, 2, 3)
+    u = u.reshape(-1, c * 9)
+    feats.append(F.adaptive_avg_pool1d(u[:, None], embed)[:, 0])
+  stacked = torch.stack(feats, dim=1).reshape(len(feats[0]), 1, -1)
+  want = F.adaptive_avg_pool1d(stacked, target)[:, 0].numpy().reshape(2, 6, 6, target)
+  got = np.asarray(common.aggregate_levels([jnp.asarray(x) for x in levels], embed, target))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_nearest_neighbours_match_brute_force():
+  rng = np.random.default_rng(4)
+  bank = rng.standard_normal((1000, 24)).astype(np.float32)
+  q = rng.standard_normal((130, 24)).astype(np.float32)
+  d2 = ((q[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)
+  for k in (1, 3):
+    dist, idx = knn.nearest_neighbours(jnp.asarray(q), jnp.asarray(bank), k=k, query_block=64,
+                                       bank_block=300)
+    want_idx = np.argsort(d2, axis=1)[:, :k]
+    np.testing.assert_array_equal(np.asarray(idx), want_idx)
+    np.testing.assert_allclose(np.asarray(dist), np.take_along_axis(d2, want_idx, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def _greedy_numpy(x, starts, num):
+  x = x.astype(np.float64)
+  dist = np.linalg.norm(x[:, None] - x[starts][None], axis=-1).mean(1)
+  chosen = []
+  for _ in range(num):
+    j = int(np.argmax(dist))
+    chosen.append(j)
+    dist = np.minimum(dist, np.linalg.norm(x - x[j], axis=1))
+  return chosen
+
+
+def test_greedy_coreset_matches_numpy_and_hits_every_cluster():
+  rng = np.random.default_rng(5)
+  pts = rng.standard_normal((400, 16)).astype(np.float32)
+  starts = np.array([3, 77, 200])
+  got = knn.greedy_coreset_from_starts(jnp.asarray(pts), jnp.asarray(starts), num=40,
+                                       num_starts=3, block_size=128)
+  assert list(np.asarray(got)) == _greedy_numpy(pts, starts, 40)
+  # Well separated clusters: k-centre with k = number of clusters takes one from each.
+  centres = rng.standard_normal((7, 200)) * 50
+  which = rng.integers(0, 7, 700)
+  clustered = (centres[which] + rng.standard_normal((700, 200))).astype(np.float32)
+  idx = np.asarray(knn.greedy_coreset(jnp.asarray(clustered), 7, jax.random.key(0),
+                                      projection_dim=32))
+  assert sorted(which[idx]) == list(range(7))
+
+
+# ----------------------------------------------------------------------------- detectors
+
+
+def test_registry():
+  assert set(METHODS) == {"featurenorm", "patchcore", "padim", "cflow", "uniad", "glass"}
+  with pytest.raises(ValueError, match="choose one of"):
+    get_method("patchkore")
+  with pytest.raises(ValueError, match="coreset_ratio"):
+    get_method("patchcore", coreset_rate=0.1)
+  with pytest.raises(ValueError, match="list of"):
+    get_method("padim").fit(np.zeros((2, 4, 4, 3)), None)
+
+
+def test_patchcore_finds_defects_and_scores_by_nearest_bank_vector(data):
+  train, test, labels, masks = data
+  method = get_method("patchcore", coreset_ratio=0.25, embed_dim=32, target_dim=32)
+  state = method.fit(train, jax.random.key(0))
+  assert state["bank"].shape == (int(24 * 64 * 0.25), 32)
+  scores, maps = method.score(state, test, IMAGE)
+  assert maps.shape == (24, IMAGE, IMAGE)
+  assert metrics.image_metrics(labels, np.asarray(scores))["auroc"] > 0.9
+  # Token scores: squared distance to the nearest bank vector, by brute force.
+  feats = np.asarray(method.embed(test)).reshape(-1, 32).astype(np.float64)
+  bank = np.asarray(state["bank"], np.float64)
+  tok = ((feats[:, None] - bank[None]) ** 2).sum(-1).min(1).reshape(24, -1)
+  np.testing.assert_allclose(np.asarray(scores), tok.max(1), rtol=1e-4, atol=1e-5)
+  up = F.interpolate(torch.from_numpy(tok.reshape(24, 1, GRID, GRID)), size=IMAGE,
+                     mode="bilinear", align_corners=False)[:, 0].numpy()
+  want = np.stack([scipy.ndimage.gaussian_filter(m, 4) for m in up])
+  np.testing.assert_allclose(np.asarray(maps), want, rtol=1e-4, atol=1e-5)
+
+
+def test_padim_finds_defects_and_matches_mahalanobis(data):
+  train, test, labels, masks = data
+  method = get_method("padim", position_block=24)
+  state = method.fit(train, None)
+  scores, maps = method.score(state, test, IMAGE)
+  assert metrics.image_metrics(labels, np.asarray(scores))["auroc"] > 0.9
+  # Level 3's distances with an explicit inverse (as the reference), position by position.
+  x = train[2].reshape(24, 64, -1).astype(np.float64)
+  t = test[2].reshape(24, 64, -1).astype(np.float64)
+  want = np.empty((24, 64))
+  for l in range(64):
+    cov = np.cov(x[:, l], rowvar=False) + 0.01 * np.eye(x.shape[-1])
+    d = t[:, l] - x[:, l].mean(0)
+    want[:, l] = np.sqrt(np.einsum("mc,cd,md->m", d, np.linalg.inv(cov), d))
+  got = np.asarray(padim_lib.mahalanobis(jnp.asarray(t, jnp.float32), state["mean"][2],
+                                          state["chol"][2], 24))
+  np.testing.assert_allclose(got, want, rtol=2e-3)
+
+
+def _cosine_residual(features, refs):
+  """Independent residual: subtract each token's most cosine-similar reference token."""
+  f = features.reshape(-1, features.shape[-1])
+  fn = f / np.linalg.norm(f, axis=1, keepdims=True)
+  rn = refs / np.linalg.norm(refs, axis=1, keepdims=True)
+  return (f - refs[np.argmax(fn @ rn.T, axis=1)]).reshape(features.shape)
+
+
+def test_featurenorm_on_residuals_finds_defects(data):
+  train, test, labels, masks = data
+  refs = [x[:8].reshape(-1, x.shape[-1]) for x in train]  # 8 reference shots
+  residual = [_cosine_residual(x, r) for x, r in zip(test, refs)]
+  method = get_method("featurenorm")
+  scores, maps = method.score(method.fit(None), residual, IMAGE)
+  assert metrics.image_metrics(labels, np.asarray(scores))["auroc"] > 0.9
+  # The map: mean over levels of the align-corners upsampled sqrt(|e| + 1) - 1, smoothed.
+  ups = [F.interpolate(torch.from_numpy(np.sqrt(np.linalg.norm(r, axis=-1) + 1) - 1)[:, None],
+                       size=IMAGE, mode="bilinear", align_corners=True)[:, 0].numpy()
+         for r in residual]
+  want = np.stack([scipy.ndimage.gaussian_filter(m, 4) for m in np.mean(ups, axis=0)])
+  np.testing.assert_allclose(np.asarray(maps), want, rtol=1e-4, atol=1e-5)
+
+
+def _defect_contrast(maps, labels, masks):
+  maps = np.asarray(maps)[labels == 1]
+  m = masks[labels == 1] > 0
+  assert np.all(np.isfinite(maps))
+  return maps[m].mean(), maps[~m].mean()
+
+
+def test_cflow_trains_and_ranks_defects(data):
+  train, test, labels, masks = data
+  method = get_method("cflow", coupling_blocks=2, cond_dim=8, epochs=2, fiber_batch=128)
+  state = method.fit(train, jax.random.key(0))
+  assert np.isfinite(float(state["loss"]))
+  scores, maps = method.score(state, test, IMAGE)
+  inside, outside = _defect_contrast(maps, labels, masks)
+  assert inside > outside
+  # The reference's test-set normalisation: exp(log p - max), upsampled, summed, inverted.
+  total = sum(F.interpolate(torch.from_numpy(np.exp(np.float64(lp) - np.max(lp)))[:, None],
+                            size=IMAGE, mode="bilinear", align_corners=True)[:, 0].numpy()
+              for lp in map(np.asarray, method.log_likelihood(state, test)))
+  np.testing.assert_allclose(np.asarray(maps), total.max() - total, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(scores), (total.max() - total).max(axis=(1, 2)),
+                             atol=1e-5)
+  # log|det J| of the flow equals the log-determinant of its Jacobian (autodiff).
+  p = state["params"][0]
+  x = jnp.asarray(test[-1][0, 0, :2])
+  c = jnp.ones((2, 8))
+  f = lambda v: cflow_lib.flow_forward(p, state["perms"][0], v[None], c[:1], 1.9)[0][0]
+  _, logdet = cflow_lib.flow_forward(p, state["perms"][0], x[:1], c[:1], 1.9)
+  jac = jax.jacfwd(f)(x[0])
+  np.testing.assert_allclose(float(logdet[0]), np.linalg.slogdet(np.asarray(jac))[1],
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_uniad_trains_on_several_classes_and_ranks_defects(data):
+  train, test, labels, masks = data
+  method = get_method("uniad", hidden_dim=16, ffn_dim=32, num_heads=2, encoder_layers=1,
+                      decoder_layers=1, epochs=3, batch_size=8, neighbour_size=3)
+  # Two "classes" given as a list of per-class levels.
+  state = method.fit([[x[:12] for x in train], [x[12:] for x in train]], jax.random.key(0))
+  assert np.isfinite(float(state["loss"]))
+  scores, maps = method.score(state, test, IMAGE)
+  inside, outside = _defect_contrast(maps, labels, masks)
+  assert inside > outside
+  # Map = upsampled L2 reconstruction error (independent: torch upsampling + scipy blur).
+  x, rec = method.reconstruct(state, test)
+  err = np.sqrt(((np.asarray(rec) - np.asarray(x)) ** 2).sum(-1))
+  up = F.interpolate(torch.from_numpy(err)[:, None], size=IMAGE, mode="bilinear",
+                     align_corners=True)[:, 0].numpy()
+  want = np.stack([scipy.ndimage.gaussian_filter(m, 4) for m in up])
+  np.testing.assert_allclose(np.asarray(maps), want, rtol=1e-4, atol=1e-4)
+
+
+def test_uniad_neighbour_mask():
+  from adjax.methods.uniad import neighbour_mask
+  m = neighbour_mask(5, 6, 3)
+  for i in range(30):
+    for j in range(30):
+      assert m[i, j] == (abs(i // 6 - j // 6) <= 1 and abs(i % 6 - j % 6) <= 1)
+
+
+def test_glass_trains_and_ranks_defects(data):
+  train, test, labels, masks = data
+  method = get_method("glass", embed_dim=24, target_dim=24, hidden=32, epochs=30, batch_size=8,
+                      ascent_steps=5, lr=1e-3, dsc_lr=2e-3)
+  state = method.fit(train, jax.random.key(0))
+  assert np.isfinite(float(state["loss"]))
+  scores, maps = method.score(state, test, IMAGE)
+  inside, outside = _defect_contrast(maps, labels, masks)
+  assert inside > outside
+
+
+def test_training_subset():
+  normal, anomalous = common.training_subset(200, 50, noise_ratio=0.1, seed=3)
+  assert len(normal) == 200 and len(anomalous) == round(0.1 * 200 / 0.9)
+  assert len(set(anomalous)) == len(anomalous) and anomalous.max() < 50
+  normal, anomalous = common.training_subset(200, shots=4, seed=3)
+  assert len(normal) == 4 and len(set(normal)) == 4 and len(anomalous) == 0
+  with pytest.raises(ValueError, match="shots"):
+    common.training_subset(3, shots=8)
+  with pytest.raises(ValueError, match="needs"):
+    common.training_subset(100, 2, noise_ratio=0.5)
