@@ -69,6 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.center_shots = 4
   c.train.center_images_per_group = 16   # normal images per (class, view) for the centres
   c.train.max_similarities = 1 << 25   # residual matching memory cap
+  c.train.precomputed_refs = False     # True: fixed reference features per (class, view)
+                                       # (`adjax refs`), reused by every step and sweep point
 
   c.eval = ml_collections.ConfigDict()
   c.eval.format = "mvtec"

@@ -99,7 +99,8 @@ def step_settings(config: ml_collections.ConfigDict, backbone) -> StepSettings:
       max_similarities=config.train.max_similarities, compute_dtype=compute_dtype(config))
 
 
-def make_loader(config: ml_collections.ConfigDict, records: Sequence, backbone):
+def make_loader(config: ml_collections.ConfigDict, records: Sequence, backbone, *,
+                load_references: bool = True):
   """This process's pretraining loader (its shard of the data, its share of the batch)."""
   from data_pipelines.pretrain_pipeline import make_pretrain_loader
   processes = jax.process_count()
@@ -113,7 +114,7 @@ def make_loader(config: ml_collections.ConfigDict, records: Sequence, backbone):
       anomaly_share=config.data.anomaly_share or None, augment=config.data.augment,
       patch_size=patch, label_threshold=int(config.data.label_threshold_share * patch * patch),
       seed=config.seed, shard_index=jax.process_index(), shard_count=processes,
-      num_workers=config.data.num_workers)
+      num_workers=config.data.num_workers, load_references=load_references)
 
 
 # ------------------------------------------------------------------------ centres
@@ -172,6 +173,64 @@ def load_centers(workdir: str) -> Optional[list[np.ndarray]]:
     return None
   with np.load(path) as data:
     return [data[f"l{k + 1}"] for k in range(len(data.files))]
+
+
+# ------------------------------------------------------------------------ references
+REFERENCES_FILE = "references.npz"
+
+
+def precompute_references(config: ml_collections.ConfigDict, workdir: str, *, backbone=None,
+                          backbone_params=None, records=None) -> dict[str, Any]:
+  """Backbone features of `data.max_shots` normal images per (class, view), computed once.
+
+  With `train.precomputed_refs`, every step takes its images' references from this bank
+  (the first n_shot of the group's shots) instead of running the backbone on reference images:
+  a fixed reference set, which sweeps reuse across points. Written to
+  `<workdir>/references.npz`: l{k} of shape (G, max_shots, h, w, C_k) with G = classes x views
+  (the loader's class_id * len(views) + view_id), and the class and view names.
+  """
+  from data_pipelines.images import load_record
+  if backbone is None:
+    backbone, backbone_params = build_backbone(config, workdir)
+  records = pretrain_records(config) if records is None else records
+  class_names = sorted({r.class_name for r in records})
+  view_names = sorted({r.view for r in records})
+  shots = int(config.data.max_shots)
+  rng = np.random.default_rng([config.seed, 7])
+  dtype = compute_dtype(config)
+  bank: Optional[list[np.ndarray]] = None
+  for ci, class_name in enumerate(class_names):
+    for vi, view in enumerate(view_names):
+      pool = [r for r in records if r.label == 0 and r.class_name == class_name and
+              r.view == view]
+      if not pool:
+        continue
+      chosen = [pool[i] for i in rng.choice(len(pool), size=shots, replace=len(pool) < shots)]
+      images = np.stack([load_record(r, config.image_size)[0] for r in chosen])
+      levels = backbone.extract(backbone_params, images / np.float32(255), dtype)
+      if bank is None:
+        bank = [np.zeros((len(class_names) * len(view_names), *lv.shape), np.float32)
+                for lv in levels]
+      for k, lv in enumerate(levels):
+        bank[k][ci * len(view_names) + vi] = np.asarray(lv)
+  if bank is None:
+    raise ValueError("the pretraining set has no normal image to take references from")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    run_layout.atomic_write(os.path.join(workdir, REFERENCES_FILE), lambda f: np.savez(
+        f, class_names=np.asarray(class_names), view_names=np.asarray(view_names),
+        **{f"l{k + 1}": b for k, b in enumerate(bank)}))
+  return {"levels": bank, "class_names": class_names, "view_names": view_names}
+
+
+def load_references(workdir: str) -> Optional[dict[str, Any]]:
+  path = os.path.join(workdir, REFERENCES_FILE)
+  if not os.path.isfile(path):
+    return None
+  with np.load(path) as data:
+    levels = [data[f"l{k + 1}"] for k in range(len(data.files) - 2)]
+    return {"levels": levels, "class_names": list(data["class_names"]),
+            "view_names": list(data["view_names"])}
 
 
 # ------------------------------------------------------------------------ the run
@@ -252,7 +311,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.data_mesh()
   backbone, backbone_params = build_backbone(config, workdir)
   records = pretrain_records(config)
-  loader = make_loader(config, records, backbone)
+  precomputed = bool(config.train.get("precomputed_refs", False)) and config.loss.residual
+  loader = make_loader(config, records, backbone, load_references=not precomputed)
   steps_per_epoch = max(1, len(loader))
   total_steps = int(config.optim.epochs) * steps_per_epoch
   if config.optim.max_steps:
@@ -274,9 +334,22 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
                           depth=config.projector.depth)
   state = sharding.replicate(init_train_state(params, optimizer,
                                               jax.random.PRNGKey(config.seed + 1)), mesh)
-  frozen = sharding.replicate({"backbone": backbone_params,
-                               "centers": None if centers is None else
-                               [jnp.asarray(c) for c in centers]}, mesh)
+  frozen = {"backbone": backbone_params,
+            "centers": None if centers is None else [jnp.asarray(c) for c in centers]}
+  batch_keys = ("view1", "view2", "masks", "refs", "ref_valid")
+  num_views = 1
+  if precomputed:
+    references = load_references(workdir) or precompute_references(
+        config, workdir, backbone=backbone, backbone_params=backbone_params, records=records)
+    if (references["class_names"] != list(loader.class_names) or
+        references["view_names"] != list(loader.view_names)):
+      raise ValueError(f"{os.path.join(workdir, REFERENCES_FILE)} was made for other classes or"
+                       " views than the pretraining set; delete it or run `adjax refs` again")
+    num_views = len(references["view_names"])
+    frozen["ref_bank"] = [b.reshape(b.shape[0], b.shape[1], -1, b.shape[-1])
+                          for b in references["levels"]]
+    batch_keys = ("view1", "view2", "masks", "ref_valid", "ref_group")
+  frozen = sharding.replicate(frozen, mesh)
   step_fn = jax.jit(make_train_step(settings, optimizer, backbone.extract),
                     in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
                                   sharding.replicated(mesh)),
@@ -294,7 +367,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   evaluator = evaluator if evaluator is not None else _default_evaluator(
       config, backbone, backbone_params)
   best = _BestTracker(workdir)
-  batch_keys = ("view1", "view2", "masks", "refs", "ref_valid")
   images_per_step = config.data.batch_size
   bar = tqdm(total=total_steps, initial=start_step, disable=not progress or
              jax.process_index() != 0, desc="pretrain", unit="step", dynamic_ncols=True)
@@ -304,6 +376,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   with _Preemption() as preemption:
     while step < total_steps:
       local = next(iterator)
+      local["ref_group"] = local["class_id"] * num_views + local["view_id"]
       batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
       state, metrics = step_fn(state, batch, frozen)
       step += 1

@@ -91,6 +91,22 @@ def reference_levels(extract: ExtractFn, backbone_params: Any, refs: Array,
   return levels, valid
 
 
+def bank_references(bank: Sequence[Array], groups: Array,
+                    ref_valid: Array) -> tuple[Levels, list[Array]]:
+  """Precomputed reference features: each image takes its (class, view) group's shots.
+
+  Args:
+    bank: per level (G, S_max, h * w, C), the features of S_max normal images per group.
+    groups: (B,) group index of each image; ref_valid: (B, S_max) bool (the step's n_shot).
+  """
+  levels, valid = [], []
+  for level in bank:
+    _, shots, tokens, c = level.shape
+    levels.append(level[groups].reshape(groups.shape[0], shots * tokens, c))
+    valid.append(jnp.repeat(ref_valid, tokens, axis=1))
+  return levels, valid
+
+
 def residual_levels(features: Levels, ref_feats: Levels, ref_valid: Sequence[Array],
                     settings: StepSettings) -> Levels:
   """Residuals of every level (or the raw features when the residual is switched off)."""
@@ -163,11 +179,11 @@ def make_train_step(settings: StepSettings, optimizer: optax.GradientTransformat
   """The step `(state, batch, frozen) -> (state, metrics)`, not yet jitted.
 
   batch (numpy or global jax arrays, leading axis = images):
-    view1, view2 (B, S, S, 3) uint8; masks (B, S, S); and either
-    refs (B, S_max, S, S, 3) uint8 with ref_valid (B, S_max) bool (references through the
-    backbone inside the step), or ref_feat_{k} (B, N_k, C_k) with ref_feat_valid_{k} (B, N_k)
-    (precomputed reference features).
-  frozen: {"backbone": backbone params, "centers": list of (C_k,) or None}.
+    view1, view2 (B, S, S, 3) uint8; masks (B, S, S); ref_valid (B, S_max) bool; and either
+    refs (B, S_max, S, S, 3) uint8 (references through the backbone inside the step), or
+    ref_group (B,) int32 with frozen["ref_bank"] (precomputed reference features).
+  frozen: {"backbone": backbone params, "centers": list of (C_k,) or None,
+    optionally "ref_bank": per level (G, S_max, h * w, C_k)}.
   """
 
   def step(state: TrainState, batch: dict[str, Array], frozen: dict[str, Any]):
@@ -184,14 +200,14 @@ def batch_residuals(batch: dict[str, Array], frozen: dict[str, Any], settings: S
   backbone_params = frozen["backbone"]
   feats1 = extract(backbone_params, images_to_unit(batch["view1"]))
   feats2 = extract(backbone_params, images_to_unit(batch["view2"]))
-  if "ref_feat_0" in batch:
-    ref_feats = [batch[f"ref_feat_{k}"] for k in range(len(feats1))]
-    ref_valid = [batch[f"ref_feat_valid_{k}"] for k in range(len(feats1))]
-  elif settings.use_residual:
+  if not settings.use_residual:
+    ref_feats, ref_valid = [None] * len(feats1), [None] * len(feats1)
+  elif frozen.get("ref_bank") is not None:
+    ref_feats, ref_valid = bank_references(frozen["ref_bank"], batch["ref_group"],
+                                           batch["ref_valid"])
+  else:
     ref_feats, ref_valid = reference_levels(extract, backbone_params, batch["refs"],
                                             batch["ref_valid"])
-  else:
-    ref_feats, ref_valid = [None] * len(feats1), [None] * len(feats1)
   return jax.lax.stop_gradient(
       (residual_levels(feats1, ref_feats, ref_valid, settings),
        residual_levels(feats2, ref_feats, ref_valid, settings)))

@@ -165,7 +165,7 @@ class PretrainExample:
   """Maps an example index to one training example (a dict of numpy arrays)."""
 
   def __init__(self, plan: PretrainPlan, *, image_size: int, augment: bool, patch_size: int,
-               label_threshold: int, cache_size: int = 256):
+               label_threshold: int, cache_size: int = 256, load_references: bool = True):
     if image_size % patch_size:
       raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
     self.plan = plan
@@ -174,6 +174,9 @@ class PretrainExample:
     self.patch_size = patch_size
     self.label_threshold = label_threshold
     self.cache_size = cache_size
+    # False when the trainer uses precomputed reference features: refs stay zeros (one slot,
+    # to keep batches small) and only ref_valid says how many shots the step uses.
+    self.load_references = load_references
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self._lock = threading.Lock()
 
@@ -215,9 +218,12 @@ class PretrainExample:
     angle, norm = token_labels(mask[None], self.patch_size, self.label_threshold)
     n_shot = plan.n_shot(step)
     s = self.image_size
-    refs = np.zeros((plan.max_shots, s, s, 3), np.uint8)
-    for k, ref in enumerate(plan.references(example, index, n_shot)):
-      refs[k] = self._load(int(ref))[0]
+    if self.load_references:
+      refs = np.zeros((plan.max_shots, s, s, 3), np.uint8)
+      for k, ref in enumerate(plan.references(example, index, n_shot)):
+        refs[k] = self._load(int(ref))[0]
+    else:
+      refs = np.zeros((1, 1, 1, 3), np.uint8)
     ref_valid = np.arange(plan.max_shots) < n_shot
     return {
         "view1": view1, "view2": view2, "masks": mask,
@@ -245,13 +251,14 @@ class PretrainLoader:
                label_threshold: int = 32, seed: int = 0, shard_index: int = 0,
                shard_count: int = 1, num_workers: int = 0, num_epochs: int | None = None,
                num_threads: int = 2, prefetch_buffer_size: int = 4,
-               worker_buffer_size: int = 2, cache_size: int = 256):
+               worker_buffer_size: int = 2, cache_size: int = 256,
+               load_references: bool = True):
     self.plan = PretrainPlan(records, batch_size=batch_size, shots=shots,
                              max_shots=max_shots, anomaly_share=anomaly_share, seed=seed,
                              shard_index=shard_index, shard_count=shard_count)
     self.example_fn = PretrainExample(self.plan, image_size=image_size, augment=augment,
                                       patch_size=patch_size, label_threshold=label_threshold,
-                                      cache_size=cache_size)
+                                      cache_size=cache_size, load_references=load_references)
     self.batch_size = batch_size
     self.steps_per_epoch = self.plan.steps_per_epoch
     self.num_steps = (_INFINITE_STEPS if num_epochs is None
@@ -315,7 +322,8 @@ def make_pretrain_loader(records: Sequence[Record], *, image_size: int, batch_si
     num_workers: 0 runs in this process (with `num_threads` prefetch threads); > 0 uses grain
       worker processes.
     **kwargs: num_epochs (None: endless), num_threads, prefetch_buffer_size,
-      worker_buffer_size, cache_size (decoded images kept per process).
+      worker_buffer_size, cache_size (decoded images kept per process), load_references
+      (False: no reference images are decoded, for precomputed reference features).
 
   Returns:
     a PretrainLoader; `next(iter(loader))` is a dict with view1, view2 (B, S, S, 3) uint8,

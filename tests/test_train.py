@@ -251,3 +251,44 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
   assert b"PREEMPTED True 1" in proc.stdout
   steps = [int(p) for p in os.listdir(run_layout.checkpoints_dir(workdir)) if p.isdigit()]
   assert steps == [1]
+
+
+# --------------------------------------------------------------------- precomputed references
+def test_precomputed_reference_bank_equals_reference_images():
+  from adjax.models.backbones import get_backbone
+  from adjax.train_step import batch_residuals
+  backbone = get_backbone("tiny-vit", depth=2, taps=(1, 2))
+  backbone_params = backbone.init(jax.random.PRNGKey(0))
+  settings = StepSettings(level_strides=tuple(backbone.level_strides), num_heads=4,
+                          compute_dtype=jnp.float32)
+  rng = np.random.default_rng(0)
+  shots, size = 3, 28
+  group_images = rng.integers(0, 256, (2, shots, size, size, 3), dtype=np.uint8)  # 2 groups
+  groups = np.array([1, 0, 1], np.int32)
+  ref_valid = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1]], bool)
+  batch = {"view1": rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8),
+           "view2": rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8),
+           "refs": group_images[groups], "ref_valid": ref_valid, "ref_group": groups}
+  frozen = {"backbone": backbone_params}
+  from_images = batch_residuals(batch, frozen, settings, backbone.extract)
+  bank = [np.asarray(lv).reshape(2, shots, -1, lv.shape[-1]) for lv in backbone.extract(
+      backbone_params, group_images.reshape(-1, size, size, 3) / np.float32(255))]
+  from_bank = batch_residuals(batch, dict(frozen, ref_bank=bank), settings, backbone.extract)
+  for view_a, view_b in zip(from_images, from_bank):
+    for a, b in zip(view_a, view_b):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_pretrain_with_precomputed_references(dataset, tmp_path):
+  from adjax.train import load_references, pretrain
+  config = tiny_config(dataset)
+  config.train.precomputed_refs = True
+  config.optim.max_steps = 2
+  config.loss.center = False
+  workdir = str(tmp_path / "run_refs")
+  summary = pretrain(config, workdir, progress=False)
+  assert summary["steps"] == 2 and summary["skipped"] == 0
+  refs = load_references(workdir)
+  assert len(refs["class_names"]) == 2 and refs["view_names"] == ["C1", "C2"]
+  assert [lv.shape for lv in refs["levels"]] == [(4, 2, 4, 4, 64)] * 4
+  assert np.isfinite(summary["last"]["loss"])
