@@ -8,6 +8,7 @@ run killed at any moment resumes from its last complete step. The latest N are k
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import jax
@@ -22,7 +23,9 @@ class RunCheckpointer:
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(run_layout.checkpoints_dir(workdir), options=options,
+    # Orbax refuses relative paths (late, when an asynchronous save finalises).
+    directory = os.path.abspath(run_layout.checkpoints_dir(workdir))
+    self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "data"))
 
   def latest_step(self) -> Optional[int]:

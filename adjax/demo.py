@@ -21,7 +21,6 @@ import time
 from typing import Any, Mapping
 
 import ml_collections
-import numpy as np
 
 from adjax import run_layout
 from adjax.configs import default_config

@@ -34,6 +34,7 @@ log = logging.getLogger("adjax.evaluate")
 
 FEATURE_KINDS = ("original", "residual", "pretrained")
 _ANGLE_METHODS = ("patchcore", "padim")   # use the PatchCore-selected checkpoint
+PER_DATASET_METHODS = ("uniad",)           # one model for all classes of a dataset
 
 
 def checkpoint_kind_for(method: str, choice: str = "auto") -> str:
@@ -212,27 +213,50 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   class_names = sorted({r.class_name for r in records})
   method_settings = dict(ev.get("method_settings", {}) or {})
   results: dict[str, dict[str, dict[str, dict[str, float]]]] = {m: {} for m in methods}
-  pending_multi: dict[str, list] = {}
   bar = tqdm(total=len(class_names) * len(methods), desc="evaluate", disable=not progress,
              dynamic_ncols=True)
   tsne_done = False
-  for class_name in class_names:
+  def prepare(class_name: str):
     data = load_eval_class(records, class_name, image_size=config.image_size,
                            k_shot=ev.k_shot or None, noisy_share=ev.noisy_share,
                            seed=config.seed)
     train_levels = maker.backbone_levels(data["train_images"])
     test_levels = maker.backbone_levels(data["test_images"])
     refs = reference_features(train_levels, int(ev.shots))
-    features = maker.kinds(kinds, train_levels, test_levels, refs, projector)
+    return data, maker.kinds(kinds, train_levels, test_levels, refs, projector)
+
+  def feature_key(method: str, kind: str) -> str:
+    return kind if kind != "pretrained" else \
+        f"pretrained:{checkpoint_kind_for(method, checkpoint_choice)}"
+
+  # UniAD is one model for all classes of a dataset: a first pass gathers every class's
+  # training features and fits it once per feature kind.
+  shared_states: dict[tuple[str, str], Any] = {}
+  per_dataset = [m for m in methods if m in PER_DATASET_METHODS]
+  if per_dataset:
+    gathered: dict[tuple[str, str], list] = {}
+    for class_name in class_names:
+      _, features = prepare(class_name)
+      for method in per_dataset:
+        for kind in kinds:
+          gathered.setdefault((method, kind), []).append(features[feature_key(method, kind)][0])
+    from adjax.methods import get_method
+    for (method, kind), per_class in gathered.items():
+      model = get_method(method, **dict(method_settings.get(method, {})))
+      shared_states[(method, kind)] = model.fit(
+          [[jnp.asarray(x) for x in levels] for levels in per_class],
+          jax.random.PRNGKey(config.seed))
+
+  for class_name in class_names:
+    data, features = prepare(class_name)
     labels, masks = data["test_labels"], data["test_masks"]
     for method in methods:
       settings = dict(method_settings.get(method, {}))
       for kind in kinds:
-        key = kind if kind != "pretrained" else \
-            f"pretrained:{checkpoint_kind_for(method, checkpoint_choice)}"
-        train_f, test_f = features[key]
+        train_f, test_f = features[feature_key(method, kind)]
         metrics, scores, maps, _ = score_method(method, settings, train_f, test_f,
-                                                config.image_size, config.seed, labels, masks)
+                                                config.image_size, config.seed, labels, masks,
+                                                state=shared_states.get((method, kind)))
         results[method].setdefault(class_name, {})[kind] = metrics
         if kind == kinds[-1] and method == methods[0]:
           reporting.save_overlays(data["test_images"], maps, scores,

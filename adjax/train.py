@@ -8,8 +8,6 @@ with the same parameters as an uninterrupted one. SIGTERM (preemption) saves and
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import signal

@@ -1,7 +1,6 @@
 """Angle and norm losses: golden values and gradients, blocking, empty cases, torch parity."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

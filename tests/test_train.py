@@ -1,11 +1,11 @@
-"""Pretraining: loss goes down, exact resume after SIGKILL, device-count independence (8 CPU
-devices, and two processes through jax.distributed), non-finite steps skipped and counted."""
+"""Pretraining: loss goes down, exact resume after SIGKILL, SIGTERM, non-finite steps skipped
+and counted, precomputed references, checkpoint selection and evaluation. Device-count
+independence is in test_train_devices.py."""
 
 import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -56,61 +56,14 @@ def test_non_finite_step_is_skipped_and_counted():
   assert any(np.abs(after[k] - v).max() > 0 for k, v in _flat(state["params"]).items())
 
 
-# --------------------------------------------------------------------- device count
-@pytest.fixture(scope="module")
-def eight_device_results(tmp_path_factory):
-  out = tmp_path_factory.mktemp("mesh") / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, str(HERE / "multidevice_step.py"), str(out),
-                  "--devices", "1,8"], check=True, env=env, timeout=600)
-  return np.load(f"{out}_1.npz"), np.load(f"{out}_8.npz")
-
-
-def test_sharded_step_matches_single_device(eight_device_results):
-  one, eight = eight_device_results
-  assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
-  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
-  for key in one.files:
-    if key.startswith("["):
-      np.testing.assert_allclose(eight[key], one[key], atol=1e-5, rtol=0, err_msg=key)
-  # The two steps really trained: parameters moved.
-  params0 = _flat(init_projector(jax.random.PRNGKey(1), [64, 64], num_heads=4,
-                                 num_ref_tokens=32))
-  assert max(np.abs(one[k] - params0[k]).max() for k in params0) > 1e-5
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_match_one(eight_device_results, tmp_path):
-  one, _ = eight_device_results
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    env.pop("XLA_FLAGS", None)
-    procs.append(subprocess.Popen([sys.executable, str(HERE / "multidevice_step.py"),
-                                   str(tmp_path / "dist"), "--devices", "0"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-  for p in procs:
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out.decode()[-3000:]
-  two = np.load(tmp_path / "dist_0.npz")
-  assert int(two["devices"]) == 2
-  np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
-  for key in one.files:
-    if key.startswith("["):
-      np.testing.assert_allclose(two[key], one[key], atol=1e-5, rtol=0, err_msg=key)
-
-
 # --------------------------------------------------------------------- full runs
-def tiny_config(data_root: str):
+def tiny_config(data_root: str, with_validation: bool = False):
   c = default_config()
+  if with_validation:  # select checkpoints on the held-out classes at the end of each epoch
+    c.data.val_format = "mvtec"
+    c.data.val_root = os.path.join(os.path.dirname(data_root), "eval")
+    c.train.eval_every_epochs = 1
+    c.eval.shots = 2
   c.backbone.name = "tiny-vit"
   c.image_size = 56
   c.data.pretrain_root = data_root
@@ -143,7 +96,7 @@ def dataset(tmp_path_factory):
 def uninterrupted(dataset, tmp_path_factory):
   from adjax.train import pretrain
   workdir = str(tmp_path_factory.mktemp("run_a"))
-  summary = pretrain(tiny_config(dataset), workdir, progress=False)
+  summary = pretrain(tiny_config(dataset, with_validation=True), workdir, progress=False)
   return workdir, summary
 
 
@@ -175,9 +128,15 @@ def test_pretraining_lowers_the_loss(dataset, uninterrupted):
   assert after < 0.9 * before, (before, after)
   # Centres exist, one per level, with the level's width.
   assert [c.shape for c in load_centers(workdir)] == [(64,)] * 4
-  # Both selections were written (no evaluator: the final parameters).
+  # Both selections were written by the validation evaluator (PatchCore -> angle, FeatureNorm
+  # -> norm) with their scores, and the metrics log has the validation scores.
+  val = [row for row in map(json.loads, open(run_layout.metrics_path(workdir)))
+         if "val/angle" in row]
+  assert [row["step"] for row in val] == [6]
   for kind in run_layout.KINDS:
-    assert os.path.isfile(run_layout.best_params_path(workdir, kind))
+    params, meta = run_layout.load_best(workdir, kind)
+    assert meta["step"] == 6 and 0.0 <= meta["score"] <= 1.0
+    assert meta["score"] == pytest.approx(val[0][f"val/{kind}"])
 
 
 _KILLED_RUN = textwrap.dedent("""
@@ -193,7 +152,7 @@ _KILLED_RUN = textwrap.dedent("""
         self.wait()                      # the step-{kill_at} checkpoint is complete on disk
         os.kill(os.getpid(), signal.SIGKILL)
     checkpointing.RunCheckpointer.save = save_then_die
-    pretrain(tiny_config({data!r}), {workdir!r}, progress=False)
+    pretrain(tiny_config({data!r}, with_validation=True), {workdir!r}, progress=False)
 """)
 
 
@@ -209,7 +168,7 @@ def test_resume_after_sigkill_is_exact(dataset, uninterrupted, tmp_path):
   steps_on_disk = sorted(int(p) for p in os.listdir(run_layout.checkpoints_dir(workdir))
                          if p.isdigit())
   assert steps_on_disk[-1] == 4
-  summary = pretrain(tiny_config(dataset), workdir, progress=False)
+  summary = pretrain(tiny_config(dataset, with_validation=True), workdir, progress=False)
   assert summary["steps"] == 6
   want, got = _flat(final_params(reference_dir)), _flat(final_params(workdir))
   for key in want:
@@ -222,10 +181,6 @@ def test_resume_after_sigkill_is_exact(dataset, uninterrupted, tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
-  from adjax.train import pretrain
-  config = tiny_config(dataset)
-  config.optim.max_steps = 50
-  config.train.checkpoint_every = 1000
   workdir = str(tmp_path / "run_c")
   script = textwrap.dedent(f"""
       import os, signal, sys
@@ -243,10 +198,11 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
       train_step.residual_update = update_then_term
       config = tiny_config({dataset!r}); config.optim.max_steps = 50
       config.train.checkpoint_every = 1000
-      summary = pretrain(config, {workdir!r}, progress=False)
+      summary = pretrain(config, "run_c", progress=False)  # relative, as users type it
       print("PREEMPTED", summary["preempted"], summary["steps"])
   """)
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600,
+                        cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr.decode()[-3000:]
   assert b"PREEMPTED True 1" in proc.stdout
   steps = [int(p) for p in os.listdir(run_layout.checkpoints_dir(workdir)) if p.isdigit()]
@@ -292,3 +248,40 @@ def test_pretrain_with_precomputed_references(dataset, tmp_path):
   assert len(refs["class_names"]) == 2 and refs["view_names"] == ["C1", "C2"]
   assert [lv.shape for lv in refs["levels"]] == [(4, 2, 4, 4, 64)] * 4
   assert np.isfinite(summary["last"]["loss"])
+
+
+# --------------------------------------------------------------------- evaluation
+def test_evaluate_compares_feature_kinds(dataset, uninterrupted, tmp_path):
+  from adjax.evaluate import evaluate
+  workdir, _ = uninterrupted
+  config = tiny_config(dataset)
+  config.eval.format = "mvtec"
+  config.eval.root = os.path.join(os.path.dirname(dataset), "eval")
+  config.eval.methods = ("featurenorm", "patchcore", "uniad")
+  config.eval.features = ("original", "residual", "pretrained")
+  config.eval.shots = 2
+  config.eval.method_settings = {"uniad": {"epochs": 2, "hidden_dim": 32, "ffn_dim": 64,
+                                           "encoder_layers": 1, "decoder_layers": 1,
+                                           "num_heads": 2}}
+  out = tmp_path / "eval"
+  summary = evaluate(config, workdir, str(out), progress=False)
+  results = summary["results"]
+  assert set(results) == {"featurenorm", "patchcore", "uniad"}
+  (class_name,) = summary["classes"]
+  for method, per_class in results.items():
+    for kind in ("original", "residual", "pretrained"):
+      metrics = per_class[class_name][kind]
+      for name in ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro"):
+        assert 0.0 <= metrics[name] <= 1.0, (method, kind, name)
+  # The tables put original and pretrained side by side with their difference.
+  table = json.loads((out / "results_patchcore.json").read_text())
+  row = table[class_name]["image_auroc"]
+  assert row["difference"] == pytest.approx(row["pretrained"] - row["original"])
+  assert row["original"] == pytest.approx(results["patchcore"][class_name]["original"][
+      "image_auroc"])
+  assert (out / "results_patchcore.md").read_text().count("|") > 10
+  assert list(out.glob("tsne_*.png")) and list((out / "heatmaps").rglob("*.png"))
+  # FeatureNorm on original features is a property of the backbone, not of the projector;
+  # on the same data, the residual kind must differ from it (the residual really is applied).
+  fn = results["featurenorm"][class_name]
+  assert fn["original"] != fn["residual"]

@@ -1,0 +1,73 @@
+"""Device-count independence of the train step: 8 CPU devices, and two processes through
+jax.distributed (CPU collectives over gloo), give the parameters of one device."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from adjax.models.projector import init_projector
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _flat(params):
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+# --------------------------------------------------------------------- device count
+@pytest.fixture(scope="module")
+def eight_device_results(tmp_path_factory):
+  out = tmp_path_factory.mktemp("mesh") / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, str(HERE / "multidevice_step.py"), str(out),
+                  "--devices", "1,8"], check=True, env=env, timeout=600)
+  return np.load(f"{out}_1.npz"), np.load(f"{out}_8.npz")
+
+
+def test_sharded_step_matches_single_device(eight_device_results):
+  one, eight = eight_device_results
+  assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+  for key in one.files:
+    if key.startswith("["):
+      np.testing.assert_allclose(eight[key], one[key], atol=1e-5, rtol=0, err_msg=key)
+  # The two steps really trained: parameters moved.
+  params0 = _flat(init_projector(jax.random.PRNGKey(1), [64, 64], num_heads=4,
+                                 num_ref_tokens=32))
+  assert max(np.abs(one[k] - params0[k]).max() for k in params0) > 1e-5
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(eight_device_results, tmp_path):
+  one, _ = eight_device_results
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    env.pop("XLA_FLAGS", None)
+    procs.append(subprocess.Popen([sys.executable, str(HERE / "multidevice_step.py"),
+                                   str(tmp_path / "dist"), "--devices", "0"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  for p in procs:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out.decode()[-3000:]
+  two = np.load(tmp_path / "dist_0.npz")
+  assert int(two["devices"]) == 2
+  np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+  for key in one.files:
+    if key.startswith("["):
+      np.testing.assert_allclose(two[key], one[key], atol=1e-5, rtol=0, err_msg=key)
