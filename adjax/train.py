@@ -138,7 +138,9 @@ def compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbone
   dtype = compute_dtype(config)
   sums: Optional[list[np.ndarray]] = None
   count = 0
-  for key in sorted(groups):
+  from tqdm import tqdm
+  for key in tqdm(sorted(groups), desc="centres", unit="group", dynamic_ncols=True,
+                  disable=jax.process_index() != 0):
     members = groups[key]
     if len(members) < shots + 1:
       continue
@@ -197,7 +199,9 @@ def precompute_references(config: ml_collections.ConfigDict, workdir: str, *, ba
   rng = np.random.default_rng([config.seed, 7])
   dtype = compute_dtype(config)
   bank: Optional[list[np.ndarray]] = None
-  for ci, class_name in enumerate(class_names):
+  from tqdm import tqdm
+  for ci, class_name in enumerate(tqdm(class_names, desc="references", unit="class",
+                                       dynamic_ncols=True, disable=jax.process_index() != 0)):
     for vi, view in enumerate(view_names):
       pool = [r for r in records if r.label == 0 and r.class_name == class_name and
               r.view == view]

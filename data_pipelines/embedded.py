@@ -335,8 +335,9 @@ def _resolve(classes, default: Sequence[str], what: str) -> list[str]:
 
 def _write_pretrain(root: str, classes: list[str], *, image_size: int, samples: int,
                     n_views: int, anomalous_share: float, seed: int) -> dict:
+  from tqdm import tqdm
   counts = {}
-  for name in classes:
+  for name in tqdm(classes, desc="embedded pretraining set", unit="class", dynamic_ncols=True):
     rng = np.random.default_rng(_key(seed, "plan", name))
     ng = rng.random(samples) < anomalous_share
     ng[int(rng.integers(samples))] = True  # At least one anomalous sample per class.
@@ -389,7 +390,8 @@ def _write_eval(root: str, classes: list[str], *, image_size: int, images_per_cl
                 seed: int) -> dict:
   counts = {}
   n_train, n_good, n_bad = eval_plan(images_per_class)
-  for name in classes:
+  from tqdm import tqdm
+  for name in tqdm(classes, desc="embedded evaluation set", unit="class", dynamic_ncols=True):
     base = os.path.join(root, name)
     for sub in ("train/good", "test/good"):
       os.makedirs(os.path.join(base, sub), exist_ok=True)
