@@ -66,11 +66,21 @@ def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 
 
+def _json_default(value: Any) -> Any:
+  # Arrays (centres, feature banks) are summarised, not dumped: a 1024-d centre per level is
+  # not something to read on a terminal.
+  if hasattr(value, "shape") and hasattr(value, "dtype"):
+    if getattr(value, "ndim", 0) == 0:
+      return value.item()
+    return {"shape": list(value.shape), "dtype": str(value.dtype)}
+  return str(value)
+
+
 def _print_json(obj: Any) -> None:
   if obj is None:
     return
   if isinstance(obj, (dict, list)):
-    print(json.dumps(obj, default=str))
+    print(json.dumps(obj, default=_json_default))
   else:
     print(obj)
 

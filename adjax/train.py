@@ -179,8 +179,16 @@ def load_centers(workdir: str) -> Optional[list[np.ndarray]]:
 REFERENCES_FILE = "references.npz"
 
 
-def precompute_references(config: ml_collections.ConfigDict, workdir: str, *, backbone=None,
-                          backbone_params=None, records=None) -> dict[str, Any]:
+def precompute_references(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`adjax refs`: writes `<workdir>/references.npz` (see reference_bank) and summarises it."""
+  bank = reference_bank(config, workdir)
+  return {"path": os.path.join(workdir, REFERENCES_FILE),
+          "shapes": [list(level.shape) for level in bank["levels"]],
+          "class_names": bank["class_names"], "view_names": bank["view_names"]}
+
+
+def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=None,
+                   backbone_params=None, records=None) -> dict[str, Any]:
   """Backbone features of `data.max_shots` normal images per (class, view), computed once.
 
   With `train.precomputed_refs`, every step takes its images' references from this bank
@@ -341,7 +349,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   batch_keys = ("view1", "view2", "masks", "refs", "ref_valid")
   num_views = 1
   if precomputed:
-    references = load_references(workdir) or precompute_references(
+    references = load_references(workdir) or reference_bank(
         config, workdir, backbone=backbone, backbone_params=backbone_params, records=records)
     if (references["class_names"] != list(loader.class_names) or
         references["view_names"] != list(loader.view_names)):
