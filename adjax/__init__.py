@@ -8,29 +8,38 @@ The public API (arrays are channels-last; converters take and give the reference
   residual_features(features, refs) -> (residual, index)
   token_labels(masks, patch_size=14, threshold=32) -> (angle_labels, norm_labels)
 
-Submodules (`adjax.metrics`, `adjax.methods`, `adjax.models.backbones`, ...) load on first use.
+Names and submodules (`adjax.metrics`, `adjax.methods`, `adjax.models.backbones`, ...) load on
+first use, so that a data-loading worker that only needs `adjax.labels` does not import flax.
 """
 
 from __future__ import annotations
 
 import importlib
-
-from adjax.convert.projector import projector_from_torch, projector_to_torch
-from adjax.labels import token_labels
-from adjax.losses.angle import angle_loss
-from adjax.losses.norm import anomaly_score, norm_loss
-from adjax.models.projector import init_projector, project
-from adjax.residual import residual_features
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "angle_loss", "anomaly_score", "init_projector", "norm_loss", "project",
-    "projector_from_torch", "projector_to_torch", "residual_features", "token_labels",
-]
+# Public name -> the module that defines it.
+_API = {
+    "angle_loss": "adjax.losses.angle",
+    "anomaly_score": "adjax.losses.norm",
+    "init_projector": "adjax.models.projector",
+    "norm_loss": "adjax.losses.norm",
+    "project": "adjax.models.projector",
+    "projector_from_torch": "adjax.convert.projector",
+    "projector_to_torch": "adjax.convert.projector",
+    "residual_features": "adjax.residual",
+    "token_labels": "adjax.labels",
+}
+
+__all__ = sorted(_API)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
+  if name in _API:
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
   # `adjax.metrics.aupro(...)` after a plain `import adjax`.
   try:
     return importlib.import_module(f"adjax.{name}")
@@ -38,3 +47,7 @@ def __getattr__(name: str):
     if err.name != f"adjax.{name}":
       raise  # the submodule exists but something it imports does not
     raise AttributeError(f"module 'adjax' has no attribute {name!r}") from err
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_API))
