@@ -6,6 +6,12 @@ Prints one JSON line: images_per_s, seconds per step, model FLOPs (analytic, for
 the FLOP rate they imply, and XLA's own FLOP count of the compiled step.
 
   python benchmarks/bench_step.py --batch 4 --dim 768 --levels 4 --side 16
+
+With --backbone NAME it times the *full* step instead (random backbone weights): backbone on
+both views and on max_shots reference images per image, residuals, projector, losses, update,
+over every device (the batch is split on the mesh), e.g. on a GPU:
+
+  python benchmarks/bench_step.py --backbone dinov2-large --batch 32 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -39,7 +45,12 @@ def main() -> None:
   parser.add_argument("--num-ref", type=int, default=2048)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--backbone", default="", help="time the full step with this backbone")
+  parser.add_argument("--max-shots", type=int, default=8)
+  parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
   args = parser.parse_args()
+  if args.backbone:
+    return full_step(args)
 
   from adjax.models.projector import init_projector
   from adjax.optim import make_optimizer
@@ -89,6 +100,61 @@ def main() -> None:
       "loss": float(metrics["loss"]),
       "reference_seconds_per_step": 11.7,
       "speedup_vs_reference": round(11.7 / seconds, 2)}))
+
+
+def full_step(args) -> None:
+  """The whole compiled pretraining step, sharded over every device."""
+  from adjax import sharding
+  from adjax.models.backbones import get_backbone
+  from adjax.models.projector import init_projector
+  from adjax.optim import make_optimizer
+  from adjax.train_step import StepSettings, init_train_state, make_train_step
+
+  dtype = jnp.dtype(args.dtype)
+  mesh = sharding.data_mesh()
+  backbone = get_backbone(args.backbone)
+  size = args.image_size or backbone.input_size
+  settings = StepSettings(level_strides=tuple(backbone.level_strides), compute_dtype=dtype,
+                          num_heads=16 if all(c % 16 == 0 for c in backbone.level_dims) else 4)
+  optimizer = make_optimizer(1e-4, 5e-4, steps_per_epoch=1000)
+  params = init_projector(jax.random.key(0), backbone.level_dims, num_heads=settings.num_heads,
+                          num_ref_tokens=args.num_ref)
+  state = sharding.replicate(init_train_state(params, optimizer, jax.random.key(1)), mesh)
+  frozen = sharding.replicate({"backbone": backbone.init(jax.random.key(2)),
+                               "centers": [jnp.zeros((c,)) for c in backbone.level_dims]}, mesh)
+  rng = np.random.default_rng(0)
+  b = args.batch
+  local = {"view1": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+           "view2": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+           "masks": np.zeros((b, size, size), np.uint8),
+           "refs": rng.integers(0, 256, (b, args.max_shots, size, size, 3), dtype=np.uint8),
+           "ref_valid": np.ones((b, args.max_shots), bool)}
+  local["masks"][0, : size // 4, : size // 4] = 1
+  batch = sharding.global_batch(local, mesh)
+  step = jax.jit(make_train_step(settings, optimizer, backbone.extract),
+                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
+                               sharding.replicated(mesh)),
+                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+                 donate_argnums=0)
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch, frozen)
+  jax.block_until_ready(metrics["loss"])
+  first_s = time.perf_counter() - t0
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch, frozen)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t0)
+  seconds = float(np.median(times))
+  print(json.dumps({
+      "bench": "full_step", "backend": jax.default_backend(), "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind, "backbone": args.backbone,
+      "image_size": size, "batch": b, "max_shots": args.max_shots, "num_ref": args.num_ref,
+      "dtype": args.dtype, "seconds_per_step": round(seconds, 4),
+      "images_per_s": round(b / seconds, 2),
+      "backbone_images_per_s": round(b * (2 + args.max_shots) / seconds, 1),
+      "first_step_s": round(first_s, 1), "loss": float(metrics["loss"])}))
 
 
 if __name__ == "__main__":
