@@ -396,7 +396,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - t_start
         last_metrics["images_per_s"] = steps_done * images_per_step / max(elapsed, 1e-9)
-        last_metrics["lr_epoch"] = step / steps_per_epoch
+        last_metrics["epoch"] = step / steps_per_epoch
         writer.write(step, last_metrics)
         bar.set_postfix({k: f"{last_metrics[k]:.4g}" for k in ("loss", "images_per_s")}
                         | {"skipped": int(last_metrics["skipped"])})
@@ -405,11 +405,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
         scores = evaluator(jax.device_get(state["params"]), step / steps_per_epoch)
         writer.write(step, {f"val/{k}": float(v) for k, v in scores.items()})
         best.update(step, jax.device_get(state["params"]), scores)
-      if step % config.train.checkpoint_every == 0 or step == total_steps:
+      saved = step % config.train.checkpoint_every == 0 or step == total_steps
+      if saved:
         checkpointer.save(step, state, iterator.get_state())
       if preemption.requested:
         log.warning("SIGTERM: saving step %d and exiting", step)
-        checkpointer.save(step, state, iterator.get_state(), force=True)
+        if not saved:  # orbax refuses a second save of the same step
+          checkpointer.save(step, state, iterator.get_state(), force=True)
         break
   checkpointer.close()
   bar.close()
