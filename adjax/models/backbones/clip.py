@@ -114,19 +114,4 @@ def make(name: str, **overrides: Any) -> base.Backbone:
   base.check_overrides(name, overrides, list(cfg) + ["mlp_dim"])
   cfg.update(overrides)
   cfg.setdefault("mlp_dim", 4 * cfg["width"])
-  taps = base.taps_to_levels(cfg["taps"], cfg["depth"], name)
-  grid = cfg["input_size"] // cfg["patch"]
-  module = vit.ViT(width=cfg["width"], depth=cfg["depth"], heads=cfg["heads"],
-                   mlp_dim=cfg["mlp_dim"], patch=cfg["patch"], pos_grid=grid, taps=taps,
-                   act="quick_gelu", eps=cfg["eps"], patch_bias=False, ln_pre=True,
-                   layer_scale=False, interpolate_offset=None)
-  n_blocks = vit.num_built_blocks(taps)
-
-  def conv(state, template, source):
-    return convert(state, template, source, n_blocks=n_blocks, name=name)
-
-  return base.Backbone(
-      name=name, module=module, input_size=cfg["input_size"], mean=tuple(cfg["mean"]),
-      std=tuple(cfg["std"]), level_dims=(cfg["width"],) * len(taps),
-      level_strides=(cfg["patch"],) * len(taps), convert=conv, config=cfg, fixed_size=True,
-      size_multiple=cfg["patch"])
+  return vit.fixed_size_backbone(name, cfg, "quick_gelu", convert)

@@ -15,7 +15,7 @@ patch tokens (class token dropped) of each tapped block, before any final norm.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from adjax.convert import mapping
+
+if TYPE_CHECKING:  # base imports nothing from here; the import is lazy only to stay one-way
+  from adjax.models.backbones import base
 
 Dtype = Any
 
@@ -247,3 +250,33 @@ def block_rules(i: int, src: str, names: dict[str, str], *, fused_qkv: bool,
   if layer_scale:
     rules += [R(t + "ls1", src + names["ls1"]), R(t + "ls2", src + names["ls2"])]
   return rules
+
+
+def fixed_size_backbone(name: str, cfg: dict[str, Any], act: str,
+                        convert: Callable[..., Any]) -> "base.Backbone":
+  """A pre-LN ViT without patch bias, with ln_pre, at its trained input size (CLIP, ImageBind).
+
+  Args:
+    name: registry name.
+    cfg: the resolved configuration (width, depth, heads, mlp_dim, patch, taps, input_size,
+      eps, mean, std).
+    act: "quick_gelu" (OpenAI CLIP) or "gelu" (ImageBind).
+    convert: `(state, template, source, *, n_blocks, name) -> params`.
+  """
+  from adjax.models.backbones import base
+  taps = base.taps_to_levels(cfg["taps"], cfg["depth"], name)
+  grid = cfg["input_size"] // cfg["patch"]
+  module = ViT(width=cfg["width"], depth=cfg["depth"], heads=cfg["heads"],
+               mlp_dim=cfg["mlp_dim"], patch=cfg["patch"], pos_grid=grid, taps=taps,
+               act=act, eps=cfg["eps"], patch_bias=False, ln_pre=True,
+               layer_scale=False, interpolate_offset=None)
+  n_blocks = num_built_blocks(taps)
+
+  def conv(state, template, source):
+    return convert(state, template, source, n_blocks=n_blocks, name=name)
+
+  return base.Backbone(
+      name=name, module=module, input_size=cfg["input_size"], mean=tuple(cfg["mean"]),
+      std=tuple(cfg["std"]), level_dims=(cfg["width"],) * len(taps),
+      level_strides=(cfg["patch"],) * len(taps), convert=conv, config=cfg, fixed_size=True,
+      size_multiple=cfg["patch"])
