@@ -46,17 +46,16 @@ def checkpoint_kind_for(method: str, choice: str = "auto") -> str:
   return choice
 
 
-def _in_batches(fn: Callable, images: np.ndarray, batch: int) -> list[np.ndarray]:
-  """fn over batches of images, levels concatenated (the last batch padded to keep one shape)."""
+def _in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
+  """fn over aligned batches of `arrays` (rows), its outputs concatenated; the last batch is
+  padded by repeating its last row so that every call has one shape (one compile)."""
   outs: list[list[np.ndarray]] = []
-  n = len(images)
-  for start in range(0, n, batch):
-    chunk = images[start:start + batch]
-    pad = batch - len(chunk)
+  for start in range(0, len(arrays[0]), batch):
+    chunks = [a[start:start + batch] for a in arrays]
+    pad = batch - len(chunks[0])
     if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    levels = fn(chunk)
-    outs.append([np.asarray(lv)[:batch - pad] for lv in levels])
+      chunks = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunks]
+    outs.append([np.asarray(out, np.float32)[:batch - pad] for out in fn(chunks)])
   return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
 
 
@@ -76,9 +75,9 @@ class FeatureMaker:
 
   def backbone_levels(self, images: np.ndarray) -> list[np.ndarray]:
     """images (N, S, S, 3) uint8 -> levels (N, h, w, C) float32."""
-    return _in_batches(lambda x: self.backbone.extract(
-        self.backbone_params, jnp.asarray(x, jnp.float32) / 255.0, self.dtype),
-        images, self.batch_size)
+    return _in_batches(lambda chunks: self.backbone.extract(
+        self.backbone_params, jnp.asarray(chunks[0], jnp.float32) / 255.0, self.dtype),
+        [images], self.batch_size)
 
   def residual_levels(self, levels: Sequence[np.ndarray],
                       refs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -93,16 +92,8 @@ class FeatureMaker:
     return out
 
   def projected_levels(self, params: Any, levels: Sequence[np.ndarray]) -> list[np.ndarray]:
-    n = len(levels[0])
-    outs = []
-    for start in range(0, n, self.batch_size):
-      chunk = [lv[start:start + self.batch_size] for lv in levels]
-      pad = self.batch_size - len(chunk[0])
-      if pad:
-        chunk = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunk]
-      res = self._project(params, [jnp.asarray(c) for c in chunk])
-      outs.append([np.asarray(r, np.float32)[:self.batch_size - pad] for r in res])
-    return [np.concatenate([o[k] for o in outs]) for k in range(len(levels))]
+    return _in_batches(lambda chunks: self._project(params, [jnp.asarray(c) for c in chunks]),
+                       list(levels), self.batch_size)
 
   def kinds(self, kinds: Sequence[str], train_levels, test_levels, refs,
             projector: dict[str, Any]) -> dict[str, tuple[list, list]]:
@@ -147,11 +138,6 @@ def score_method(name: str, settings: dict, train_levels, test_levels, image_siz
   return result, scores, maps, state
 
 
-def _classes(value: str) -> Optional[list[str]]:
-  names = [c.strip() for c in str(value or "").split(",") if c.strip()]
-  return names or None
-
-
 def load_projectors(workdir: Optional[str], kinds_needed: Sequence[str]) -> dict[str, Any]:
   """The selected projector params of a run: {"angle": params, "norm": params}."""
   out = {}
@@ -179,7 +165,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   """
   from tqdm import tqdm
   from adjax import reporting
-  from adjax.train import build_backbone, compute_dtype
+  from adjax.train import build_backbone, compute_dtype, split_classes
   from data_pipelines.eval_pipeline import load_eval_class
   from data_pipelines.records import read_dataset
 
@@ -209,7 +195,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
                        batch_size=int(ev.get("batch_size", 16)),
                        num_heads=config.projector.num_heads,
                        max_similarities=config.train.max_similarities)
-  records = read_dataset(ev.format, ev.root, _classes(ev.classes))
+  records = read_dataset(ev.format, ev.root, split_classes(ev.classes))
   class_names = sorted({r.class_name for r in records})
   method_settings = dict(ev.get("method_settings", {}) or {})
   results: dict[str, dict[str, dict[str, dict[str, float]]]] = {m: {} for m in methods}
@@ -328,12 +314,12 @@ def make_selection_evaluator(config: ml_collections.ConfigDict, backbone, backbo
   """Checkpoint selection during pretraining: mean image AUROC of PatchCore ("angle") and of
   FeatureNorm ("norm") on pretrained features of the validation classes (or, to reproduce the
   paper, of the test set)."""
-  from adjax.train import compute_dtype
+  from adjax.train import compute_dtype, split_classes
   from data_pipelines.eval_pipeline import load_eval_class
   from data_pipelines.records import read_dataset
   fmt = config.eval.format if use_test else config.data.val_format
   root = config.eval.root if use_test else config.data.val_root
-  classes = _classes(config.eval.classes if use_test else config.data.val_classes)
+  classes = split_classes(config.eval.classes if use_test else config.data.val_classes)
   records = read_dataset(fmt, root, classes)
   maker = FeatureMaker(backbone, backbone_params, dtype=compute_dtype(config),
                        num_heads=config.projector.num_heads,

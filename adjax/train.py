@@ -62,7 +62,8 @@ def build_backbone(config: ml_collections.ConfigDict, workdir: Optional[str] = N
   return backbone, params
 
 
-def _classes(value: str) -> Optional[list[str]]:
+def split_classes(value: str) -> Optional[list[str]]:
+  """A comma-separated class list from the config; None (every class) when empty."""
   names = [c.strip() for c in str(value or "").split(",") if c.strip()]
   return names or None
 
@@ -70,7 +71,7 @@ def _classes(value: str) -> Optional[list[str]]:
 def pretrain_records(config: ml_collections.ConfigDict) -> list:
   """The pretraining index: packed ArrayRecord shards or the dataset folder."""
   from data_pipelines import records as records_lib
-  classes = _classes(config.data.pretrain_classes)
+  classes = split_classes(config.data.pretrain_classes)
   if config.data.get("pretrain_tfds_dir"):
     from data_pipelines.tfds_builders import packed_records
     records = packed_records(config.data.pretrain_tfds_dir)
@@ -431,18 +432,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
 
 def final_params(workdir: str) -> Any:
   """The projector parameters of the latest checkpoint (numpy)."""
-  import orbax.checkpoint as ocp
-  from adjax.checkpointing import RunCheckpointer
-  checkpointer = RunCheckpointer(workdir, async_save=False)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {run_layout.checkpoints_dir(workdir)}")
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  finally:
-    checkpointer.close()
-  return jax.device_get(restored["state"]["params"])
+  from adjax.export import read_run_params
+  return read_run_params(workdir, "latest")[0]
 
 
 def _evaluation_due(step: int, steps_per_epoch: int, total_steps: int, every: int) -> bool:
