@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adjax.models.reference_attention import reference_attention
+
 Array = jax.Array
 Params = dict[str, Any]
 
@@ -102,10 +104,7 @@ class _CrossAttention(nn.Module):
     k = heads(_KeyProjection(self.dim, self.dtype, name="key")(ref))  # (H, R, d), once per call
     v = heads(dense("value")(ref))                           # (H, R, d), once per call
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    logits = jnp.matmul(q, k.transpose(0, 2, 1))             # (H, B*L, R)
-    # Softmax over the references in float32 even under bfloat16 compute.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    attended = jnp.matmul(weights, v)                        # (H, B*L, d)
+    attended = reference_attention(q, k, v)                   # (H, B*L, d)
     attended = attended.transpose(1, 0, 2).reshape(b, l, self.dim)
     return nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=_torch_linear_kernel_init, bias_init=nn.initializers.zeros,

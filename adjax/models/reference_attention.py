@@ -1,0 +1,156 @@
+"""Multi-head attention of image tokens over the projector's reference tokens.
+
+softmax(q k^T) v per head, for q (H, T, d) and keys/values (H, R, d) shared by the whole batch
+(R = 2048 reference tokens, d = 48 in the paper). Two implementations of the same math:
+
+* "dense": one batched matmul per product, the whole (H, T, R) weight tensor in memory. Right
+  for GPUs and TPUs, whose batched matmuls are fast and whose compilers fuse the softmax.
+* "blocked": per head, per block of queries, with a custom VJP that keeps only the output and
+  the per-query log-sum-exp and recomputes the weights of a block in the backward pass (the
+  flash-attention scheme; keys are few enough, 2048, that a block sees all of them at once, so
+  no running maximum is needed). On CPUs this is 2-3x faster than "dense": XLA:CPU runs batched
+  matmuls with a 48-wide contraction almost single-threaded and the dense form streams the
+  (H, T, R) tensor (268 MB per level at batch 4) through memory about ten times; here every
+  matmul is a plain 2-D one that Eigen spreads over all cores, on blocks that stay in cache.
+
+"auto" picks "blocked" on the CPU backend and "dense" elsewhere. Both return the same values
+and gradients (tested against each other and against a plain softmax).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+DEFAULT_QUERY_BLOCK = 256
+IMPLEMENTATIONS = ("auto", "blocked", "dense")
+
+
+def dense_attention(q: Array, k: Array, v: Array) -> Array:
+  """softmax(q k^T) v with (H, T, d) queries and (H, R, d) keys/values; softmax in float32."""
+  logits = jnp.einsum("htd,hrd->htr", q, k, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("htr,hrd->htd", weights, v)
+
+
+def _query_blocks(x: Array, block: int) -> Array:
+  """(H, T, ...) -> (H, T / block, block, ...)."""
+  return x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:])
+
+
+def _blocked_forward(q: Array, k: Array, v: Array, block: int) -> tuple[Array, Array]:
+  """Output (H, T, d) and per-query log-sum-exp of the logits (H, T), float32."""
+
+  def head(args):
+    q_h, k_h, v_h = args
+    keys_t = k_h.T                                                     # (d, R), once per head
+
+    def query_block(q_b):
+      logits = jnp.dot(q_b, keys_t, preferred_element_type=jnp.float32)   # (block, R)
+      row_max = jnp.max(logits, axis=-1, keepdims=True)
+      unnormalised = jnp.exp(logits - row_max)
+      total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+      # Normalising the (block, d) output is cheaper than the (block, R) weights.
+      out = jnp.dot(unnormalised.astype(v_h.dtype), v_h,
+                    preferred_element_type=jnp.float32) / total
+      return out.astype(q.dtype), (row_max + jnp.log(total))[:, 0]
+
+    return jax.lax.map(query_block, q_h)
+
+  out, lse = jax.lax.map(head, (_query_blocks(q, block), k, v))
+  h, t, d = q.shape
+  return out.reshape(h, t, d), lse.reshape(h, t)
+
+
+def _blocked_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, d_out: Array,
+                      block: int) -> tuple[Array, Array, Array]:
+  """Gradients for q, k, v, recomputing each block's softmax weights from its log-sum-exp."""
+
+  def head(args):
+    q_h, k_h, v_h, out_h, lse_h, d_out_h = args
+    keys_t, values_t = k_h.T, v_h.T                                    # (d, R)
+
+    def query_block(carry, blocks):
+      d_keys_t, d_values_t = carry
+      q_b, out_b, lse_b, d_out_b = blocks
+      logits = jnp.dot(q_b, keys_t, preferred_element_type=jnp.float32)
+      weights = jnp.exp(logits - lse_b[:, None])                       # (block, R)
+      d_weights = jnp.dot(d_out_b, values_t, preferred_element_type=jnp.float32)
+      # Softmax backward: dlogits = w * (dw - sum_r w dw) and sum_r w dw = <d_out, out>.
+      row_dot = jnp.sum(d_out_b.astype(jnp.float32) * out_b.astype(jnp.float32), axis=-1,
+                        keepdims=True)
+      d_logits = (weights * (d_weights - row_dot)).astype(q.dtype)
+      d_q = jnp.dot(d_logits, k_h, preferred_element_type=jnp.float32).astype(q.dtype)
+      # (d, block) @ (block, R): the transposed accumulators keep R as the long output axis.
+      d_keys_t = d_keys_t + jnp.dot(q_b.T, d_logits, preferred_element_type=jnp.float32)
+      d_values_t = d_values_t + jnp.dot(d_out_b.T, weights.astype(d_out_b.dtype),
+                                        preferred_element_type=jnp.float32)
+      return (d_keys_t, d_values_t), d_q
+
+    zeros = jnp.zeros(keys_t.shape, jnp.float32)
+    (d_keys_t, d_values_t), d_q = jax.lax.scan(
+        query_block, (zeros, zeros), (q_h, out_h, lse_h, d_out_h))
+    return d_q, d_keys_t.T.astype(k.dtype), d_values_t.T.astype(v.dtype)
+
+  blocks = lambda x: _query_blocks(x, block)
+  d_q, d_k, d_v = jax.lax.map(head, (blocks(q), k, v, blocks(out), blocks(lse), blocks(d_out)))
+  return d_q.reshape(q.shape), d_k, d_v
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked(q: Array, k: Array, v: Array, block: int) -> Array:
+  return _blocked_forward(q, k, v, block)[0]
+
+
+def _blocked_fwd(q, k, v, block):
+  out, lse = _blocked_forward(q, k, v, block)
+  return out, (q, k, v, out, lse)
+
+
+def _blocked_bwd(block, residuals, d_out):
+  return _blocked_backward(*residuals, d_out, block)
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def blocked_attention(q: Array, k: Array, v: Array,
+                      query_block: int = DEFAULT_QUERY_BLOCK) -> Array:
+  """The "blocked" implementation; T need not be a multiple of query_block (padded)."""
+  t = q.shape[1]
+  block = max(1, min(query_block, t))
+  padded = math.ceil(t / block) * block
+  if padded != t:
+    # Zero query rows give finite outputs that are sliced off; their output cotangent is
+    # zero, so they add nothing to the key and value gradients.
+    q = jnp.pad(q, ((0, 0), (0, padded - t), (0, 0)))
+  return _blocked(q, k, v, block)[:, :t]
+
+
+def reference_attention(q: Array, k: Array, v: Array, *, implementation: str = "auto",
+                        query_block: int = DEFAULT_QUERY_BLOCK) -> Array:
+  """softmax(q k^T) v per head (the caller scales q).
+
+  Args:
+    q: (H, T, d) queries; k, v: (H, R, d) keys and values.
+    implementation: "auto" (blocked on CPU, dense elsewhere), "blocked" or "dense".
+    query_block: queries per block of the blocked implementation.
+
+  Returns:
+    (H, T, d) in q's dtype.
+  """
+  if q.ndim != 3 or k.shape != v.shape or q.shape[::2] != k.shape[::2]:
+    raise ValueError(f"expected q (H, T, d) and k, v (H, R, d); got q {q.shape}, k {k.shape}, "
+                     f"v {v.shape}")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
+  if implementation == "auto":
+    implementation = "blocked" if jax.default_backend() == "cpu" else "dense"
+  if implementation == "dense":
+    return dense_attention(q, k, v).astype(q.dtype)
+  return blocked_attention(q, k, v, query_block)
