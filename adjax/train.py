@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from adjax import run_layout
 from adjax import sharding
@@ -88,14 +89,17 @@ def pretrain_records(config: ml_collections.ConfigDict) -> list:
   return records
 
 
-def step_settings(config: ml_collections.ConfigDict, backbone) -> StepSettings:
+def step_settings(config: ml_collections.ConfigDict, backbone,
+                  mesh: Optional[Mesh] = None) -> StepSettings:
+  """The compiled step's settings from a run config; `mesh` splits the angle loss's rows."""
   return StepSettings(
       level_strides=tuple(backbone.level_strides), num_heads=config.projector.num_heads,
       temperature=config.loss.temperature, use_angle=config.loss.angle,
       use_norm=config.loss.norm, use_center=config.loss.center,
       use_residual=config.loss.residual, angle_block_size=config.loss.angle_block_size,
       label_threshold_share=config.data.label_threshold_share,
-      max_similarities=config.train.max_similarities, compute_dtype=compute_dtype(config))
+      max_similarities=config.train.max_similarities, compute_dtype=compute_dtype(config),
+      mesh=mesh)
 
 
 def make_loader(config: ml_collections.ConfigDict, records: Sequence, backbone, *,
@@ -336,7 +340,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
       centers = compute_centers(config, workdir, backbone=backbone,
                                 backbone_params=backbone_params, records=records)
 
-  settings = step_settings(config, backbone)
+  settings = step_settings(config, backbone, mesh)
   optimizer = make_optimizer(config.optim.lr, config.optim.weight_decay, steps_per_epoch,
                              tuple(config.optim.decay_epochs), config.optim.decay_factor)
   params = init_projector(jax.random.PRNGKey(config.seed), backbone.level_dims,

@@ -115,7 +115,8 @@ def full_step(args) -> None:
   backbone = get_backbone(args.backbone)
   size = args.image_size or backbone.input_size
   settings = StepSettings(level_strides=tuple(backbone.level_strides), compute_dtype=dtype,
-                          num_heads=16 if all(c % 16 == 0 for c in backbone.level_dims) else 4)
+                          num_heads=16 if all(c % 16 == 0 for c in backbone.level_dims) else 4,
+                          mesh=mesh)
   optimizer = make_optimizer(1e-4, 5e-4, steps_per_epoch=1000)
   params = init_projector(jax.random.key(0), backbone.level_dims, num_heads=settings.num_heads,
                           num_ref_tokens=args.num_ref)

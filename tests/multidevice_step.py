@@ -52,7 +52,8 @@ def run_two_steps(mesh):
   backbone = get_backbone("tiny-vit", depth=2, taps=(1, 2))
   backbone_params = backbone.init(jax.random.PRNGKey(0))
   settings = StepSettings(level_strides=tuple(backbone.level_strides), num_heads=4,
-                          compute_dtype=jnp.float32, angle_block_size=64)
+                          compute_dtype=jnp.float32, angle_block_size=64,
+                          mesh=mesh)  # more than one device: the angle loss is row-sharded
   optimizer = make_optimizer(1e-4, 5e-4, steps_per_epoch=10)  # the recipe's lr
   params = init_projector(jax.random.PRNGKey(1), backbone.level_dims, num_heads=4,
                           num_ref_tokens=32)

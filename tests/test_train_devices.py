@@ -45,6 +45,33 @@ def test_sharded_step_matches_single_device(eight_device_results):
   assert max(np.abs(one[k] - params0[k]).max() for k in params0) > 1e-5
 
 
+def test_angle_loss_rows_split_over_devices(tmp_path):
+  # Each device computes its rows against every device's rows: the loss and its gradients are
+  # those of the whole batch on one device.
+  out = tmp_path / "angle.npz"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, str(HERE / "multidevice_angle.py"), str(out)], check=True,
+                 env=env, timeout=600)
+  data = np.load(out)
+  assert bool(data["has_all_gather"])
+  names = {key.rsplit("/", 2)[0] for key in data.files if key.count("/") == 3}
+  assert len(names) == 8
+  for name in sorted(names):
+    one, sharded = f"{name}/one", f"{name}/sharded"
+    np.testing.assert_allclose(data[f"{sharded}/loss"], data[f"{one}/loss"], rtol=1e-5,
+                               err_msg=name)
+    np.testing.assert_allclose(data[f"{one}/loss"], data[f"{name}/plain/loss"], rtol=1e-5)
+    for grad in ("g1", "g2"):
+      scale = max(np.abs(data[f"{one}/{grad}"]).max(), 1e-12)
+      np.testing.assert_allclose(data[f"{sharded}/{grad}"], data[f"{one}/{grad}"],
+                                 atol=1e-5 * scale, rtol=0, err_msg=f"{name} {grad}")
+    if "all_normal" in name:
+      assert float(data[f"{sharded}/loss"]) == 0.0
+    else:
+      assert float(data[f"{sharded}/loss"]) != 0.0
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

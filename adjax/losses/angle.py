@@ -59,19 +59,58 @@ def _row_block_lse(rows: Array, row_labels: Array, cols: Array, col_labels: Arra
                    + jnp.sum(jnp.exp(sims - safe_max[:, None]), axis=1))
     return (new_max, running_sum), None
 
-  init = (jnp.full(rows.shape[:1], -jnp.inf, rows.dtype), jnp.zeros(rows.shape[:1], rows.dtype))
+  # Built from `rows` so that under shard_map the carry has the rows' (per-device) type.
+  init = (jnp.full_like(rows[:, 0], -jnp.inf), jnp.zeros_like(rows[:, 0]))
   (running_max, running_sum), _ = jax.lax.scan(step, init, (cols, col_labels))
   return jnp.where(running_sum > 0, running_max + jnp.log(jnp.maximum(running_sum, 1e-30)), 0.0)
+
+
+def _lse_over(rows: Array, row_labels: Array, cols: Array, col_labels: Array, inv_temp: float,
+              block: int) -> Array:
+  """Per-row log-sum-exp over negatives among `cols`; row and column counts multiples of block."""
+  col_blocks = (_blocks(cols, block), _blocks(col_labels, block))
+  per_block = jax.lax.map(
+      lambda rb: _row_block_lse(rb[0], rb[1], *col_blocks, inv_temp),
+      (_blocks(rows, block), _blocks(row_labels, block)))
+  return per_block.reshape(-1)
+
+
+def _lse_gradient(rows: Array, row_labels: Array, row_lse: Array, row_grad: Array, cols: Array,
+                  col_labels: Array, col_lse: Array, col_grad: Array, inv_temp: float,
+                  block: int) -> Array:
+  """d(sum_a g_a lse_a)/d rows, where the sum runs over *every* row a of the full set (whose
+  features are `cols`) and `rows` is a subset of them.
+
+  Row x enters lse_x as a row and every lse_a as a column: sum_b (g_x P_xb + g_b P_bx) F_b with
+  P_ab = exp(S_ab - lse_a) on negatives. S is symmetric, so both terms need only the
+  similarities of x's row block against each column block, and the columns' lse and g.
+  """
+  col_blocks = (_blocks(cols, block), _blocks(col_labels, block), _blocks(col_lse, block),
+                _blocks(col_grad, block))
+
+  def row_block(rb):
+    rows_b, labels_b, lse_b, grad_b = rb
+
+    def step(acc, cb):
+      cols_c, labels_c, lse_c, grad_c = cb
+      sims = (rows_b @ cols_c.T) * inv_temp
+      neg = _negative_mask(labels_b, labels_c)
+      weight = (grad_b[:, None] * jnp.exp(jnp.where(neg, sims - lse_b[:, None], -jnp.inf))
+                + grad_c[None, :] * jnp.exp(jnp.where(neg, sims - lse_c[None, :], -jnp.inf)))
+      return acc + weight @ cols_c, None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros_like(rows_b), col_blocks)
+    return acc * inv_temp
+
+  grad = jax.lax.map(row_block, (_blocks(rows, block), _blocks(row_labels, block),
+                                 _blocks(row_lse, block), _blocks(row_grad, block)))
+  return grad.reshape(rows.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _negative_lse(features: Array, labels: Array, inv_temp: float, block: int) -> Array:
   """Per-row log-sum-exp over negatives; features (M, D) with M a multiple of block."""
-  col_blocks = (_blocks(features, block), _blocks(labels, block))
-  per_block = jax.lax.map(
-      lambda rb: _row_block_lse(rb[0], rb[1], *col_blocks, inv_temp),
-      (_blocks(features, block), _blocks(labels, block)))
-  return per_block.reshape(-1)
+  return _lse_over(features, labels, features, labels, inv_temp, block)
 
 
 def _negative_lse_fwd(features, labels, inv_temp, block):
@@ -80,38 +119,47 @@ def _negative_lse_fwd(features, labels, inv_temp, block):
 
 
 def _negative_lse_bwd(inv_temp, block, residuals, grad_lse):
-  # d lse_a / d F = sum_b P_ab F_b * inv_temp + (as column) sum_b P_ba F_b * inv_temp, with
-  # P_ab = exp(S_ab - lse_a) on negatives. S is symmetric, so row block A needs only
-  # (g_A P_AB + (g_B P_BA)^T) F_B over the column blocks B.
   features, labels, lse = residuals
-  col_blocks = (_blocks(features, block), _blocks(labels, block), _blocks(lse, block),
-                _blocks(grad_lse, block))
-
-  def row_block(rb):
-    rows, row_labels, row_lse, row_grad = rb
-
-    def step(acc, cb):
-      cols, col_labels, col_lse, col_grad = cb
-      sims = (rows @ cols.T) * inv_temp
-      neg = _negative_mask(row_labels, col_labels)
-      weight = (row_grad[:, None] * jnp.exp(jnp.where(neg, sims - row_lse[:, None], -jnp.inf))
-                + col_grad[None, :] * jnp.exp(jnp.where(neg, sims - col_lse[None, :], -jnp.inf)))
-      return acc + weight @ cols, None
-
-    acc, _ = jax.lax.scan(step, jnp.zeros_like(rows), col_blocks)
-    return acc * inv_temp
-
-  grad = jax.lax.map(row_block, (_blocks(features, block), _blocks(labels, block),
-                                 _blocks(lse, block), _blocks(grad_lse, block)))
-  return grad.reshape(features.shape), jnp.zeros_like(labels)
+  grad = _lse_gradient(features, labels, lse, grad_lse, features, labels, lse, grad_lse,
+                       inv_temp, block)
+  return grad, jnp.zeros_like(labels)
 
 
 _negative_lse.defvjp(_negative_lse_fwd, _negative_lse_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _sharded_negative_lse(features: Array, labels: Array, inv_temp: float, block: int,
+                          axis_name: str) -> Array:
+  """`_negative_lse` for this device's rows inside shard_map: the columns are every device's
+  rows (all-gathered), so each device computes only its share of the 2N x 2N similarities."""
+  return _sharded_negative_lse_fwd(features, labels, inv_temp, block, axis_name)[0]
+
+
+def _sharded_negative_lse_fwd(features, labels, inv_temp, block, axis_name):
+  cols = jax.lax.all_gather(features, axis_name, tiled=True)
+  col_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
+  lse = _lse_over(features, labels, cols, col_labels, inv_temp, block)
+  return lse, (features, labels, cols, col_labels, lse)
+
+
+def _sharded_negative_lse_bwd(inv_temp, block, axis_name, residuals, grad_lse):
+  # The gathered lse and g make each device's gradient complete: no reduction afterwards.
+  features, labels, cols, col_labels, lse = residuals
+  col_lse = jax.lax.all_gather(lse, axis_name, tiled=True)
+  col_grad = jax.lax.all_gather(grad_lse, axis_name, tiled=True)
+  grad = _lse_gradient(features, labels, lse, grad_lse, cols, col_labels, col_lse, col_grad,
+                       inv_temp, block)
+  return grad, jnp.zeros_like(labels)
+
+
+_sharded_negative_lse.defvjp(_sharded_negative_lse_fwd, _sharded_negative_lse_bwd)
+
+
 def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = None,
                temperature: float = 0.15, *, weights: Optional[Array] = None,
-               block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
+               block_size: int = DEFAULT_BLOCK_SIZE,
+               axis_name: Optional[str] = None) -> Array:
   """Angle-oriented contrastive loss of one level.
 
   Args:
@@ -123,6 +171,10 @@ def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = No
       static shapes for variable token counts.
     block_size: rows and columns of similarities held at once (memory cap); inputs are padded
       to a multiple of it. Value and gradient do not depend on it.
+    axis_name: inside `jax.shard_map` over this mesh axis, e1, e2, labels and weights are this
+      device's rows of the global batch: each device computes the log-sum-exp of its own rows
+      against every device's rows (all-gathered) and the result is the global loss, the same as
+      on one device, for 1 / devices of the similarity work. None: the arrays are the batch.
 
   Returns:
     Scalar float32 loss; 0 when the kept tokens include no anomalous or no normal one.
@@ -146,11 +198,19 @@ def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = No
   padded = -(-2 * n // block) * block
   features = jnp.pad(features, ((0, padded - 2 * n), (0, 0)))
   all_labels = jnp.pad(all_labels, (0, padded - 2 * n), constant_values=_PAD_LABEL)
-  lse = _negative_lse(features, all_labels, 1.0 / temperature, block)[:2 * n]
+  if axis_name is None:
+    lse = _negative_lse(features, all_labels, 1.0 / temperature, block)[:2 * n]
+    total = lambda x: x
+  else:
+    # Columns come in device order [u_0; v_0; pad; u_1; ...]: the negatives of a row are the
+    # same set as on one device, and padding rows are never negatives.
+    lse = _sharded_negative_lse(features, all_labels, 1.0 / temperature, block,
+                                axis_name)[:2 * n]
+    total = lambda x: jax.lax.psum(x, axis_name)
   positives = jnp.sum(u * v, axis=-1) / temperature
   kept_rows = jnp.concatenate([keep, keep])
-  count = jnp.maximum(jnp.sum(kept_rows), 1.0)
-  loss = (jnp.sum(lse * kept_rows) - 2.0 * jnp.sum(positives * keep)) / count
-  num_anomalous = jnp.sum(labels * keep)
-  has_both = (num_anomalous > 0) & (num_anomalous < jnp.sum(keep))
+  count = jnp.maximum(total(jnp.sum(kept_rows)), 1.0)
+  loss = total(jnp.sum(lse * kept_rows) - 2.0 * jnp.sum(positives * keep)) / count
+  num_anomalous = total(jnp.sum(labels * keep))
+  has_both = (num_anomalous > 0) & (num_anomalous < total(jnp.sum(keep)))
   return jnp.where(has_both, loss, 0.0)
