@@ -71,7 +71,7 @@ def test_implementations_agree_under_jit_and_bfloat16():
     assert blocked.dtype == dtype and dense.dtype == dtype
     np.testing.assert_allclose(np.asarray(blocked, np.float32), np.asarray(dense, np.float32),
                                atol=atol)
-  # On this CPU backend "auto" is the blocked implementation.
+  # On a single CPU device (this test process) "auto" is the blocked implementation.
   auto = reference_attention(*(jnp.asarray(a) for a in (q, k, v)))
   np.testing.assert_allclose(np.asarray(auto), _numpy_attention(q, k, v), atol=2e-6)
 
