@@ -73,6 +73,9 @@ def test_implementations_agree_under_jit_and_bfloat16():
                                atol=atol)
   # On a single CPU device (this test process) "auto" is the blocked implementation.
   auto = reference_attention(*(jnp.asarray(a) for a in (q, k, v)))
+  assert "custom_vjp" in str(jax.make_jaxpr(reference_attention)(q, k, v))
+  assert "custom_vjp" not in str(jax.make_jaxpr(
+      lambda a, b, c: reference_attention(a, b, c, implementation="dense"))(q, k, v))
   np.testing.assert_allclose(np.asarray(auto), _numpy_attention(q, k, v), atol=2e-6)
 
 
