@@ -36,6 +36,19 @@ def model_flops(batch: int, dim: int, levels: int, side: int, num_ref: int) -> f
   return 3.0 * levels * per_level
 
 
+def matmul_gflops(dtype, size: int = 2048, repeats: int = 5) -> float:
+  """Best rate of a plain size^3 matmul on the default device, GFLOP/s."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(matmul(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * size ** 3 / best / 1e9
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=4)
@@ -90,12 +103,17 @@ def main() -> None:
     times.append(time.perf_counter() - t0)
   seconds = float(np.median(times))
   flops = model_flops(args.batch, args.dim, args.levels, args.side, args.num_ref)
+  # The machine's matmul rate drifts between runs here (119-171 GFLOP/s): measure it alongside.
+  peak = matmul_gflops(dtype)
   print(json.dumps({
       "bench": "step", "backend": jax.default_backend(), "devices": jax.device_count(),
       "batch": args.batch, "dim": args.dim, "levels": args.levels, "side": args.side,
       "num_ref": args.num_ref, "dtype": args.dtype, "seconds_per_step": round(seconds, 4),
       "images_per_s": round(args.batch / seconds, 3), "model_gflops": round(flops / 1e9, 1),
       "gflops_per_s": round(flops / seconds / 1e9, 1),
+      "seconds_min": round(min(times), 4), "seconds_max": round(max(times), 4),
+      "matmul_gflops_per_s": round(peak, 1),
+      "share_of_matmul_rate": round(flops / seconds / 1e9 / peak, 3),
       "xla_gflops": round(xla_flops / 1e9, 1), "compile_s": round(compile_s, 1),
       "loss": float(metrics["loss"]),
       "reference_seconds_per_step": 11.7,

@@ -1,0 +1,45 @@
+"""The benchmark scripts run at tiny sizes and print one JSON line with their figures (no
+timing is asserted: speed is measured by running them, see the README)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                        capture_output=True, text=True, timeout=300, env=env, check=True)
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 1, proc.stdout
+  return json.loads(lines[0])
+
+
+def test_bench_step_reports_throughput_and_the_machine_rate():
+  out = _run("bench_step.py", "--batch", "2", "--dim", "32", "--levels", "2", "--side", "4",
+             "--num-ref", "16", "--steps", "2")
+  assert out["bench"] == "step" and out["levels"] == 2
+  assert out["seconds_min"] <= out["seconds_per_step"] <= out["seconds_max"]
+  assert out["images_per_s"] > 0 and out["matmul_gflops_per_s"] > 0
+  assert abs(out["share_of_matmul_rate"] - out["gflops_per_s"] / out["matmul_gflops_per_s"]) < 1e-2
+  assert out["loss"] == out["loss"]  # finite number, not NaN
+
+
+def test_bench_angle_loss_row_sharded_matches_the_whole_loss():
+  out = _run("bench_angle_loss.py", "--devices", "4", "--tokens", "64", "--dim", "16",
+             "--block", "8", "--repeats", "1")
+  assert out["devices"] == 4 and out["tokens"] == 64
+  assert out["loss_diff"] <= 1e-5 * max(1.0, abs(out["loss"]))
+  assert out["grad_max_abs_diff"] <= 1e-5 * out["grad_max_abs"]
+
+
+def test_bench_step_full_mode_with_a_backbone():
+  # The mode prepared for the GPU measurement (dinov2-large, batch 32, bfloat16), at toy size.
+  out = _run("bench_step.py", "--backbone", "tiny-vit", "--batch", "2", "--steps", "1",
+             "--max-shots", "1", "--num-ref", "16", "--image-size", "56")
+  assert out["bench"] == "full_step" and out["image_size"] == 56
+  assert out["images_per_s"] > 0 and out["loss"] == out["loss"]
