@@ -9,7 +9,7 @@ compiler (the losses see the global batch).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -64,3 +64,10 @@ def global_batch(local_batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree on every device (parameters, optimiser state, frozen weights)."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def jit_data_parallel(step: Callable, mesh: Mesh) -> Callable:
+  """jax.jit of a `(state, batch, frozen) -> (state, metrics)` step over `mesh`: the batch split
+  on the data axis, state, frozen inputs and outputs replicated, the state donated."""
+  return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)

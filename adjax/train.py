@@ -365,11 +365,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
                           for b in references["levels"]]
     batch_keys = ("view1", "view2", "masks", "ref_valid", "ref_group")
   frozen = sharding.replicate(frozen, mesh)
-  step_fn = jax.jit(make_train_step(settings, optimizer, backbone.extract),
-                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
-                                  sharding.replicated(mesh)),
-                    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-                    donate_argnums=0)
+  step_fn = sharding.jit_data_parallel(
+      make_train_step(settings, optimizer, backbone.extract), mesh)
 
   checkpointer = RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
   iterator = iter(loader)

@@ -152,7 +152,7 @@ def pretraining_loss(params: Any, residuals1: Levels, residuals2: Levels, masks:
     level_total = jnp.zeros((), jnp.float32)
     if settings.use_angle:
       center = centers[k] if (settings.use_center and centers is not None) else None
-      angle = _angle_term(e1, e2, angle_labels, center, settings)
+      angle = angle_term(e1, e2, angle_labels, center, settings)
       metrics[f"angle/l{k + 1}"] = angle
       level_total += angle
     if settings.use_norm:
@@ -164,8 +164,8 @@ def pretraining_loss(params: Any, residuals1: Levels, residuals2: Levels, masks:
   return total, metrics
 
 
-def _angle_term(e1: Array, e2: Array, labels: Array, center: Optional[Array],
-                settings: StepSettings) -> Array:
+def angle_term(e1: Array, e2: Array, labels: Array, center: Optional[Array],
+               settings: StepSettings) -> Array:
   """The angle loss of one level on the global batch, row-sharded over the mesh if there is one.
 
   Without this the compiler gathers the batch and every device computes all (2N)^2
@@ -177,14 +177,15 @@ def _angle_term(e1: Array, e2: Array, labels: Array, center: Optional[Array],
   if mesh is None or mesh.size == 1:
     return loss(e1, e2, labels, center)
   rows = PartitionSpec(DATA_AXIS)
-  if center is None:
-    sharded = jax.shard_map(lambda a, b, m: loss(a, b, m, None, axis_name=DATA_AXIS),
-                            mesh=mesh, in_specs=(rows, rows, rows), out_specs=PartitionSpec())
-    return sharded(e1, e2, labels)
-  sharded = jax.shard_map(lambda a, b, m, c: loss(a, b, m, c, axis_name=DATA_AXIS), mesh=mesh,
-                          in_specs=(rows, rows, rows, PartitionSpec()),
-                          out_specs=PartitionSpec())
-  return sharded(e1, e2, labels, center)
+  # shard_map takes arrays only: the centre (replicated) is passed when there is one.
+  args, specs = (e1, e2, labels), (rows, rows, rows)
+  if center is not None:
+    args, specs = args + (center,), specs + (PartitionSpec(),)
+
+  def local_loss(a, b, m, *maybe_center):
+    return loss(a, b, m, maybe_center[0] if maybe_center else None, axis_name=DATA_AXIS)
+
+  return jax.shard_map(local_loss, mesh=mesh, in_specs=specs, out_specs=PartitionSpec())(*args)
 
 
 def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, loss: Array,

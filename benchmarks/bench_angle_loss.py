@@ -38,7 +38,7 @@ def main() -> None:
   from jax.sharding import NamedSharding, PartitionSpec
 
   from adjax import sharding
-  from adjax.train_step import StepSettings, _angle_term
+  from adjax.train_step import StepSettings, angle_term
 
   mesh = sharding.data_mesh()
   if args.tokens % mesh.size:
@@ -57,7 +57,7 @@ def main() -> None:
   for name, settings in (("row_sharded", dataclasses.replace(base, mesh=mesh)),
                          ("compiler", base)):
     fn = jax.jit(jax.value_and_grad(
-        lambda a, b, m, c, s=settings: _angle_term(a, b, m, c, s), (0, 1)))
+        lambda a, b, m, c, s=settings: angle_term(a, b, m, c, s), (0, 1)))
     results[name] = jax.block_until_ready(fn(*inputs, center))
     best = float("inf")
     for _ in range(args.repeats):

@@ -150,11 +150,8 @@ def full_step(args) -> None:
            "ref_valid": np.ones((b, args.max_shots), bool)}
   local["masks"][0, : size // 4, : size // 4] = 1
   batch = sharding.global_batch(local, mesh)
-  step = jax.jit(make_train_step(settings, optimizer, backbone.extract),
-                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
-                               sharding.replicated(mesh)),
-                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-                 donate_argnums=0)
+  step = sharding.jit_data_parallel(
+      make_train_step(settings, optimizer, backbone.extract), mesh)
   t0 = time.perf_counter()
   state, metrics = step(state, batch, frozen)
   jax.block_until_ready(metrics["loss"])

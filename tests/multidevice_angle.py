@@ -19,7 +19,7 @@ def main():
 
   from adjax.losses.angle import angle_loss
   from adjax.sharding import DATA_AXIS
-  from adjax.train_step import StepSettings, _angle_term
+  from adjax.train_step import StepSettings, angle_term
 
   assert jax.device_count() == 8, jax.devices()
   mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
@@ -42,7 +42,7 @@ def main():
     for name, (labels, c) in cases.items():
       for kind, settings in (("one", base), ("sharded", dataclasses.replace(base, mesh=mesh))):
         fn = jax.jit(jax.value_and_grad(
-            lambda a, b, s=settings, m=labels, cc=c: _angle_term(a, b, m, cc, s), (0, 1)))
+            lambda a, b, s=settings, m=labels, cc=c: angle_term(a, b, m, cc, s), (0, 1)))
         args = (jax.device_put(e1, rows), jax.device_put(e2, rows)) if kind == "sharded" \
             else (e1, e2)
         loss, (g1, g2) = fn(*args)
@@ -52,7 +52,7 @@ def main():
       # The plain loss on one device, as the third opinion.
       out[f"{block}/{name}/plain/loss"] = np.asarray(
           angle_loss(e1, e2, labels, c, 0.15, block_size=block))
-  text = jax.jit(lambda a, b: _angle_term(a, b, cases["center"][0], center,
+  text = jax.jit(lambda a, b: angle_term(a, b, cases["center"][0], center,
                                           dataclasses.replace(base, mesh=mesh))).lower(
       jax.device_put(e1, rows), jax.device_put(e2, rows)).compile().as_text()
   out["has_all_gather"] = np.asarray("all-gather" in text)

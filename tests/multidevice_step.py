@@ -61,11 +61,8 @@ def run_two_steps(mesh):
   frozen = sharding.replicate({"backbone": backbone_params,
                                "centers": [jnp.full((c,), 0.01) for c in backbone.level_dims]},
                               mesh)
-  step = jax.jit(make_train_step(settings, optimizer, backbone.extract),
-                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
-                               sharding.replicated(mesh)),
-                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-                 donate_argnums=0)
+  step = sharding.jit_data_parallel(
+      make_train_step(settings, optimizer, backbone.extract), mesh)
 
   rng = np.random.default_rng(0)
   batch_size, size, shots = 8, 28, 2
