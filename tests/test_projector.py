@@ -72,7 +72,7 @@ def test_gradients_reach_every_parameter():
     assert np.all(np.isfinite(g)), name
     if "['key']['bias']" in name:
       # The softmax is invariant to a shift of every key: the true gradient is zero and the
-      # projector returns it exactly (see _KeyProjection).
+      # projector returns it exactly (see _Linear.zero_bias_gradient).
       assert np.all(g == 0), name
     else:
       assert np.abs(g).max() > 0, name

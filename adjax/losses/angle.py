@@ -10,7 +10,8 @@ A dense version holds the 2N x 2N similarity matrix (batch 32 x 256 tokens: 1 Gi
 as much again for its gradient). Here the log-sum-exp over negatives is computed for blocks of
 rows against blocks of columns with a running maximum, and its gradient (a custom VJP) is
 recomputed block by block, so at most block_size x block_size similarities exist at once.
-Labels act as weights: there is no boolean indexing and every shape is static.
+When all 2N rows fit one block (small batches), the forward keeps its similarities for the
+backward instead: one matmul less. Labels act as weights: there is no boolean indexing and every shape is static.
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def _lse_over(rows: Array, row_labels: Array, cols: Array, col_labels: Array, in
   return per_block.reshape(-1)
 
 
+def _pair_weights(sims: Array, negative: Array, row_lse: Array, row_grad: Array, col_lse: Array,
+                  col_grad: Array) -> Array:
+  """g_a P_ab + g_b P_ba for a block of rows a and columns b, P_ab = exp(S_ab - lse_a) on
+  negatives: the coefficient of F_b in the gradient of sum_a g_a lse_a for row a (S symmetric)."""
+  return (row_grad[:, None] * jnp.exp(jnp.where(negative, sims - row_lse[:, None], -jnp.inf))
+          + col_grad[None, :] * jnp.exp(jnp.where(negative, sims - col_lse[None, :], -jnp.inf)))
+
+
 def _lse_gradient(rows: Array, row_labels: Array, row_lse: Array, row_grad: Array, cols: Array,
                   col_labels: Array, col_lse: Array, col_grad: Array, inv_temp: float,
                   block: int) -> Array:
@@ -94,9 +103,8 @@ def _lse_gradient(rows: Array, row_labels: Array, row_lse: Array, row_grad: Arra
     def step(acc, cb):
       cols_c, labels_c, lse_c, grad_c = cb
       sims = (rows_b @ cols_c.T) * inv_temp
-      neg = _negative_mask(labels_b, labels_c)
-      weight = (grad_b[:, None] * jnp.exp(jnp.where(neg, sims - lse_b[:, None], -jnp.inf))
-                + grad_c[None, :] * jnp.exp(jnp.where(neg, sims - lse_c[None, :], -jnp.inf)))
+      weight = _pair_weights(sims, _negative_mask(labels_b, labels_c), lse_b, grad_b, lse_c,
+                             grad_c)
       return acc + weight @ cols_c, None
 
     acc, _ = jax.lax.scan(step, jnp.zeros_like(rows_b), col_blocks)
@@ -126,6 +134,33 @@ def _negative_lse_bwd(inv_temp, block, residuals, grad_lse):
 
 
 _negative_lse.defvjp(_negative_lse_fwd, _negative_lse_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _negative_lse_one_block(features: Array, labels: Array, inv_temp: float) -> Array:
+  """`_negative_lse` when all rows fit one block: the forward keeps its similarities (block^2
+  floats) for the backward instead of recomputing them, one matmul less per call."""
+  return _negative_lse_one_block_fwd(features, labels, inv_temp)[0]
+
+
+def _negative_lse_one_block_fwd(features, labels, inv_temp):
+  sims = (features @ features.T) * inv_temp
+  negative = _negative_mask(labels, labels)
+  masked = jnp.where(negative, sims, -jnp.inf)
+  row_max = jnp.max(masked, axis=1)
+  safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  total = jnp.sum(jnp.exp(masked - safe_max[:, None]), axis=1)
+  lse = jnp.where(total > 0, safe_max + jnp.log(jnp.maximum(total, 1e-30)), 0.0)
+  return lse, (features, labels, sims, lse)
+
+
+def _negative_lse_one_block_bwd(inv_temp, residuals, grad_lse):
+  features, labels, sims, lse = residuals
+  weight = _pair_weights(sims, _negative_mask(labels, labels), lse, grad_lse, lse, grad_lse)
+  return (weight @ features) * inv_temp, jnp.zeros_like(labels)
+
+
+_negative_lse_one_block.defvjp(_negative_lse_one_block_fwd, _negative_lse_one_block_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -199,7 +234,9 @@ def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = No
   features = jnp.pad(features, ((0, padded - 2 * n), (0, 0)))
   all_labels = jnp.pad(all_labels, (0, padded - 2 * n), constant_values=_PAD_LABEL)
   if axis_name is None:
-    lse = _negative_lse(features, all_labels, 1.0 / temperature, block)[:2 * n]
+    lse = (_negative_lse_one_block(features, all_labels, 1.0 / temperature)
+           if padded == block else
+           _negative_lse(features, all_labels, 1.0 / temperature, block))[:2 * n]
     total = lambda x: x
   else:
     # Columns come in device order [u_0; v_0; pad; u_1; ...]: the negatives of a row are the

@@ -17,7 +17,7 @@ one): `l{k}_proj/{x_ref, ref_proj, layers_{i}/{cross_attn/{query,key,value,out},
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -51,31 +51,40 @@ def _torch_linear_bias_init(fan_in: int):
 _torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _linear(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
-  """A Dense layer initialised as torch.nn.Linear, computing in `dtype`."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=_torch_linear_kernel_init,
-                  bias_init=_torch_linear_bias_init(fan_in), name=name)
+class _Linear(nn.Module):
+  """y = x W + b over the last axis (W is (in, out)); leading axes are flattened into one.
 
-
-class _KeyProjection(nn.Module):
-  """The key projection, whose bias gets an exactly zero gradient.
-
-  Adding the same vector to every key shifts each query's logits by a constant, which the
-  softmax removes: the key bias's true gradient is zero. Autodiff returns float noise instead,
-  and Adam divides it by its own tiny magnitude into full-size random steps (which made the
-  8-device and 1-device runs differ by ~lr). The stop_gradient makes it the exact zero.
+  Why flattened: for (B, L, C) inputs the weight gradient contracts two axes, and XLA:CPU then
+  transposes the (B*L, out) cotangent in memory first (25 MB per MLP layer at batch 4); on
+  (B*L, C) it contracts one axis without the copy (squeeze-excite MLP forward + backward at
+  batch 4, C = 768: 420 -> 340 ms). Parameter names and init order are those of nn.Dense.
   """
   features: int
+  kernel_init: Callable[..., Array]
+  bias_init: Callable[..., Array]
   dtype: Any = None
+  # The key projection's bias: adding the same vector to every key shifts each query's logits
+  # by a constant, which the softmax removes, so its true gradient is zero. Autodiff returns
+  # float noise instead, and Adam divides it by its own tiny magnitude into full-size random
+  # steps (which made 8-device and 1-device runs differ by ~lr): stop_gradient makes it 0.
+  zero_bias_gradient: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    dtype = self.dtype or x.dtype
-    return (x.astype(dtype) @ kernel.astype(dtype)
-            + jax.lax.stop_gradient(bias).astype(dtype))
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    if self.zero_bias_gradient:
+      bias = jax.lax.stop_gradient(bias)
+    dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
+    flat = x.reshape(-1, x.shape[-1]).astype(dtype)
+    y = flat @ kernel.astype(dtype) + bias.astype(dtype)
+    return y.reshape(*x.shape[:-1], self.features)
+
+
+def _torch_linear(features: int, fan_in: int, dtype: Any, name: str) -> _Linear:
+  """A linear layer initialised as torch.nn.Linear, computing in `dtype`."""
+  return _Linear(features, _torch_linear_kernel_init, _torch_linear_bias_init(fan_in), dtype,
+                 name=name)
 
 
 class _CrossAttention(nn.Module):
@@ -86,68 +95,70 @@ class _CrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, ref: Array) -> Array:
-    # x: (B, L, C) image tokens; ref: (R, C) projected reference tokens, shared by the batch.
+    # x: (T, C) image tokens of the whole batch; ref: (R, C) projected reference tokens.
     head_dim = self.dim // self.num_heads
     # torch.nn.MultiheadAttention: xavier-uniform in_proj (here per q/k/v slice, which only
     # changes the init's fan), zero in_proj and out_proj biases. Kernels are (C, C), split into
     # heads after the matmul, so the parameter tree does not depend on the head count.
-    def dense(name: str) -> nn.Dense:
-      return nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=nn.initializers.xavier_uniform(),
-                      bias_init=nn.initializers.zeros, name=name)
+    def in_proj(name: str, **kwargs) -> _Linear:
+      return _Linear(self.dim, nn.initializers.xavier_uniform(), nn.initializers.zeros,
+                     self.dtype, name=name, **kwargs)
 
-    # Heads lead, (H, B*L, d) with the batch's tokens flattened: reference_attention works per
-    # head (a plain 2-D matmul per block on CPU, one batched matmul on accelerators).
-    b, l, _ = x.shape
+    # Heads lead, (H, T, d): reference_attention works per head (a plain 2-D matmul per block
+    # on CPU, one batched matmul on accelerators).
     heads = lambda t: t.reshape(t.shape[0], self.num_heads, head_dim).transpose(1, 0, 2)
-    q = heads(dense("query")(x).reshape(b * l, self.dim))   # (H, B*L, d)
-    k = heads(_KeyProjection(self.dim, self.dtype, name="key")(ref))  # (H, R, d), once per call
-    v = heads(dense("value")(ref))                           # (H, R, d), once per call
+    q = heads(in_proj("query")(x))                                   # (H, T, d)
+    k = heads(in_proj("key", zero_bias_gradient=True)(ref))          # (H, R, d), once per call
+    v = heads(in_proj("value")(ref))                                 # (H, R, d), once per call
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    attended = reference_attention(q, k, v)                   # (H, B*L, d)
-    attended = attended.transpose(1, 0, 2).reshape(b, l, self.dim)
-    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=_torch_linear_kernel_init, bias_init=nn.initializers.zeros,
-                    name="out")(attended)
+    attended = reference_attention(q, k, v)                           # (H, T, d)
+    attended = attended.transpose(1, 0, 2).reshape(x.shape[0], self.dim)
+    return _Linear(self.dim, _torch_linear_kernel_init, nn.initializers.zeros, self.dtype,
+                   name="out")(attended)
 
 
 class _SqueezeExcite(nn.Module):
   """One gate per channel per image, from the mean over the image's tokens."""
   dim: int
+  tokens_per_image: int
   dtype: Any = None
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
+    # h: (T, 4C), the batch's images one after another, tokens_per_image rows each.
     hidden = se_hidden_dim(self.dim)
-    squeezed = jnp.mean(h.astype(jnp.float32), axis=1, keepdims=True).astype(h.dtype)
-    gate = _linear(hidden, self.dim, self.dtype, "fc1")(squeezed)
-    gate = _linear(self.dim, hidden, self.dtype, "fc2")(nn.relu(gate))
-    return h * nn.sigmoid(gate)
+    images = h.reshape(-1, self.tokens_per_image, self.dim)
+    squeezed = jnp.mean(images.astype(jnp.float32), axis=1).astype(h.dtype)   # (B, 4C)
+    gate = _torch_linear(hidden, self.dim, self.dtype, "fc1")(squeezed)
+    gate = _torch_linear(self.dim, hidden, self.dtype, "fc2")(nn.relu(gate))
+    return (images * nn.sigmoid(gate)[:, None, :]).reshape(h.shape)
 
 
 class _SqueezeExciteMLP(nn.Module):
   """fc1 -> squeeze-excite gate over the image's tokens -> exact GELU -> fc2."""
   dim: int
+  tokens_per_image: int
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     mlp_dim = 4 * self.dim
-    h = _linear(mlp_dim, self.dim, self.dtype, "fc1")(x)                  # (B, L, 4C)
-    h = _SqueezeExcite(mlp_dim, self.dtype, name="se")(h)
-    return _linear(self.dim, mlp_dim, self.dtype, "fc2")(nn.gelu(h, approximate=False))
+    h = _torch_linear(mlp_dim, self.dim, self.dtype, "fc1")(x)              # (T, 4C)
+    h = _SqueezeExcite(mlp_dim, self.tokens_per_image, self.dtype, name="se")(h)
+    return _torch_linear(self.dim, mlp_dim, self.dtype, "fc2")(nn.gelu(h, approximate=False))
 
 
 class ProjectorLayer(nn.Module):
-  """x1 = x - attention(x, ref); out = x1 + mlp(x1)."""
+  """x1 = x - attention(x, ref); out = x1 + mlp(x1), on (T, C) tokens of whole images."""
   dim: int
+  tokens_per_image: int
   num_heads: int = DEFAULT_NUM_HEADS
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, ref: Array) -> Array:
     x = x - _CrossAttention(self.dim, self.num_heads, self.dtype, name="cross_attn")(x, ref)
-    return x + _SqueezeExciteMLP(self.dim, self.dtype, name="mlp")(x)
+    return x + _SqueezeExciteMLP(self.dim, self.tokens_per_image, self.dtype, name="mlp")(x)
 
 
 class ProjectorBlock(nn.Module):
@@ -164,12 +175,16 @@ class ProjectorBlock(nn.Module):
       raise ValueError(f"num_heads={self.num_heads} must divide the level's channels {self.dim}")
     x_ref = self.param("x_ref", nn.initializers.normal(1.0), (self.num_ref_tokens, self.dim))
     # The reference's ref_proj is a 1x1 Conv1d over the tokens, i.e. a Linear; computed once.
-    ref = _linear(self.dim, self.dim, self.dtype, "ref_proj")(x_ref)
+    ref = _torch_linear(self.dim, self.dim, self.dtype, "ref_proj")(x_ref)
     if self.dtype is not None:
       x = x.astype(self.dtype)
+    b, l, c = x.shape
+    # Every linear layer sees (B * L, C): see _Linear for why.
+    tokens = x.reshape(b * l, c)
     for i in range(self.depth):
-      x = ProjectorLayer(self.dim, self.num_heads, self.dtype, name=f"layers_{i}")(x, ref)
-    return x
+      tokens = ProjectorLayer(self.dim, l, self.num_heads, self.dtype,
+                              name=f"layers_{i}")(tokens, ref)
+    return tokens.reshape(b, l, c)
 
 
 def level_key(index: int) -> str:
