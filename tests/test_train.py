@@ -19,7 +19,7 @@ from adjax import run_layout
 from adjax.configs import default_config
 from adjax.models.projector import init_projector
 from adjax.optim import make_optimizer
-from adjax.train_step import StepSettings, init_train_state, residual_update
+from adjax.train_step import StepSettings, apply_gradients, init_train_state, residual_update
 
 HERE = pathlib.Path(__file__).parent
 REPO = HERE.parent
@@ -54,6 +54,28 @@ def test_non_finite_step_is_skipped_and_counted():
   state, _ = update(state, res, [r + 0.1 for r in res])   # training goes on afterwards
   assert int(state["skipped"]) == 1
   assert any(np.abs(after[k] - v).max() > 0 for k, v in _flat(state["params"]).items())
+
+
+def test_inf_gradient_with_finite_loss_is_skipped():
+  optimizer = make_optimizer(1e-3, 5e-4, steps_per_epoch=10)
+  params = init_projector(jax.random.PRNGKey(0), [8], num_heads=2, num_ref_tokens=16)
+  state = init_train_state(params, optimizer, jax.random.PRNGKey(1))
+  grads = jax.tree.map(jnp.ones_like, params)
+  grads["l1_proj"]["x_ref"] = grads["l1_proj"]["x_ref"].at[3, 2].set(jnp.inf)
+  new_state, finite, norm = jax.jit(
+      lambda s, g: apply_gradients(s, optimizer, jnp.float32(1.0), g))(state, grads)
+  assert not bool(finite) and not np.isfinite(float(norm))
+  assert int(new_state["skipped"]) == 1 and int(new_state["step"]) == 1
+  for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+    if old.shape:   # parameters and optimiser moments untouched
+      np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+  grads["l1_proj"]["x_ref"] = jnp.ones_like(params["l1_proj"]["x_ref"])
+  new_state, finite, norm = apply_gradients(state, optimizer, jnp.float32(1.0), grads)
+  assert bool(finite) and int(new_state["skipped"]) == 0
+  count = sum(x.size for x in jax.tree.leaves(params))
+  np.testing.assert_allclose(float(norm), np.sqrt(count), rtol=1e-5)
+  assert np.abs(np.asarray(new_state["params"]["l1_proj"]["x_ref"])
+                - np.asarray(params["l1_proj"]["x_ref"])).max() > 0
 
 
 # --------------------------------------------------------------------- full runs
