@@ -6,8 +6,8 @@ masked), the projector on both views at once (the reference projection is shared
 level angle(e1, e2) + norm(e1) + norm(e2). Only the projector receives gradients.
 
 Shapes are static: the number of shots varies per batch through `ref_valid`, not through
-shapes. A step whose loss or gradient norm is not finite (NaN or inf anywhere) leaves the parameters and optimiser state
-unchanged and increments `skipped`.
+shapes. A step whose loss or gradient norm is not finite (a NaN or inf anywhere) leaves the
+parameters and optimiser state unchanged and increments `skipped`.
 """
 
 from __future__ import annotations
