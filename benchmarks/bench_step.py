@@ -7,6 +7,10 @@ the FLOP rate they imply, and XLA's own FLOP count of the compiled step.
 
   python benchmarks/bench_step.py --batch 4 --dim 768 --levels 4 --side 16
 
+The speed-up is against the reference's 11.7 s, or, with --measure-reference, against the
+PyTorch reference step timed right afterwards on this machine (bench_reference_step.py; this
+machine's speed drifts by up to 30 % between hours, so the same-hour ratio is the fair one).
+
 With --backbone NAME it times the *full* step instead (random backbone weights): backbone on
 both views and on max_shots reference images per image, residuals, projector, losses, update,
 over every device (the batch is split on the mesh), e.g. on a GPU:
@@ -18,11 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+REFERENCE_SECONDS = 11.7   # the reference's step at batch 4, C 768, 4 levels, 16 x 16, 2 cores
 
 
 def model_flops(batch: int, dim: int, levels: int, side: int, num_ref: int) -> float:
@@ -59,6 +69,10 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--backbone", default="", help="time the full step with this backbone")
+  parser.add_argument("--measure-reference", action="store_true",
+                      help="also time the PyTorch reference step (bench_reference_step.py, needs "
+                      "torch) right afterwards and compare with that instead of the 11.7 s figure")
+  parser.add_argument("--reference-steps", type=int, default=3)
   parser.add_argument("--max-shots", type=int, default=8)
   parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
   args = parser.parse_args()
@@ -105,6 +119,8 @@ def main() -> None:
   flops = model_flops(args.batch, args.dim, args.levels, args.side, args.num_ref)
   # The machine's matmul rate drifts between runs here (119-171 GFLOP/s): measure it alongside.
   peak = matmul_gflops(dtype)
+  reference = (measure_reference(args) if args.measure_reference
+               else {"seconds_per_step": REFERENCE_SECONDS, "source": "figure"})
   print(json.dumps({
       "bench": "step", "backend": jax.default_backend(), "devices": jax.device_count(),
       "batch": args.batch, "dim": args.dim, "levels": args.levels, "side": args.side,
@@ -116,8 +132,23 @@ def main() -> None:
       "share_of_matmul_rate": round(flops / seconds / 1e9 / peak, 3),
       "xla_gflops": round(xla_flops / 1e9, 1), "compile_s": round(compile_s, 1),
       "loss": float(metrics["loss"]),
-      "reference_seconds_per_step": 11.7,
-      "speedup_vs_reference": round(11.7 / seconds, 2)}))
+      "reference_seconds_per_step": reference["seconds_per_step"],
+      "reference_source": reference["source"],
+      "speedup_vs_reference": round(reference["seconds_per_step"] / seconds, 2)}))
+
+
+def measure_reference(args) -> dict:
+  """Median seconds of the PyTorch reference step at the same sizes, in a child process (so
+  that torch's and XLA's thread pools never compete)."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_reference_step.py")
+  command = [sys.executable, script, "--batch", str(args.batch), "--dim", str(args.dim),
+             "--levels", str(args.levels), "--side", str(args.side),
+             "--num-ref", str(args.num_ref), "--steps", str(args.reference_steps)]
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    sys.exit(f"bench_reference_step.py failed: {result.stderr.strip()[-500:]}")
+  line = json.loads(result.stdout.strip().splitlines()[-1])
+  return {"seconds_per_step": line["seconds_per_step"], "source": "measured"}
 
 
 def full_step(args) -> None:

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,17 @@ def test_bench_step_full_mode_with_a_backbone():
              "--max-shots", "1", "--num-ref", "16", "--image-size", "56")
   assert out["bench"] == "full_step" and out["image_size"] == 56
   assert out["images_per_s"] > 0 and out["loss"] == out["loss"]
+
+
+@pytest.mark.torch
+def test_bench_step_measures_the_pytorch_reference_alongside():
+  pytest.importorskip("torch")
+  out = _run("bench_step.py", "--batch", "2", "--dim", "32", "--levels", "2", "--side", "4",
+             "--num-ref", "16", "--steps", "2", "--measure-reference", "--reference-steps", "1")
+  assert out["reference_source"] == "measured" and out["reference_seconds_per_step"] > 0
+  assert out["reference_seconds_per_step"] != 11.7
+  expected = out["reference_seconds_per_step"] / out["seconds_per_step"]
+  assert abs(out["speedup_vs_reference"] - expected) <= 0.01 * expected + 0.01
+  reference = _run("bench_reference_step.py", "--batch", "2", "--dim", "32", "--levels", "2",
+                   "--side", "4", "--num-ref", "16", "--steps", "1")
+  assert reference["bench"] == "reference_step" and reference["loss"] == reference["loss"]

@@ -129,3 +129,21 @@ def test_norm_loss_radius_carries_no_gradient():
   norm = np.linalg.norm(feats[2])
   expected = -(1 / (1 + np.exp(-(b - a)))) * np.exp(b - a) * feats[2] / (2 * norm * np.sqrt(norm + 1))
   np.testing.assert_allclose(np.asarray(grad)[2], expected, rtol=1e-4)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.5])
+def test_norm_loss_against_torch(share):
+  torch = pytest.importorskip("torch")
+  from torch_reference import norm_loss as torch_norm_loss
+  rng = np.random.default_rng(int(share * 10))
+  # Norms spread across the band so that every term has members.
+  e = (rng.normal(size=(200, 12)) * rng.uniform(0.05, 0.5, size=(200, 1))).astype(np.float32)
+  mask = (rng.random(200) < share).astype(np.float32)
+  t = torch.tensor(e, requires_grad=True)
+  ref = torch_norm_loss(t, torch.tensor(mask))
+  ref.backward()
+  value, grad = jax.value_and_grad(adjax.norm_loss)(e, mask)
+  assert ref.item() > 0
+  np.testing.assert_allclose(float(value), ref.item(), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), t.grad.numpy(), atol=1e-6, rtol=1e-4)

@@ -108,3 +108,22 @@ def angle_loss_dense(e1, e2, mask, center=None, temp=0.15):
   neg_mask = labels[:, None] != labels[None, :]
   lse = torch.logsumexp(sims.masked_fill(~neg_mask, -math.inf), dim=1)
   return (-pos + lse).mean()
+
+
+def norm_loss(e, mask):
+  """The norm-oriented loss (SPEC section 4) with boolean indexing, as the reference writes it."""
+  a = torch.sqrt(e.norm(dim=1) + 1) - 1
+  labels = mask.bool()
+  r_max = torch.clamp(0.9 * a[labels].min().detach(), max=0.4) if labels.any() else torch.tensor(0.4)
+  r_min = 0.99 * r_max
+  bound = r_max + 0.75
+
+  def term(values, margin):
+    if values.numel() == 0:
+      return e.sum() * 0
+    return (F.softplus(margin) * torch.exp(margin.detach())).mean()
+
+  normal, anomalous = a[~labels], a[labels]
+  above, below = normal[normal > r_max], normal[normal < r_min]
+  inside = anomalous[anomalous < bound]
+  return term(above, above - r_max) + term(below, r_min - below) + term(inside, bound - inside)
