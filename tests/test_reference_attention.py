@@ -76,7 +76,8 @@ def test_implementations_agree_under_jit_and_bfloat16():
   assert "custom_vjp" in str(jax.make_jaxpr(reference_attention)(q, k, v))
   assert "custom_vjp" not in str(jax.make_jaxpr(
       lambda a, b, c: reference_attention(a, b, c, implementation="dense"))(q, k, v))
-  np.testing.assert_allclose(np.asarray(auto), _numpy_attention(q, k, v), atol=2e-6)
+  # Outputs reach 2.6: 4e-6 is float32 rounding (dense: 1.1e-6, blocked: 2.1e-6).
+  np.testing.assert_allclose(np.asarray(auto), _numpy_attention(q, k, v), atol=4e-6)
 
 
 def test_large_logits_stay_finite():
