@@ -54,8 +54,9 @@ def test_bench_step_measures_the_pytorch_reference_alongside():
              "--num-ref", "16", "--steps", "2", "--measure-reference", "--reference-steps", "1")
   assert out["reference_source"] == "measured" and out["reference_seconds_per_step"] > 0
   assert out["reference_seconds_per_step"] != 11.7
+  # Both times are printed rounded to 0.1 ms; at toy size (~3 ms) that alone moves the ratio ~3 %.
   expected = out["reference_seconds_per_step"] / out["seconds_per_step"]
-  assert abs(out["speedup_vs_reference"] - expected) <= 0.01 * expected + 0.01
+  assert abs(out["speedup_vs_reference"] - expected) <= 0.06 * expected
   reference = _run("bench_reference_step.py", "--batch", "2", "--dim", "32", "--levels", "2",
                    "--side", "4", "--num-ref", "16", "--steps", "1")
   assert reference["bench"] == "reference_step" and reference["loss"] == reference["loss"]
