@@ -21,13 +21,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from adjax.sharding import DATA_AXIS
-
 from adjax.labels import token_labels
 from adjax.losses.angle import angle_loss
 from adjax.losses.norm import norm_loss
 from adjax.models.projector import project
 from adjax.residual import residual_features
+from adjax.sharding import DATA_AXIS
 
 Array = jax.Array
 Levels = list[Array]

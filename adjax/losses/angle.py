@@ -11,7 +11,8 @@ as much again for its gradient). Here the log-sum-exp over negatives is computed
 rows against blocks of columns with a running maximum, and its gradient (a custom VJP) is
 recomputed block by block, so at most block_size x block_size similarities exist at once.
 When all 2N rows fit one block (small batches), the forward keeps its similarities for the
-backward instead: one matmul less. Labels act as weights: there is no boolean indexing and every shape is static.
+backward instead: one matmul less. Labels act as weights: there is no boolean indexing and
+every shape is static.
 """
 
 from __future__ import annotations
@@ -43,27 +44,44 @@ def _blocks(x: Array, block: int) -> Array:
   return x.reshape(x.shape[0] // block, block, *x.shape[1:])
 
 
+def _no_negatives(rows: Array) -> tuple[Array, Array]:
+  """Running (max, sum of exp(sim - max)) per row before any negative is seen.
+
+  Built from `rows` so that under shard_map it has the rows' (per-device) type."""
+  return jnp.full_like(rows[:, 0], -jnp.inf), jnp.zeros_like(rows[:, 0])
+
+
+def _add_negatives(state: tuple[Array, Array], sims: Array,
+                   negative: Array) -> tuple[Array, Array]:
+  """Folds a block of similarities (rows x cols, only `negative` ones count) into the state."""
+  running_max, running_sum = state
+  sims = jnp.where(negative, sims, -jnp.inf)
+  new_max = jnp.maximum(running_max, jnp.max(sims, axis=1))
+  safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+  running_sum = (running_sum * jnp.exp(jnp.where(jnp.isfinite(running_max),
+                                                 running_max - safe_max, -jnp.inf))
+                 + jnp.sum(jnp.exp(sims - safe_max[:, None]), axis=1))
+  return new_max, running_sum
+
+
+def _lse_of(state: tuple[Array, Array]) -> Array:
+  """The log-sum-exp of the state; rows without negatives get 0."""
+  running_max, running_sum = state
+  return jnp.where(running_sum > 0, running_max + jnp.log(jnp.maximum(running_sum, 1e-30)), 0.0)
+
+
 def _row_block_lse(rows: Array, row_labels: Array, cols: Array, col_labels: Array,
                    inv_temp: float) -> Array:
   """log sum_{b negative} exp(<row, col_b> * inv_temp) for a block of rows, streaming over
   column blocks; rows without negatives get 0."""
 
-  def step(carry, col_block):
-    running_max, running_sum = carry
+  def step(state, col_block):
     cb, cl = col_block
-    sims = (rows @ cb.T) * inv_temp
-    sims = jnp.where(_negative_mask(row_labels, cl), sims, -jnp.inf)
-    new_max = jnp.maximum(running_max, jnp.max(sims, axis=1))
-    safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-    running_sum = (running_sum * jnp.exp(jnp.where(jnp.isfinite(running_max),
-                                                   running_max - safe_max, -jnp.inf))
-                   + jnp.sum(jnp.exp(sims - safe_max[:, None]), axis=1))
-    return (new_max, running_sum), None
+    return _add_negatives(state, (rows @ cb.T) * inv_temp,
+                          _negative_mask(row_labels, cl)), None
 
-  # Built from `rows` so that under shard_map the carry has the rows' (per-device) type.
-  init = (jnp.full_like(rows[:, 0], -jnp.inf), jnp.zeros_like(rows[:, 0]))
-  (running_max, running_sum), _ = jax.lax.scan(step, init, (cols, col_labels))
-  return jnp.where(running_sum > 0, running_max + jnp.log(jnp.maximum(running_sum, 1e-30)), 0.0)
+  state, _ = jax.lax.scan(step, _no_negatives(rows), (cols, col_labels))
+  return _lse_of(state)
 
 
 def _lse_over(rows: Array, row_labels: Array, cols: Array, col_labels: Array, inv_temp: float,
@@ -145,12 +163,7 @@ def _negative_lse_one_block(features: Array, labels: Array, inv_temp: float) -> 
 
 def _negative_lse_one_block_fwd(features, labels, inv_temp):
   sims = (features @ features.T) * inv_temp
-  negative = _negative_mask(labels, labels)
-  masked = jnp.where(negative, sims, -jnp.inf)
-  row_max = jnp.max(masked, axis=1)
-  safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  total = jnp.sum(jnp.exp(masked - safe_max[:, None]), axis=1)
-  lse = jnp.where(total > 0, safe_max + jnp.log(jnp.maximum(total, 1e-30)), 0.0)
+  lse = _lse_of(_add_negatives(_no_negatives(features), sims, _negative_mask(labels, labels)))
   return lse, (features, labels, sims, lse)
 
 
