@@ -22,17 +22,15 @@ import time
 
 import numpy as np
 
+from _step_sizes import add_step_size_arguments
+
 PATCH = 14
 PATCH_ANOMALOUS_PIXELS = 32   # SPEC section 4: a token is anomalous above 32 of 196 pixels
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--dim", type=int, default=768)
-  parser.add_argument("--levels", type=int, default=4)
-  parser.add_argument("--side", type=int, default=16)
-  parser.add_argument("--num-ref", type=int, default=2048)
+  add_step_size_arguments(parser)
   parser.add_argument("--heads", type=int, default=16)
   parser.add_argument("--steps", type=int, default=3)
   args = parser.parse_args()

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _step_sizes import add_step_size_arguments, step_size_flags
+
 
 REFERENCE_SECONDS = 11.7   # the reference's step at batch 4, C 768, 4 levels, 16 x 16, 2 cores
 
@@ -61,11 +63,7 @@ def matmul_gflops(dtype, size: int = 2048, repeats: int = 5) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--dim", type=int, default=768)
-  parser.add_argument("--levels", type=int, default=4)
-  parser.add_argument("--side", type=int, default=16)
-  parser.add_argument("--num-ref", type=int, default=2048)
+  add_step_size_arguments(parser)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--backbone", default="", help="time the full step with this backbone")
@@ -117,7 +115,7 @@ def main() -> None:
     times.append(time.perf_counter() - t0)
   seconds = float(np.median(times))
   flops = model_flops(args.batch, args.dim, args.levels, args.side, args.num_ref)
-  # The machine's matmul rate drifts between runs here (119-171 GFLOP/s): measure it alongside.
+  # The machine's matmul rate drifts between runs here (118-215 GFLOP/s): measure it alongside.
   peak = matmul_gflops(dtype)
   reference = (measure_reference(args) if args.measure_reference
                else {"seconds_per_step": REFERENCE_SECONDS, "source": "figure"})
@@ -141,9 +139,8 @@ def measure_reference(args) -> dict:
   """Median seconds of the PyTorch reference step at the same sizes, in a child process (so
   that torch's and XLA's thread pools never compete)."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_reference_step.py")
-  command = [sys.executable, script, "--batch", str(args.batch), "--dim", str(args.dim),
-             "--levels", str(args.levels), "--side", str(args.side),
-             "--num-ref", str(args.num_ref), "--steps", str(args.reference_steps)]
+  command = [sys.executable, script, *step_size_flags(args),
+             "--steps", str(args.reference_steps)]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode != 0:
     sys.exit(f"bench_reference_step.py failed: {result.stderr.strip()[-500:]}")
