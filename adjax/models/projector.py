@@ -51,6 +51,30 @@ def _torch_linear_bias_init(fan_in: int):
 _torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@jax.custom_jvp
+def _exact_gelu(x: Array) -> Array:
+  """x Phi(x) with the erf, as torch.nn.GELU() computes it.
+
+  Why not nn.gelu(approximate=False): it goes through erfc, which XLA:CPU expands into an
+  exponential and two branches, three passes over the (T, 4C) activations forward and more
+  backward (in the batch-4 step, ~80 ms per level); lax.erf is one polynomial (forward on
+  2048 x 3072: 12 -> 4.5 ms) and the derivative below, Phi(x) + x phi(x), one fused pass.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * _INV_SQRT2))
+
+
+@_exact_gelu.defjvp
+def _exact_gelu_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * _INV_SQRT2))
+  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+  return x * cdf, dx * (cdf + x * pdf)
+
+
 class _Linear(nn.Module):
   """y = x W + b over the last axis (W is (in, out)); leading axes are flattened into one.
 
@@ -145,7 +169,7 @@ class _SqueezeExciteMLP(nn.Module):
     mlp_dim = 4 * self.dim
     h = _torch_linear(mlp_dim, self.dim, self.dtype, "fc1")(x)              # (T, 4C)
     h = _SqueezeExcite(mlp_dim, self.tokens_per_image, self.dtype, name="se")(h)
-    return _torch_linear(self.dim, mlp_dim, self.dtype, "fc2")(nn.gelu(h, approximate=False))
+    return _torch_linear(self.dim, mlp_dim, self.dtype, "fc2")(_exact_gelu(h))
 
 
 class ProjectorLayer(nn.Module):
