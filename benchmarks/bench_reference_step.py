@@ -22,9 +22,8 @@ import time
 
 import numpy as np
 
-from _step_sizes import add_step_size_arguments
+from _step_sizes import PATCH, add_step_size_arguments, benchmark_masks
 
-PATCH = 14
 PATCH_ANOMALOUS_PIXELS = 32   # SPEC section 4: a token is anomalous above 32 of 196 pixels
 
 
@@ -49,9 +48,7 @@ def main() -> None:
   shape = (args.batch, args.dim, args.side, args.side)
   res1 = [torch.tensor(rng.normal(size=shape).astype(np.float32)) for _ in range(args.levels)]
   res2 = [r + 0.1 for r in res1]
-  size = args.side * PATCH
-  masks = torch.zeros(args.batch, 1, size, size)
-  masks[0, 0, :size // 3, :size // 3] = 1   # the same mask as bench_step.py
+  masks = torch.tensor(benchmark_masks(args))[:, None]   # the same masks as bench_step.py
   patch_labels = (torch.nn.functional.avg_pool2d(masks, PATCH) * PATCH * PATCH
                   > PATCH_ANOMALOUS_PIXELS).float().flatten()
   nearest_labels = masks[:, 0, ::PATCH, ::PATCH].flatten()

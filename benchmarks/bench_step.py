@@ -31,21 +31,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _step_sizes import add_step_size_arguments, step_size_flags
+from _step_sizes import add_step_size_arguments, benchmark_masks, step_size_flags
 
 
 REFERENCE_SECONDS = 11.7   # the reference's step at batch 4, C 768, 4 levels, 16 x 16, 2 cores
 
 
-def model_flops(batch: int, dim: int, levels: int, side: int, num_ref: int) -> float:
-  """Forward + backward (3 x forward) matmul FLOPs of projector and angle loss."""
+def model_flops(batch: int, dim: int, levels: int, side: int, num_ref: int,
+                angle_rows: int | None = None) -> float:
+  """Forward + backward matmul FLOPs of projector and angle loss.
+
+  angle_rows: None for the dense angle loss the reference computes (2N x 2N similarities,
+  forward + backward = 3 x forward); else the rows of the rarer label that adjax's
+  single-device angle loss computes against all 2N rows (padded to its block), four matmuls of
+  that size (similarities, their recomputation, and the two gradient products)."""
   tokens = 2 * batch * side * side          # both views go through the projector
   per_level = (3 * 2 * num_ref * dim * dim  # reference projection, keys, values (once)
                + 2 * 2 * tokens * dim * dim  # query and output projections
                + 2 * 2 * tokens * num_ref * dim  # attention logits and weighted sum
-               + 2 * 2 * tokens * dim * 4 * dim  # fc1, fc2
-               + 2 * tokens * tokens * dim)  # angle-loss similarities (2N x 2N)
-  return 3.0 * levels * per_level
+               + 2 * 2 * tokens * dim * 4 * dim)  # fc1, fc2
+  angle = (3 * 2 * tokens * tokens * dim if angle_rows is None
+           else 4 * 2 * angle_rows * tokens * dim)
+  return levels * (3.0 * per_level + angle)
+
+
+def minority_rows(masks, settings) -> tuple[float, int]:
+  """Share of anomalous tokens per view and the rows the angle loss computes per level."""
+  from adjax.losses.angle import MINORITY_ROW_BLOCK
+  from adjax.train_step import level_labels
+
+  labels = np.asarray(level_labels(masks, settings.level_strides[:1],
+                                   settings.label_threshold_share)[0][0]).reshape(-1)
+  anomalous = int(labels.sum())
+  rarer = 2 * min(anomalous, labels.size - anomalous)   # both views
+  block = min(MINORITY_ROW_BLOCK, labels.size)   # as angle_loss picks it
+  return anomalous / labels.size, -(-rarer // block) * block
 
 
 def matmul_gflops(dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -91,10 +111,7 @@ def main() -> None:
   shape = (args.batch, args.side, args.side, args.dim)
   res1 = [jnp.asarray(rng.normal(size=shape).astype(np.float32)) for _ in range(args.levels)]
   res2 = [r + 0.1 for r in res1]
-  size = args.side * 14
-  masks = np.zeros((args.batch, size, size), np.float32)
-  masks[0, :size // 3, :size // 3] = 1
-  masks = jnp.asarray(masks)
+  masks = jnp.asarray(benchmark_masks(args))
   centers = [jnp.zeros((args.dim,), jnp.float32)] * args.levels
 
   step = jax.jit(lambda s, a, b, m, c: residual_update(s, a, b, m, c, settings, optimizer),
@@ -114,7 +131,9 @@ def main() -> None:
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - t0)
   seconds = float(np.median(times))
-  flops = model_flops(args.batch, args.dim, args.levels, args.side, args.num_ref)
+  anomalous_share, angle_rows = minority_rows(masks, settings)
+  flops = model_flops(args.batch, args.dim, args.levels, args.side, args.num_ref, angle_rows)
+  dense_flops = model_flops(args.batch, args.dim, args.levels, args.side, args.num_ref)
   # The machine's matmul rate drifts between runs here (118-215 GFLOP/s): measure it alongside.
   peak = matmul_gflops(dtype)
   reference = (measure_reference(args) if args.measure_reference
@@ -123,7 +142,9 @@ def main() -> None:
       "bench": "step", "backend": jax.default_backend(), "devices": jax.device_count(),
       "batch": args.batch, "dim": args.dim, "levels": args.levels, "side": args.side,
       "num_ref": args.num_ref, "dtype": args.dtype, "seconds_per_step": round(seconds, 4),
-      "images_per_s": round(args.batch / seconds, 3), "model_gflops": round(flops / 1e9, 1),
+      "images_per_s": round(args.batch / seconds, 3), "anomalous_share": round(anomalous_share, 4),
+      "angle_rows_per_level": angle_rows, "model_gflops": round(flops / 1e9, 1),
+      "reference_math_gflops": round(dense_flops / 1e9, 1),
       "gflops_per_s": round(flops / seconds / 1e9, 1),
       "seconds_min": round(min(times), 4), "seconds_max": round(max(times), 4),
       "matmul_gflops_per_s": round(peak, 1),

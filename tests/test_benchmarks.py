@@ -23,8 +23,12 @@ def _run(script, *args):
 
 def test_bench_step_reports_throughput_and_the_machine_rate():
   out = _run("bench_step.py", "--batch", "2", "--dim", "32", "--levels", "2", "--side", "4",
-             "--num-ref", "16", "--steps", "2")
+             "--num-ref", "16", "--steps", "2", "--anomalous-share", "0.25")
   assert out["bench"] == "step" and out["levels"] == 2
+  # 8 of 32 tokens per view anomalous: 16 rarer-label rows of 64, in one block of 32 rows
+  # (blocks are never longer than the 32 tokens of a view).
+  assert out["anomalous_share"] == 0.25 and out["angle_rows_per_level"] == 32
+  assert out["model_gflops"] <= out["reference_math_gflops"]
   assert out["seconds_min"] <= out["seconds_per_step"] <= out["seconds_max"]
   assert out["images_per_s"] > 0 and out["matmul_gflops_per_s"] > 0
   assert abs(out["share_of_matmul_rate"] - out["gflops_per_s"] / out["matmul_gflops_per_s"]) < 1e-2

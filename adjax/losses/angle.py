@@ -7,12 +7,20 @@ tau) (the positive is not in the denominator). The loss is the mean over all 2N 
 the batch has no anomalous or no normal token.
 
 A dense version holds the 2N x 2N similarity matrix (batch 32 x 256 tokens: 1 GiB per level, and
-as much again for its gradient). Here the log-sum-exp over negatives is computed for blocks of
-rows against blocks of columns with a running maximum, and its gradient (a custom VJP) is
-recomputed block by block, so at most block_size x block_size similarities exist at once.
-When all 2N rows fit one block (small batches), the forward keeps its similarities for the
-backward instead: one matmul less. Labels act as weights: there is no boolean indexing and
-every shape is static.
+as much again for its gradient) although only pairs of opposite labels count. Three exact forms,
+each with a custom VJP that recomputes what it needs block by block:
+
+* one device (the default, tau >= 0.025): every negative pair has one row of the rarer label,
+  so only those rows' similarities against all 2N rows are computed, in blocks of
+  MINORITY_ROW_BLOCK rows (a loop whose trip count follows the labels). With anomalies a few
+  per cent of the tokens that is ~1/8 of the dense work; at a 50/50 split, the same. The rows
+  are unit vectors, so every logit is at most 1/tau and exp(logit - 1/tau) needs no running
+  maximum; below tau 0.025 that could underflow and the next form is used.
+* one device, any tau: blocks of rows against blocks of columns with a running maximum; when
+  all rows fit one block the forward keeps its similarities for the backward.
+* several devices (inside shard_map): each device's rows against every device's rows.
+
+Labels act as weights: there is no boolean indexing and every shape is static.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import jax.numpy as jnp
 Array = jax.Array
 
 DEFAULT_BLOCK_SIZE = 2048
+# Rows of the rarer label per block of the single-device path (`_fold_minority_blocks`).
+MINORITY_ROW_BLOCK = 256
 _PAD_LABEL = -1.0  # padding rows: neither normal (0) nor anomalous (1), so never a negative
 
 
@@ -44,17 +54,33 @@ def _blocks(x: Array, block: int) -> Array:
   return x.reshape(x.shape[0] // block, block, *x.shape[1:])
 
 
-def _no_negatives(rows: Array) -> tuple[Array, Array]:
-  """Running (max, sum of exp(sim - max)) per row before any negative is seen.
+def _fixed_shift(inv_temp: float) -> Optional[float]:
+  """A log-sum-exp shift that needs no running maximum, or None where it would underflow.
+
+  Why: the rows are unit vectors (or zero padding), so every similarity is at most inv_temp
+  and exp(sim - inv_temp) lies in [exp(-2 inv_temp), 1]. With that constant shift the forward
+  pass needs no row maximum and the backward one exponential instead of two (the masked exps
+  of a block are shared by both terms of `_pair_weights`). Below tau ~ 0.025 the smallest terms
+  would underflow float32, and the running maximum is used instead.
+  """
+  return inv_temp if 2.0 * inv_temp <= 80.0 else None
+
+
+def _no_negatives(rows: Array, shift: Optional[float]) -> tuple[Array, Array]:
+  """Running (max, sum of exp(sim - max)) per row before any negative is seen; with a fixed
+  shift the "max" is that constant.
 
   Built from `rows` so that under shard_map it has the rows' (per-device) type."""
-  return jnp.full_like(rows[:, 0], -jnp.inf), jnp.zeros_like(rows[:, 0])
+  start = -jnp.inf if shift is None else shift
+  return jnp.full_like(rows[:, 0], start), jnp.zeros_like(rows[:, 0])
 
 
-def _add_negatives(state: tuple[Array, Array], sims: Array,
-                   negative: Array) -> tuple[Array, Array]:
+def _add_negatives(state: tuple[Array, Array], sims: Array, negative: Array,
+                   shift: Optional[float]) -> tuple[Array, Array]:
   """Folds a block of similarities (rows x cols, only `negative` ones count) into the state."""
   running_max, running_sum = state
+  if shift is not None:
+    return running_max, running_sum + jnp.sum(_shifted_exp(sims, negative, shift), axis=1)
   sims = jnp.where(negative, sims, -jnp.inf)
   new_max = jnp.maximum(running_max, jnp.max(sims, axis=1))
   safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -62,6 +88,11 @@ def _add_negatives(state: tuple[Array, Array], sims: Array,
                                                  running_max - safe_max, -jnp.inf))
                  + jnp.sum(jnp.exp(sims - safe_max[:, None]), axis=1))
   return new_max, running_sum
+
+
+def _shifted_exp(sims: Array, negative: Array, shift: float) -> Array:
+  """exp(sim - shift) on negatives, 0 elsewhere."""
+  return jnp.where(negative, jnp.exp(sims - shift), 0.0)
 
 
 def _lse_of(state: tuple[Array, Array]) -> Array:
@@ -75,12 +106,14 @@ def _row_block_lse(rows: Array, row_labels: Array, cols: Array, col_labels: Arra
   """log sum_{b negative} exp(<row, col_b> * inv_temp) for a block of rows, streaming over
   column blocks; rows without negatives get 0."""
 
+  shift = _fixed_shift(inv_temp)
+
   def step(state, col_block):
     cb, cl = col_block
     return _add_negatives(state, (rows @ cb.T) * inv_temp,
-                          _negative_mask(row_labels, cl)), None
+                          _negative_mask(row_labels, cl), shift), None
 
-  state, _ = jax.lax.scan(step, _no_negatives(rows), (cols, col_labels))
+  state, _ = jax.lax.scan(step, _no_negatives(rows, shift), (cols, col_labels))
   return _lse_of(state)
 
 
@@ -95,9 +128,13 @@ def _lse_over(rows: Array, row_labels: Array, cols: Array, col_labels: Array, in
 
 
 def _pair_weights(sims: Array, negative: Array, row_lse: Array, row_grad: Array, col_lse: Array,
-                  col_grad: Array) -> Array:
+                  col_grad: Array, shift: Optional[float]) -> Array:
   """g_a P_ab + g_b P_ba for a block of rows a and columns b, P_ab = exp(S_ab - lse_a) on
   negatives: the coefficient of F_b in the gradient of sum_a g_a lse_a for row a (S symmetric)."""
+  if shift is not None:
+    # P_ab = exp(S_ab - shift) exp(shift - lse_a): both terms share one exponential.
+    return _shifted_exp(sims, negative, shift) * ((row_grad * jnp.exp(shift - row_lse))[:, None]
+                                                  + (col_grad * jnp.exp(shift - col_lse))[None, :])
   return (row_grad[:, None] * jnp.exp(jnp.where(negative, sims - row_lse[:, None], -jnp.inf))
           + col_grad[None, :] * jnp.exp(jnp.where(negative, sims - col_lse[None, :], -jnp.inf)))
 
@@ -114,6 +151,7 @@ def _lse_gradient(rows: Array, row_labels: Array, row_lse: Array, row_grad: Arra
   """
   col_blocks = (_blocks(cols, block), _blocks(col_labels, block), _blocks(col_lse, block),
                 _blocks(col_grad, block))
+  shift = _fixed_shift(inv_temp)
 
   def row_block(rb):
     rows_b, labels_b, lse_b, grad_b = rb
@@ -122,7 +160,7 @@ def _lse_gradient(rows: Array, row_labels: Array, row_lse: Array, row_grad: Arra
       cols_c, labels_c, lse_c, grad_c = cb
       sims = (rows_b @ cols_c.T) * inv_temp
       weight = _pair_weights(sims, _negative_mask(labels_b, labels_c), lse_b, grad_b, lse_c,
-                             grad_c)
+                             grad_c, shift)
       return acc + weight @ cols_c, None
 
     acc, _ = jax.lax.scan(step, jnp.zeros_like(rows_b), col_blocks)
@@ -163,17 +201,106 @@ def _negative_lse_one_block(features: Array, labels: Array, inv_temp: float) -> 
 
 def _negative_lse_one_block_fwd(features, labels, inv_temp):
   sims = (features @ features.T) * inv_temp
-  lse = _lse_of(_add_negatives(_no_negatives(features), sims, _negative_mask(labels, labels)))
+  lse = _lse_of(_add_negatives(_no_negatives(features, None), sims,
+                               _negative_mask(labels, labels), None))
   return lse, (features, labels, sims, lse)
 
 
 def _negative_lse_one_block_bwd(inv_temp, residuals, grad_lse):
   features, labels, sims, lse = residuals
-  weight = _pair_weights(sims, _negative_mask(labels, labels), lse, grad_lse, lse, grad_lse)
+  weight = _pair_weights(sims, _negative_mask(labels, labels), lse, grad_lse, lse, grad_lse,
+                         None)
   return (weight @ features) * inv_temp, jnp.zeros_like(labels)
 
 
 _negative_lse_one_block.defvjp(_negative_lse_one_block_fwd, _negative_lse_one_block_bwd)
+
+
+def _fold_minority_blocks(features: Array, labels: Array, inv_temp: float, block: int, fold,
+                          init):
+  """Folds `fold(carry, start, index, rows, shifted)` over blocks of the rows of the rarer label.
+
+  Every negative pair joins one row of the rarer ("minority") label and one of the other, so
+  the similarities of the minority rows against all rows hold every negative pair exactly once:
+  count x 2N similarities instead of (2N)^2, never more than half (count <= N). The minority
+  rows are taken in sorted order (minority first): block k holds sorted positions
+  [start, start + block), `index` their rows in `features`. `shifted` is exp(sim - inv_temp) on
+  (minority row, majority column) pairs and 0 elsewhere, (block, 2N). The number of blocks
+  follows the labels (a loop with a data-dependent trip count; shapes stay static).
+
+  Returns the final carry, the (2N,) minority mask, and `unsort`, which maps a per-row array
+  in sorted order (padded to a multiple of block) back to the rows' order.
+  """
+  anomalous, normal = labels == 1.0, labels == 0.0   # padding (-1) is in neither set
+  minority = jnp.where(jnp.sum(anomalous) <= jnp.sum(normal), anomalous, normal)
+  majority = (anomalous | normal) & ~minority
+  count = jnp.sum(minority)
+  num_rows = features.shape[0]
+  order = jnp.argsort(~minority, stable=True)        # minority rows first
+  padded_order = jnp.pad(order, (0, -(-num_rows // block) * block - num_rows))
+
+  def body(i, carry):
+    start = i * block
+    index = jax.lax.dynamic_slice(padded_order, (start,), (block,))
+    rows = features[index]
+    # Positions past `count` hold majority, padding or (past 2N) filler rows: masked out.
+    real = start + jnp.arange(block) < count
+    sims = (rows @ features.T) * inv_temp
+    shifted = jnp.where(real[:, None] & majority[None, :], jnp.exp(sims - inv_temp), 0.0)
+    return fold(carry, start, index, rows, shifted)
+
+  carry = jax.lax.fori_loop(0, (count + block - 1) // block, body, init)
+  inverse = jnp.argsort(order)
+  return carry, minority, lambda sorted_values: sorted_values[inverse]
+
+
+def _sorted_buffer(features: Array, block: int, *trailing: int) -> Array:
+  """Zeros for a per-row quantity in sorted order, padded to a multiple of block."""
+  return jnp.zeros((-(-features.shape[0] // block) * block, *trailing), features.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _minority_negative_lse(features: Array, labels: Array, inv_temp: float, block: int) -> Array:
+  """Per-row log-sum-exp over negatives from the minority rows' similarities only (unit-norm
+  features, `_fixed_shift(inv_temp)` not None): a minority row's negatives are its row, a
+  majority row's are its column."""
+  return _minority_negative_lse_fwd(features, labels, inv_temp, block)[0]
+
+
+def _minority_negative_lse_fwd(features, labels, inv_temp, block):
+  def fold(sums, start, index, rows, shifted):
+    row_sums, col_sums = sums
+    row_sums = jax.lax.dynamic_update_slice(row_sums, jnp.sum(shifted, axis=1), (start,))
+    return row_sums, col_sums + jnp.sum(shifted, axis=0)
+
+  init = (_sorted_buffer(features, block), jnp.zeros_like(features[:, 0]))
+  (row_sums, col_sums), minority, unsort = _fold_minority_blocks(features, labels, inv_temp,
+                                                                 block, fold, init)
+  sums = jnp.where(minority, unsort(row_sums), col_sums)
+  lse = _lse_of((jnp.full_like(sums, inv_temp), sums))
+  return lse, (features, labels, lse)
+
+
+def _minority_negative_lse_bwd(inv_temp, block, residuals, grad_lse):
+  features, labels, lse = residuals
+  # P_ab = shifted_ab * exp(inv_temp - lse_a): per-row factors of the pair weights.
+  row_factor = grad_lse * jnp.exp(inv_temp - lse)
+
+  def fold(grads, start, index, rows, shifted):
+    majority_grad, minority_grad = grads
+    weight = shifted * (row_factor[index][:, None] + row_factor[None, :])   # symmetric W_ab
+    majority_grad = majority_grad + jax.lax.dot_general(weight, rows, (((0,), (0,)), ((), ())))
+    minority_grad = jax.lax.dynamic_update_slice(minority_grad, weight @ features, (start, 0))
+    return majority_grad, minority_grad
+
+  init = (jnp.zeros_like(features), _sorted_buffer(features, block, features.shape[1]))
+  (majority_grad, minority_grad), _, unsort = _fold_minority_blocks(
+      features, labels, inv_temp, block, fold, init)
+  # Each part is zero on the other set's rows.
+  return (majority_grad + unsort(minority_grad)) * inv_temp, jnp.zeros_like(labels)
+
+
+_minority_negative_lse.defvjp(_minority_negative_lse_fwd, _minority_negative_lse_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -217,8 +344,10 @@ def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = No
     temperature: tau.
     weights: optional (N,) in {0, 1}: 0 drops a token entirely (padding, unused references);
       static shapes for variable token counts.
-    block_size: rows and columns of similarities held at once (memory cap); inputs are padded
-      to a multiple of it. Value and gradient do not depend on it.
+    block_size: memory cap: on one device (and tau >= 0.025), min(block_size,
+      MINORITY_ROW_BLOCK, N) rows of the rarer label against all 2N rows are held at once;
+      otherwise block_size x block_size similarities, the inputs padded to a multiple of it.
+      Value and gradient do not depend on it.
     axis_name: inside `jax.shard_map` over this mesh axis, e1, e2, labels and weights are this
       device's rows of the global batch: each device computes the log-sum-exp of its own rows
       against every device's rows (all-gathered) and the result is the global loss, the same as
@@ -242,21 +371,24 @@ def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = No
   row_labels = jnp.where(keep > 0, labels, _PAD_LABEL)
   features = jnp.concatenate([u, v], axis=0)
   all_labels = jnp.concatenate([row_labels, row_labels], axis=0)
-  block = min(block_size, 2 * n)
-  padded = -(-2 * n // block) * block
-  features = jnp.pad(features, ((0, padded - 2 * n), (0, 0)))
-  all_labels = jnp.pad(all_labels, (0, padded - 2 * n), constant_values=_PAD_LABEL)
-  if axis_name is None:
-    lse = (_negative_lse_one_block(features, all_labels, 1.0 / temperature)
-           if padded == block else
-           _negative_lse(features, all_labels, 1.0 / temperature, block))[:2 * n]
-    total = lambda x: x
+  inv_temp = 1.0 / temperature
+  total = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
+  if axis_name is None and _fixed_shift(inv_temp) is not None:
+    # The rarer label has at most n of the 2n rows: no block needs more.
+    lse = _minority_negative_lse(features, all_labels, inv_temp,
+                                 min(block_size, MINORITY_ROW_BLOCK, n))
   else:
-    # Columns come in device order [u_0; v_0; pad; u_1; ...]: the negatives of a row are the
-    # same set as on one device, and padding rows are never negatives.
-    lse = _sharded_negative_lse(features, all_labels, 1.0 / temperature, block,
-                                axis_name)[:2 * n]
-    total = lambda x: jax.lax.psum(x, axis_name)
+    block = min(block_size, 2 * n)
+    padded = -(-2 * n // block) * block
+    features = jnp.pad(features, ((0, padded - 2 * n), (0, 0)))
+    all_labels = jnp.pad(all_labels, (0, padded - 2 * n), constant_values=_PAD_LABEL)
+    if axis_name is None:
+      lse = (_negative_lse_one_block(features, all_labels, inv_temp) if padded == block else
+             _negative_lse(features, all_labels, inv_temp, block))[:2 * n]
+    else:
+      # Columns come in device order [u_0; v_0; pad; u_1; ...]: the negatives of a row are the
+      # same set as on one device, and padding rows are never negatives.
+      lse = _sharded_negative_lse(features, all_labels, inv_temp, block, axis_name)[:2 * n]
   positives = jnp.sum(u * v, axis=-1) / temperature
   kept_rows = jnp.concatenate([keep, keep])
   count = jnp.maximum(total(jnp.sum(kept_rows)), 1.0)
