@@ -10,15 +10,17 @@ A dense version holds the 2N x 2N similarity matrix (batch 32 x 256 tokens: 1 Gi
 as much again for its gradient) although only pairs of opposite labels count. Three exact forms,
 each with a custom VJP that recomputes what it needs block by block:
 
-* one device (the default, tau >= 0.025): every negative pair has one row of the rarer label,
-  so only those rows' similarities against all 2N rows are computed, in blocks of
-  MINORITY_ROW_BLOCK rows (a loop whose trip count follows the labels). With anomalies a few
-  per cent of the tokens that is ~1/8 of the dense work; at a 50/50 split, the same. The rows
-  are unit vectors, so every logit is at most 1/tau and exp(logit - 1/tau) needs no running
-  maximum; below tau 0.025 that could underflow and the next form is used.
-* one device, any tau: blocks of rows against blocks of columns with a running maximum; when
-  all rows fit one block the forward keeps its similarities for the backward.
-* several devices (inside shard_map): each device's rows against every device's rows.
+* tau >= 0.025 (the default 0.15): every negative pair has one row of the rarer label, so only
+  those rows' similarities against all 2N rows are computed, in blocks of MINORITY_ROW_BLOCK
+  rows (a loop whose trip count follows the labels). With anomalies a few per cent of the
+  tokens that is ~1/8 of the dense work; at a 50/50 split, the same. The rows are unit
+  vectors, so every logit is at most 1/tau and exp(logit - 1/tau) needs no running maximum.
+  Under shard_map each device takes its own rarer-label rows against every device's rows and
+  the column sums (the other label's log-sum-exp, and its gradient) are reduce-scattered.
+* any tau (below 0.025 the fixed shift could underflow float32): blocks of rows against blocks
+  of columns with a running maximum; on one device, when all rows fit one block, the forward
+  keeps its similarities for the backward; under shard_map, each device's rows against every
+  device's rows.
 
 Labels act as weights: there is no boolean indexing and every shape is static.
 """
@@ -54,33 +56,17 @@ def _blocks(x: Array, block: int) -> Array:
   return x.reshape(x.shape[0] // block, block, *x.shape[1:])
 
 
-def _fixed_shift(inv_temp: float) -> Optional[float]:
-  """A log-sum-exp shift that needs no running maximum, or None where it would underflow.
-
-  Why: the rows are unit vectors (or zero padding), so every similarity is at most inv_temp
-  and exp(sim - inv_temp) lies in [exp(-2 inv_temp), 1]. With that constant shift the forward
-  pass needs no row maximum and the backward one exponential instead of two (the masked exps
-  of a block are shared by both terms of `_pair_weights`). Below tau ~ 0.025 the smallest terms
-  would underflow float32, and the running maximum is used instead.
-  """
-  return inv_temp if 2.0 * inv_temp <= 80.0 else None
-
-
-def _no_negatives(rows: Array, shift: Optional[float]) -> tuple[Array, Array]:
-  """Running (max, sum of exp(sim - max)) per row before any negative is seen; with a fixed
-  shift the "max" is that constant.
+def _no_negatives(rows: Array) -> tuple[Array, Array]:
+  """Running (max, sum of exp(sim - max)) per row before any negative is seen.
 
   Built from `rows` so that under shard_map it has the rows' (per-device) type."""
-  start = -jnp.inf if shift is None else shift
-  return jnp.full_like(rows[:, 0], start), jnp.zeros_like(rows[:, 0])
+  return jnp.full_like(rows[:, 0], -jnp.inf), jnp.zeros_like(rows[:, 0])
 
 
-def _add_negatives(state: tuple[Array, Array], sims: Array, negative: Array,
-                   shift: Optional[float]) -> tuple[Array, Array]:
+def _add_negatives(state: tuple[Array, Array], sims: Array,
+                   negative: Array) -> tuple[Array, Array]:
   """Folds a block of similarities (rows x cols, only `negative` ones count) into the state."""
   running_max, running_sum = state
-  if shift is not None:
-    return running_max, running_sum + jnp.sum(_shifted_exp(sims, negative, shift), axis=1)
   sims = jnp.where(negative, sims, -jnp.inf)
   new_max = jnp.maximum(running_max, jnp.max(sims, axis=1))
   safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -88,11 +74,6 @@ def _add_negatives(state: tuple[Array, Array], sims: Array, negative: Array,
                                                  running_max - safe_max, -jnp.inf))
                  + jnp.sum(jnp.exp(sims - safe_max[:, None]), axis=1))
   return new_max, running_sum
-
-
-def _shifted_exp(sims: Array, negative: Array, shift: float) -> Array:
-  """exp(sim - shift) on negatives, 0 elsewhere."""
-  return jnp.where(negative, jnp.exp(sims - shift), 0.0)
 
 
 def _lse_of(state: tuple[Array, Array]) -> Array:
@@ -106,14 +87,12 @@ def _row_block_lse(rows: Array, row_labels: Array, cols: Array, col_labels: Arra
   """log sum_{b negative} exp(<row, col_b> * inv_temp) for a block of rows, streaming over
   column blocks; rows without negatives get 0."""
 
-  shift = _fixed_shift(inv_temp)
-
   def step(state, col_block):
     cb, cl = col_block
     return _add_negatives(state, (rows @ cb.T) * inv_temp,
-                          _negative_mask(row_labels, cl), shift), None
+                          _negative_mask(row_labels, cl)), None
 
-  state, _ = jax.lax.scan(step, _no_negatives(rows, shift), (cols, col_labels))
+  state, _ = jax.lax.scan(step, _no_negatives(rows), (cols, col_labels))
   return _lse_of(state)
 
 
@@ -128,13 +107,9 @@ def _lse_over(rows: Array, row_labels: Array, cols: Array, col_labels: Array, in
 
 
 def _pair_weights(sims: Array, negative: Array, row_lse: Array, row_grad: Array, col_lse: Array,
-                  col_grad: Array, shift: Optional[float]) -> Array:
+                  col_grad: Array) -> Array:
   """g_a P_ab + g_b P_ba for a block of rows a and columns b, P_ab = exp(S_ab - lse_a) on
   negatives: the coefficient of F_b in the gradient of sum_a g_a lse_a for row a (S symmetric)."""
-  if shift is not None:
-    # P_ab = exp(S_ab - shift) exp(shift - lse_a): both terms share one exponential.
-    return _shifted_exp(sims, negative, shift) * ((row_grad * jnp.exp(shift - row_lse))[:, None]
-                                                  + (col_grad * jnp.exp(shift - col_lse))[None, :])
   return (row_grad[:, None] * jnp.exp(jnp.where(negative, sims - row_lse[:, None], -jnp.inf))
           + col_grad[None, :] * jnp.exp(jnp.where(negative, sims - col_lse[None, :], -jnp.inf)))
 
@@ -151,7 +126,6 @@ def _lse_gradient(rows: Array, row_labels: Array, row_lse: Array, row_grad: Arra
   """
   col_blocks = (_blocks(cols, block), _blocks(col_labels, block), _blocks(col_lse, block),
                 _blocks(col_grad, block))
-  shift = _fixed_shift(inv_temp)
 
   def row_block(rb):
     rows_b, labels_b, lse_b, grad_b = rb
@@ -160,7 +134,7 @@ def _lse_gradient(rows: Array, row_labels: Array, row_lse: Array, row_grad: Arra
       cols_c, labels_c, lse_c, grad_c = cb
       sims = (rows_b @ cols_c.T) * inv_temp
       weight = _pair_weights(sims, _negative_mask(labels_b, labels_c), lse_b, grad_b, lse_c,
-                             grad_c, shift)
+                             grad_c)
       return acc + weight @ cols_c, None
 
     acc, _ = jax.lax.scan(step, jnp.zeros_like(rows_b), col_blocks)
@@ -201,106 +175,17 @@ def _negative_lse_one_block(features: Array, labels: Array, inv_temp: float) -> 
 
 def _negative_lse_one_block_fwd(features, labels, inv_temp):
   sims = (features @ features.T) * inv_temp
-  lse = _lse_of(_add_negatives(_no_negatives(features, None), sims,
-                               _negative_mask(labels, labels), None))
+  lse = _lse_of(_add_negatives(_no_negatives(features), sims, _negative_mask(labels, labels)))
   return lse, (features, labels, sims, lse)
 
 
 def _negative_lse_one_block_bwd(inv_temp, residuals, grad_lse):
   features, labels, sims, lse = residuals
-  weight = _pair_weights(sims, _negative_mask(labels, labels), lse, grad_lse, lse, grad_lse,
-                         None)
+  weight = _pair_weights(sims, _negative_mask(labels, labels), lse, grad_lse, lse, grad_lse)
   return (weight @ features) * inv_temp, jnp.zeros_like(labels)
 
 
 _negative_lse_one_block.defvjp(_negative_lse_one_block_fwd, _negative_lse_one_block_bwd)
-
-
-def _fold_minority_blocks(features: Array, labels: Array, inv_temp: float, block: int, fold,
-                          init):
-  """Folds `fold(carry, start, index, rows, shifted)` over blocks of the rows of the rarer label.
-
-  Every negative pair joins one row of the rarer ("minority") label and one of the other, so
-  the similarities of the minority rows against all rows hold every negative pair exactly once:
-  count x 2N similarities instead of (2N)^2, never more than half (count <= N). The minority
-  rows are taken in sorted order (minority first): block k holds sorted positions
-  [start, start + block), `index` their rows in `features`. `shifted` is exp(sim - inv_temp) on
-  (minority row, majority column) pairs and 0 elsewhere, (block, 2N). The number of blocks
-  follows the labels (a loop with a data-dependent trip count; shapes stay static).
-
-  Returns the final carry, the (2N,) minority mask, and `unsort`, which maps a per-row array
-  in sorted order (padded to a multiple of block) back to the rows' order.
-  """
-  anomalous, normal = labels == 1.0, labels == 0.0   # padding (-1) is in neither set
-  minority = jnp.where(jnp.sum(anomalous) <= jnp.sum(normal), anomalous, normal)
-  majority = (anomalous | normal) & ~minority
-  count = jnp.sum(minority)
-  num_rows = features.shape[0]
-  order = jnp.argsort(~minority, stable=True)        # minority rows first
-  padded_order = jnp.pad(order, (0, -(-num_rows // block) * block - num_rows))
-
-  def body(i, carry):
-    start = i * block
-    index = jax.lax.dynamic_slice(padded_order, (start,), (block,))
-    rows = features[index]
-    # Positions past `count` hold majority, padding or (past 2N) filler rows: masked out.
-    real = start + jnp.arange(block) < count
-    sims = (rows @ features.T) * inv_temp
-    shifted = jnp.where(real[:, None] & majority[None, :], jnp.exp(sims - inv_temp), 0.0)
-    return fold(carry, start, index, rows, shifted)
-
-  carry = jax.lax.fori_loop(0, (count + block - 1) // block, body, init)
-  inverse = jnp.argsort(order)
-  return carry, minority, lambda sorted_values: sorted_values[inverse]
-
-
-def _sorted_buffer(features: Array, block: int, *trailing: int) -> Array:
-  """Zeros for a per-row quantity in sorted order, padded to a multiple of block."""
-  return jnp.zeros((-(-features.shape[0] // block) * block, *trailing), features.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _minority_negative_lse(features: Array, labels: Array, inv_temp: float, block: int) -> Array:
-  """Per-row log-sum-exp over negatives from the minority rows' similarities only (unit-norm
-  features, `_fixed_shift(inv_temp)` not None): a minority row's negatives are its row, a
-  majority row's are its column."""
-  return _minority_negative_lse_fwd(features, labels, inv_temp, block)[0]
-
-
-def _minority_negative_lse_fwd(features, labels, inv_temp, block):
-  def fold(sums, start, index, rows, shifted):
-    row_sums, col_sums = sums
-    row_sums = jax.lax.dynamic_update_slice(row_sums, jnp.sum(shifted, axis=1), (start,))
-    return row_sums, col_sums + jnp.sum(shifted, axis=0)
-
-  init = (_sorted_buffer(features, block), jnp.zeros_like(features[:, 0]))
-  (row_sums, col_sums), minority, unsort = _fold_minority_blocks(features, labels, inv_temp,
-                                                                 block, fold, init)
-  sums = jnp.where(minority, unsort(row_sums), col_sums)
-  lse = _lse_of((jnp.full_like(sums, inv_temp), sums))
-  return lse, (features, labels, lse)
-
-
-def _minority_negative_lse_bwd(inv_temp, block, residuals, grad_lse):
-  features, labels, lse = residuals
-  # P_ab = shifted_ab * exp(inv_temp - lse_a): per-row factors of the pair weights.
-  row_factor = grad_lse * jnp.exp(inv_temp - lse)
-
-  def fold(grads, start, index, rows, shifted):
-    majority_grad, minority_grad = grads
-    weight = shifted * (row_factor[index][:, None] + row_factor[None, :])   # symmetric W_ab
-    majority_grad = majority_grad + jax.lax.dot_general(weight, rows, (((0,), (0,)), ((), ())))
-    minority_grad = jax.lax.dynamic_update_slice(minority_grad, weight @ features, (start, 0))
-    return majority_grad, minority_grad
-
-  init = (jnp.zeros_like(features), _sorted_buffer(features, block, features.shape[1]))
-  (majority_grad, minority_grad), _, unsort = _fold_minority_blocks(
-      features, labels, inv_temp, block, fold, init)
-  # Each part is zero on the other set's rows.
-  return (majority_grad + unsort(minority_grad)) * inv_temp, jnp.zeros_like(labels)
-
-
-_minority_negative_lse.defvjp(_minority_negative_lse_fwd, _minority_negative_lse_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -331,6 +216,148 @@ def _sharded_negative_lse_bwd(inv_temp, block, axis_name, residuals, grad_lse):
 _sharded_negative_lse.defvjp(_sharded_negative_lse_fwd, _sharded_negative_lse_bwd)
 
 
+def _fixed_shift(inv_temp: float) -> Optional[float]:
+  """A log-sum-exp shift that needs no running maximum, or None where it could underflow.
+
+  Why: the rows are unit vectors (or zero padding), so every similarity is at most inv_temp
+  and exp(sim - inv_temp) lies in [exp(-2 inv_temp), 1]: with that constant shift the forward
+  pass needs no row maximum, and value and gradient share one exponential per pair. Below
+  tau ~ 0.025 the smallest terms could underflow float32, and the running maximum is used.
+  """
+  return inv_temp if 2.0 * inv_temp <= 80.0 else None
+
+
+def _fold_minority_blocks(rows: Array, row_labels: Array, cols: Array, col_labels: Array,
+                          rarer: Array, inv_temp: float, block: int, fold, init):
+  """Folds `fold(carry, start, index, block_rows, shifted)` over blocks of the rarer label's
+  rows among `rows` (all rows, or this device's), against all `cols`.
+
+  Every negative pair joins one row of the rarer ("minority") label and one of the other, so
+  the similarities of the minority rows against all rows hold every negative pair exactly once:
+  count x 2N similarities instead of (2N)^2, never more than half (count <= N). The minority
+  rows are taken in sorted order (minority first): a block holds sorted positions
+  [start, start + block), `index` their positions in `rows`. `shifted` is exp(sim - inv_temp)
+  on (minority row, majority column) pairs and 0 elsewhere, (block, cols). The number of blocks
+  follows the labels (a loop with a data-dependent trip count; shapes stay static).
+
+  Returns the final carry, the minority mask of `rows`, and `unsort`, which maps a per-row
+  array in sorted order (padded to a multiple of block) back to the order of `rows`.
+  """
+  minority = row_labels == rarer                      # padding (-1) is in neither set
+  majority_cols = col_labels == 1.0 - rarer
+  count = jnp.sum(minority)
+  num_rows = rows.shape[0]
+  order = jnp.argsort(~minority, stable=True)         # minority rows first
+  padded_order = jnp.pad(order, (0, -(-num_rows // block) * block - num_rows))
+
+  def body(i, carry):
+    start = i * block
+    index = jax.lax.dynamic_slice(padded_order, (start,), (block,))
+    block_rows = rows[index]
+    # Positions past `count` hold majority, padding or (past the rows) filler: masked out.
+    real = start + jnp.arange(block) < count
+    sims = (block_rows @ cols.T) * inv_temp
+    shifted = jnp.where(real[:, None] & majority_cols[None, :], jnp.exp(sims - inv_temp), 0.0)
+    return fold(carry, start, index, block_rows, shifted)
+
+  carry = jax.lax.fori_loop(0, (count + block - 1) // block, body, init)
+  inverse = jnp.argsort(order)
+  return carry, minority, lambda sorted_values: sorted_values[inverse]
+
+
+def _sorted_buffer(rows: Array, block: int, *trailing: int) -> Array:
+  """Zeros for a per-row quantity in sorted order, padded to a multiple of block."""
+  return jnp.zeros((-(-rows.shape[0] // block) * block, *trailing), rows.dtype)
+
+
+class _Columns:
+  """The columns a device's rows are compared with, and the column-wise reductions back.
+
+  One device: the rows themselves. Inside shard_map: every device's rows (all-gathered in
+  device order), and a column-wise sum comes back to its owner as a reduce-scatter."""
+
+  def __init__(self, axis_name: Optional[str]):
+    self.axis_name = axis_name
+
+  def gather(self, x: Array) -> Array:
+    return x if self.axis_name is None else jax.lax.all_gather(x, self.axis_name, tiled=True)
+
+  def sum_to_owner(self, x: Array) -> Array:
+    return (x if self.axis_name is None else
+            jax.lax.psum_scatter(x, self.axis_name, scatter_dimension=0, tiled=True))
+
+  def varying(self, *xs: Array) -> tuple[Array, ...]:
+    """Fresh arrays typed as differing between devices (a loop carry that becomes so must
+    start so under shard_map)."""
+    if self.axis_name is None:
+      return xs
+    return tuple(jax.lax.pcast(x, self.axis_name, to="varying") for x in xs)
+
+  def total(self, x: Array) -> Array:
+    return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
+
+  def rarer_label(self, labels: Array) -> Array:
+    """1.0 if the batch has no more anomalous than normal tokens, else 0.0 (global)."""
+    anomalous = self.total(jnp.sum(labels == 1.0))
+    return jnp.where(anomalous <= self.total(jnp.sum(labels == 0.0)), 1.0, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _minority_negative_lse(features: Array, labels: Array, inv_temp: float, block: int,
+                           axis_name: Optional[str]) -> Array:
+  """Per-row log-sum-exp over negatives from the minority rows' similarities only (unit-norm
+  features, `_fixed_shift(inv_temp)` not None): a minority row's negatives are in its row, a
+  majority row's in its column. With axis_name, `features` are this device's rows."""
+  return _minority_negative_lse_fwd(features, labels, inv_temp, block, axis_name)[0]
+
+
+def _minority_negative_lse_fwd(features, labels, inv_temp, block, axis_name):
+  columns = _Columns(axis_name)
+  cols, col_labels = columns.gather(features), columns.gather(labels)
+  rarer = columns.rarer_label(labels)
+
+  def fold(sums, start, index, block_rows, shifted):
+    row_sums, col_sums = sums
+    row_sums = jax.lax.dynamic_update_slice(row_sums, jnp.sum(shifted, axis=1), (start,))
+    return row_sums, col_sums + jnp.sum(shifted, axis=0)
+
+  init = columns.varying(_sorted_buffer(features, block), jnp.zeros(cols.shape[:1], cols.dtype))
+  (row_sums, col_sums), minority, unsort = _fold_minority_blocks(
+      features, labels, cols, col_labels, rarer, inv_temp, block, fold, init)
+  sums = jnp.where(minority, unsort(row_sums), columns.sum_to_owner(col_sums))
+  lse = _lse_of((jnp.full_like(sums, inv_temp), sums))
+  return lse, (features, labels, lse)
+
+
+def _minority_negative_lse_bwd(inv_temp, block, axis_name, residuals, grad_lse):
+  features, labels, lse = residuals
+  columns = _Columns(axis_name)
+  cols, col_labels = columns.gather(features), columns.gather(labels)
+  # P_ab = shifted_ab * exp(inv_temp - lse_a): per-row factors of the pair weights.
+  row_factor = grad_lse * jnp.exp(inv_temp - lse)
+  col_factor = columns.gather(row_factor)
+
+  def fold(grads, start, index, block_rows, shifted):
+    majority_grad, minority_grad = grads
+    weight = shifted * (row_factor[index][:, None] + col_factor[None, :])   # symmetric W_ab
+    majority_grad = majority_grad + jax.lax.dot_general(weight, block_rows,
+                                                        (((0,), (0,)), ((), ())))
+    minority_grad = jax.lax.dynamic_update_slice(minority_grad, weight @ cols, (start, 0))
+    return majority_grad, minority_grad
+
+  init = columns.varying(jnp.zeros(cols.shape, cols.dtype),
+                         _sorted_buffer(features, block, features.shape[1]))
+  (majority_grad, minority_grad), _, unsort = _fold_minority_blocks(
+      features, labels, cols, col_labels, columns.rarer_label(labels), inv_temp, block, fold,
+      init)
+  # Each part is zero on the other set's rows.
+  grad = columns.sum_to_owner(majority_grad) + unsort(minority_grad)
+  return grad * inv_temp, jnp.zeros_like(labels)
+
+
+_minority_negative_lse.defvjp(_minority_negative_lse_fwd, _minority_negative_lse_bwd)
+
+
 def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = None,
                temperature: float = 0.15, *, weights: Optional[Array] = None,
                block_size: int = DEFAULT_BLOCK_SIZE,
@@ -344,14 +371,15 @@ def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = No
     temperature: tau.
     weights: optional (N,) in {0, 1}: 0 drops a token entirely (padding, unused references);
       static shapes for variable token counts.
-    block_size: memory cap: on one device (and tau >= 0.025), min(block_size,
-      MINORITY_ROW_BLOCK, N) rows of the rarer label against all 2N rows are held at once;
-      otherwise block_size x block_size similarities, the inputs padded to a multiple of it.
+    block_size: memory cap: for tau >= 0.025, blocks of at most min(block_size,
+      MINORITY_ROW_BLOCK) rows of the rarer label against all 2N rows are held at once;
+      below, block_size x block_size similarities, the inputs padded to a multiple of it.
       Value and gradient do not depend on it.
     axis_name: inside `jax.shard_map` over this mesh axis, e1, e2, labels and weights are this
-      device's rows of the global batch: each device computes the log-sum-exp of its own rows
-      against every device's rows (all-gathered) and the result is the global loss, the same as
-      on one device, for 1 / devices of the similarity work. None: the arrays are the batch.
+      device's rows of the global batch: each device computes its own rows against every
+      device's rows (all-gathered; for tau >= 0.025 only its rows of the rarer label, the
+      column sums reduce-scattered back) and the result is the global loss, the same as on one
+      device, for 1 / devices of the similarity work. None: the arrays are the batch.
 
   Returns:
     Scalar float32 loss; 0 when the kept tokens include no anomalous or no normal one.
@@ -373,10 +401,12 @@ def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = No
   all_labels = jnp.concatenate([row_labels, row_labels], axis=0)
   inv_temp = 1.0 / temperature
   total = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
-  if axis_name is None and _fixed_shift(inv_temp) is not None:
-    # The rarer label has at most n of the 2n rows: no block needs more.
+  if _fixed_shift(inv_temp) is not None:
+    # The rarer label has at most n of the 2n rows on one device (all 2n of a device's rows
+    # under shard_map): no block needs more.
     lse = _minority_negative_lse(features, all_labels, inv_temp,
-                                 min(block_size, MINORITY_ROW_BLOCK, n))
+                                 min(block_size, MINORITY_ROW_BLOCK,
+                                     n if axis_name is None else 2 * n), axis_name)
   else:
     block = min(block_size, 2 * n)
     padded = -(-2 * n // block) * block
