@@ -57,14 +57,14 @@ def model_flops(batch: int, dim: int, levels: int, side: int, num_ref: int,
 
 def minority_rows(masks, settings) -> tuple[float, int]:
   """Share of anomalous tokens per view and the rows the angle loss computes per level."""
-  from adjax.losses.angle import MINORITY_ROW_BLOCK
+  from adjax.losses.angle import rarer_label_block
   from adjax.train_step import level_labels
 
   labels = np.asarray(level_labels(masks, settings.level_strides[:1],
                                    settings.label_threshold_share)[0][0]).reshape(-1)
   anomalous = int(labels.sum())
   rarer = 2 * min(anomalous, labels.size - anomalous)   # both views
-  block = min(MINORITY_ROW_BLOCK, labels.size)   # as angle_loss picks it
+  block = rarer_label_block(labels.size)
   return anomalous / labels.size, -(-rarer // block) * block
 
 

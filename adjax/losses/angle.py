@@ -36,7 +36,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 DEFAULT_BLOCK_SIZE = 2048
-# Rows of the rarer label per block of the single-device path (`_fold_minority_blocks`).
+# Rows of the rarer label per block (`_fold_minority_blocks`; see `rarer_label_block`).
 MINORITY_ROW_BLOCK = 256
 _PAD_LABEL = -1.0  # padding rows: neither normal (0) nor anomalous (1), so never a negative
 
@@ -216,15 +216,23 @@ def _sharded_negative_lse_bwd(inv_temp, block, axis_name, residuals, grad_lse):
 _sharded_negative_lse.defvjp(_sharded_negative_lse_fwd, _sharded_negative_lse_bwd)
 
 
-def _fixed_shift(inv_temp: float) -> Optional[float]:
-  """A log-sum-exp shift that needs no running maximum, or None where it could underflow.
+def _fixed_shift_is_safe(inv_temp: float) -> bool:
+  """Whether the log-sum-exp may use the constant shift inv_temp instead of a running maximum.
 
   Why: the rows are unit vectors (or zero padding), so every similarity is at most inv_temp
   and exp(sim - inv_temp) lies in [exp(-2 inv_temp), 1]: with that constant shift the forward
   pass needs no row maximum, and value and gradient share one exponential per pair. Below
   tau ~ 0.025 the smallest terms could underflow float32, and the running maximum is used.
   """
-  return inv_temp if 2.0 * inv_temp <= 80.0 else None
+  return 2.0 * inv_temp <= 80.0
+
+
+def rarer_label_block(tokens: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                      sharded: bool = False) -> int:
+  """Rows per block of the rarer-label form for `tokens` tokens per view (this device's under
+  shard_map): the rarer label has at most `tokens` of the 2 x tokens rows on one device, all
+  of a device's rows under shard_map, so no block needs more."""
+  return min(block_size, MINORITY_ROW_BLOCK, 2 * tokens if sharded else tokens)
 
 
 def _fold_minority_blocks(rows: Array, row_labels: Array, cols: Array, col_labels: Array,
@@ -306,7 +314,7 @@ class _Columns:
 def _minority_negative_lse(features: Array, labels: Array, inv_temp: float, block: int,
                            axis_name: Optional[str]) -> Array:
   """Per-row log-sum-exp over negatives from the minority rows' similarities only (unit-norm
-  features, `_fixed_shift(inv_temp)` not None): a minority row's negatives are in its row, a
+  features, `_fixed_shift_is_safe(inv_temp)`): a minority row's negatives are in its row, a
   majority row's in its column. With axis_name, `features` are this device's rows."""
   return _minority_negative_lse_fwd(features, labels, inv_temp, block, axis_name)[0]
 
@@ -401,12 +409,10 @@ def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = No
   all_labels = jnp.concatenate([row_labels, row_labels], axis=0)
   inv_temp = 1.0 / temperature
   total = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
-  if _fixed_shift(inv_temp) is not None:
-    # The rarer label has at most n of the 2n rows on one device (all 2n of a device's rows
-    # under shard_map): no block needs more.
+  if _fixed_shift_is_safe(inv_temp):
     lse = _minority_negative_lse(features, all_labels, inv_temp,
-                                 min(block_size, MINORITY_ROW_BLOCK,
-                                     n if axis_name is None else 2 * n), axis_name)
+                                 rarer_label_block(n, block_size, axis_name is not None),
+                                 axis_name)
   else:
     block = min(block_size, 2 * n)
     padded = -(-2 * n // block) * block
