@@ -10,6 +10,11 @@ backward, update. Needs torch (requirements-dev.txt); adjax itself never imports
 Prints one JSON line.
 
   python benchmarks/bench_reference_step.py --batch 4 --dim 768 --levels 4 --side 16
+
+With --serve it warms up, prints "ready" and then runs one step for every "step" line it reads
+on standard input, answering with that step's seconds: `bench_step.py --measure-reference`
+alternates its own steps with these, so both are timed in the same minutes (the machine's speed
+moves between single steps here, so even "right afterwards" can be a different speed).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ def main() -> None:
   add_step_size_arguments(parser)
   parser.add_argument("--heads", type=int, default=16)
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--serve", action="store_true",
+                      help='after warm-up print "ready", then time one step per "step" line read '
+                      "on stdin and print its seconds")
   args = parser.parse_args()
   try:
     import torch
@@ -70,6 +78,8 @@ def main() -> None:
     return float(loss.detach())
 
   loss = step()   # warm-up (allocator, lazy init)
+  if args.serve:
+    return serve(step)
   times = []
   for _ in range(args.steps):
     t0 = time.perf_counter()
@@ -83,6 +93,17 @@ def main() -> None:
       "seconds_per_step": round(seconds, 4), "seconds_min": round(min(times), 4),
       "seconds_max": round(max(times), 4), "images_per_s": round(args.batch / seconds, 3),
       "loss": loss}))
+
+
+def serve(step) -> None:
+  """One timed step per "step" line on stdin, its seconds on stdout; ends at end of input."""
+  print("ready", flush=True)
+  for line in sys.stdin:
+    if line.strip() != "step":
+      sys.exit(f"bench_reference_step.py --serve: expected the line 'step', got {line!r}")
+    t0 = time.perf_counter()
+    step()
+    print(f"{time.perf_counter() - t0:.6f}", flush=True)
 
 
 if __name__ == "__main__":

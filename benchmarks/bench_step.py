@@ -8,8 +8,10 @@ the FLOP rate they imply, and XLA's own FLOP count of the compiled step.
   python benchmarks/bench_step.py --batch 4 --dim 768 --levels 4 --side 16
 
 The speed-up is against the reference's 11.7 s, or, with --measure-reference, against the
-PyTorch reference step timed right afterwards on this machine (bench_reference_step.py; this
-machine's speed drifts by up to 30 % between hours, so the same-hour ratio is the fair one).
+PyTorch reference step timed on this machine in the same minutes: a child process
+(bench_reference_step.py --serve) runs one reference step between every two adjax steps, never
+at the same time. This machine's speed drifts by up to 30 % between hours and moves between
+single steps, so only steps timed side by side give a fair ratio.
 
 With --backbone NAME it times the *full* step instead (random backbone weights): backbone on
 both views and on max_shots reference images per image, residuals, projector, losses, update,
@@ -90,7 +92,6 @@ def main() -> None:
   parser.add_argument("--measure-reference", action="store_true",
                       help="also time the PyTorch reference step (bench_reference_step.py, needs "
                       "torch) right afterwards and compare with that instead of the 11.7 s figure")
-  parser.add_argument("--reference-steps", type=int, default=3)
   parser.add_argument("--max-shots", type=int, default=8)
   parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
   args = parser.parse_args()
@@ -124,8 +125,11 @@ def main() -> None:
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   state, metrics = compiled(state, res1, res2, masks, centers)   # warm-up
   jax.block_until_ready(metrics["loss"])
+  reference = ReferenceSteps(args) if args.measure_reference else None
   times = []
   for _ in range(args.steps):
+    if reference is not None:
+      reference.step()
     t0 = time.perf_counter()
     state, metrics = compiled(state, res1, res2, masks, centers)
     jax.block_until_ready(metrics["loss"])
@@ -136,7 +140,7 @@ def main() -> None:
   dense_flops = model_flops(args.batch, args.dim, args.levels, args.side, args.num_ref)
   # The machine's matmul rate drifts between runs here (118-215 GFLOP/s): measure it alongside.
   peak = matmul_gflops(dtype)
-  reference = (measure_reference(args) if args.measure_reference
+  reference = (reference.close() if reference is not None
                else {"seconds_per_step": REFERENCE_SECONDS, "source": "figure"})
   print(json.dumps({
       "bench": "step", "backend": jax.default_backend(), "devices": jax.device_count(),
@@ -156,17 +160,39 @@ def main() -> None:
       "speedup_vs_reference": round(reference["seconds_per_step"] / seconds, 2)}))
 
 
-def measure_reference(args) -> dict:
-  """Median seconds of the PyTorch reference step at the same sizes, in a child process (so
-  that torch's and XLA's thread pools never compete)."""
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_reference_step.py")
-  command = [sys.executable, script, *step_size_flags(args),
-             "--steps", str(args.reference_steps)]
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
-  if result.returncode != 0:
-    sys.exit(f"bench_reference_step.py failed: {result.stderr.strip()[-500:]}")
-  line = json.loads(result.stdout.strip().splitlines()[-1])
-  return {"seconds_per_step": line["seconds_per_step"], "source": "measured"}
+class ReferenceSteps:
+  """The PyTorch reference step in a child process (so that torch's and XLA's thread pools never
+  compete), stepped on demand: bench_reference_step.py --serve."""
+
+  def __init__(self, args: argparse.Namespace):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_reference_step.py")
+    self._child = subprocess.Popen([sys.executable, script, *step_size_flags(args), "--serve"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+    self._expect_ready = True
+    self.times: list[float] = []
+
+  def _read_line(self) -> str:
+    line = self._child.stdout.readline()
+    if not line:
+      self._child.wait()
+      sys.exit(f"bench_reference_step.py --serve failed: {self._child.stderr.read()[-500:]}")
+    return line.strip()
+
+  def step(self) -> None:
+    """Runs one reference step and waits for it (the first call also waits for warm-up)."""
+    if self._expect_ready:
+      if self._read_line() != "ready":
+        sys.exit("bench_reference_step.py --serve did not start as expected")
+      self._expect_ready = False
+    self._child.stdin.write("step\n")
+    self._child.stdin.flush()
+    self.times.append(float(self._read_line()))
+
+  def close(self) -> dict:
+    self._child.stdin.close()
+    self._child.wait()
+    return {"seconds_per_step": round(float(np.median(self.times)), 4), "source": "interleaved"}
 
 
 def full_step(args) -> None:
