@@ -16,6 +16,7 @@ one): `l{k}_proj/{x_ref, ref_proj, layers_{i}/{cross_attn/{query,key,value,out},
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -142,21 +143,85 @@ class _CrossAttention(nn.Module):
                    name="out")(attended)
 
 
-class _SqueezeExcite(nn.Module):
-  """One gate per channel per image, from the mean over the image's tokens."""
-  dim: int
-  tokens_per_image: int
-  dtype: Any = None
+class _LinearParams(nn.Module):
+  """The kernel (in, out) and bias of a torch-initialised linear layer, for code that applies
+  them itself (same names and init order as _Linear)."""
+  in_features: int
+  features: int
 
   @nn.compact
-  def __call__(self, h: Array) -> Array:
-    # h: (T, 4C), the batch's images one after another, tokens_per_image rows each.
+  def __call__(self) -> tuple[Array, Array]:
+    kernel = self.param("kernel", _torch_linear_kernel_init, (self.in_features, self.features),
+                        jnp.float32)
+    bias = self.param("bias", _torch_linear_bias_init(self.in_features), (self.features,),
+                      jnp.float32)
+    return kernel, bias
+
+
+class _SqueezeExciteParams(nn.Module):
+  """The squeeze-excite gate's two linear layers (params `se/{fc1, fc2}/{kernel, bias}`)."""
+  dim: int
+
+  @nn.compact
+  def __call__(self) -> dict[str, Array]:
     hidden = se_hidden_dim(self.dim)
-    images = h.reshape(-1, self.tokens_per_image, self.dim)
-    squeezed = jnp.mean(images.astype(jnp.float32), axis=1).astype(h.dtype)   # (B, 4C)
-    gate = _torch_linear(hidden, self.dim, self.dtype, "fc1")(squeezed)
-    gate = _torch_linear(self.dim, hidden, self.dtype, "fc2")(nn.relu(gate))
-    return (images * nn.sigmoid(gate)[:, None, :]).reshape(h.shape)
+    w1, b1 = _LinearParams(self.dim, hidden, name="fc1")()
+    w2, b2 = _LinearParams(hidden, self.dim, name="fc2")()
+    return {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+
+
+def _squeeze_excite_gate(squeezed: Array, se: dict[str, Array]) -> Array:
+  """sigmoid(fc2(relu(fc1(mean)))): one gate per image and channel, (B, 4C)."""
+  dtype = squeezed.dtype
+  hidden = jax.nn.relu(squeezed @ se["w1"].astype(dtype) + se["b1"].astype(dtype))
+  return jax.nn.sigmoid(hidden @ se["w2"].astype(dtype) + se["b2"].astype(dtype))
+
+
+def _gelu_cdf_pdf(z: Array) -> tuple[Array, Array]:
+  return 0.5 * (1.0 + jax.lax.erf(z * _INV_SQRT2)), jnp.exp(-0.5 * z * z) * _INV_SQRT_2PI
+
+
+def _gated_gelu_forward(y: Array, bias: Array, se: dict[str, Array], tokens_per_image: int):
+  images = (y + bias.astype(y.dtype)).reshape(-1, tokens_per_image, y.shape[-1])   # h
+  squeezed = jnp.mean(images.astype(jnp.float32), axis=1).astype(y.dtype)          # (B, 4C)
+  gate, gate_vjp = jax.vjp(_squeeze_excite_gate, squeezed, se)
+  out = _exact_gelu(images * gate[:, None, :]).reshape(y.shape)
+  return out, (y, bias, gate, gate_vjp)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gated_gelu(y: Array, bias: Array, se: dict[str, Array], tokens_per_image: int) -> Array:
+  """GELU(h * gate(mean over the image's tokens of h)) with h = y + bias, on (T, 4C).
+
+  The middle of the squeeze-excite MLP, between fc1's matmul and fc2. Why a custom VJP: autodiff
+  keeps several (T, 4C) intermediates (h, the gated h, the GELU's derivative) and adds the
+  gate's share of dh in a pass of its own; the backward below keeps only y, recomputes h and
+  the gated values in the pass that needs them, and folds the mean's share (dm / L) into the
+  pass that writes dy (forward + backward per level at batch 4: 80 -> 61 ms, isolated).
+  """
+  return _gated_gelu_forward(y, bias, se, tokens_per_image)[0]
+
+
+def _gated_gelu_fwd(y, bias, se, tokens_per_image):
+  return _gated_gelu_forward(y, bias, se, tokens_per_image)
+
+
+def _gated_gelu_bwd(tokens_per_image, residuals, d_out):
+  y, bias, gate, gate_vjp = residuals
+  images = (y + bias.astype(y.dtype)).reshape(-1, tokens_per_image, y.shape[-1])
+  gated = images * gate[:, None, :]
+  cdf, pdf = _gelu_cdf_pdf(gated)
+  d_gated = d_out.reshape(images.shape) * (cdf + gated * pdf)
+  d_gate = jnp.sum((d_gated * images).astype(jnp.float32), axis=1).astype(gate.dtype)
+  d_squeezed, d_se = gate_vjp(d_gate)
+  # h feeds the output through the gated values and the gate through its mean over L tokens.
+  d_images = d_gated * gate[:, None, :] + (d_squeezed / tokens_per_image)[:, None, :]
+  d_y = d_images.reshape(y.shape)
+  d_bias = jnp.sum(d_y.astype(jnp.float32), axis=0).astype(bias.dtype)
+  return d_y, d_bias, d_se
+
+
+_gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
 
 
 class _SqueezeExciteMLP(nn.Module):
@@ -168,9 +233,12 @@ class _SqueezeExciteMLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     mlp_dim = 4 * self.dim
-    h = _torch_linear(mlp_dim, self.dim, self.dtype, "fc1")(x)              # (T, 4C)
-    h = _SqueezeExcite(mlp_dim, self.tokens_per_image, self.dtype, name="se")(h)
-    return _torch_linear(self.dim, mlp_dim, self.dtype, "fc2")(_exact_gelu(h))
+    kernel, bias = _LinearParams(self.dim, mlp_dim, name="fc1")()
+    dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
+    y = x.astype(dtype) @ kernel.astype(dtype)                                  # (T, 4C)
+    se = _SqueezeExciteParams(mlp_dim, name="se")()
+    hidden = _gated_gelu(y, bias.astype(dtype), se, self.tokens_per_image)
+    return _torch_linear(self.dim, mlp_dim, self.dtype, "fc2")(hidden)
 
 
 class ProjectorLayer(nn.Module):
