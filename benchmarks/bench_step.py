@@ -91,7 +91,8 @@ def main() -> None:
   parser.add_argument("--backbone", default="", help="time the full step with this backbone")
   parser.add_argument("--measure-reference", action="store_true",
                       help="also time the PyTorch reference step (bench_reference_step.py, needs "
-                      "torch) right afterwards and compare with that instead of the 11.7 s figure")
+                      "torch), one reference step before each adjax step, and compare with that "
+                      "instead of the 11.7 s figure")
   parser.add_argument("--max-shots", type=int, default=8)
   parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
   args = parser.parse_args()

@@ -408,7 +408,7 @@ def angle_loss(e1: Array, e2: Array, labels: Array, center: Optional[Array] = No
   features = jnp.concatenate([u, v], axis=0)
   all_labels = jnp.concatenate([row_labels, row_labels], axis=0)
   inv_temp = 1.0 / temperature
-  total = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
+  total = _Columns(axis_name).total
   if _fixed_shift_is_safe(inv_temp):
     lse = _minority_negative_lse(features, all_labels, inv_temp,
                                  rarer_label_block(n, block_size, axis_name is not None),

@@ -56,29 +56,31 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _gelu_cdf_pdf(x: Array) -> tuple[Array, Array]:
-  """Phi(x) and phi(x), the standard normal's distribution and density."""
-  return 0.5 * (1.0 + jax.lax.erf(x * _INV_SQRT2)), jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
-
-
-@jax.custom_jvp
 def _exact_gelu(x: Array) -> Array:
   """x Phi(x) with the erf, as torch.nn.GELU() computes it.
 
   Why not nn.gelu(approximate=False): it goes through erfc, which XLA:CPU expands into an
-  exponential and two branches, three passes over the (T, 4C) activations forward and more
-  backward; lax.erf is one polynomial (forward on 2048 x 3072: 12 -> 4.5 ms) and the
-  derivative below, Phi(x) + x phi(x), one fused pass. The projector's MLP calls it inside
-  _gated_gelu, whose backward uses the same derivative.
+  exponential and two branches, three passes over the (T, 4C) activations; lax.erf is one
+  polynomial (forward on 2048 x 3072: 12 -> 4.5 ms). Its derivative is
+  `_exact_gelu_derivative`, which _gated_gelu's backward uses.
   """
   return 0.5 * x * (1.0 + jax.lax.erf(x * _INV_SQRT2))
 
 
-@_exact_gelu.defjvp
-def _exact_gelu_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  cdf, pdf = _gelu_cdf_pdf(x)
-  return x * cdf, dx * (cdf + x * pdf)
+def _exact_gelu_derivative(x: Array) -> Array:
+  """d/dx x Phi(x) = Phi(x) + x phi(x)."""
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * _INV_SQRT2))
+  return cdf + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _declare_linear(module: nn.Module, in_features: int, features: int,
+                    kernel_init: Callable[..., Array],
+                    bias_init: Callable[..., Array]) -> tuple[Array, Array]:
+  """Declares a linear layer's float32 `kernel` (in, out) and `bias` on `module`, in nn.Dense's
+  names and order."""
+  kernel = module.param("kernel", kernel_init, (in_features, features), jnp.float32)
+  bias = module.param("bias", bias_init, (features,), jnp.float32)
+  return kernel, bias
 
 
 class _Linear(nn.Module):
@@ -101,8 +103,8 @@ class _Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    kernel, bias = _declare_linear(self, x.shape[-1], self.features, self.kernel_init,
+                                   self.bias_init)
     if self.zero_bias_gradient:
       bias = jax.lax.stop_gradient(bias)
     dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
@@ -149,17 +151,14 @@ class _CrossAttention(nn.Module):
 
 class _LinearParams(nn.Module):
   """The kernel (in, out) and bias of a torch-initialised linear layer, for code that applies
-  them itself (same names and init order as _Linear)."""
+  them itself (declared as _Linear declares them)."""
   in_features: int
   features: int
 
   @nn.compact
   def __call__(self) -> tuple[Array, Array]:
-    kernel = self.param("kernel", _torch_linear_kernel_init, (self.in_features, self.features),
-                        jnp.float32)
-    bias = self.param("bias", _torch_linear_bias_init(self.in_features), (self.features,),
-                      jnp.float32)
-    return kernel, bias
+    return _declare_linear(self, self.in_features, self.features, _torch_linear_kernel_init,
+                           _torch_linear_bias_init(self.in_features))
 
 
 class _SqueezeExciteParams(nn.Module):
@@ -209,9 +208,7 @@ def _gated_gelu_fwd(y, bias, se, tokens_per_image):
 def _gated_gelu_bwd(tokens_per_image, residuals, d_out):
   y, bias, gate, gate_vjp = residuals
   images = (y + bias.astype(y.dtype)).reshape(-1, tokens_per_image, y.shape[-1])
-  gated = images * gate[:, None, :]
-  cdf, pdf = _gelu_cdf_pdf(gated)
-  d_gated = d_out.reshape(images.shape) * (cdf + gated * pdf)
+  d_gated = d_out.reshape(images.shape) * _exact_gelu_derivative(images * gate[:, None, :])
   d_gate = jnp.sum((d_gated * images).astype(jnp.float32), axis=1).astype(gate.dtype)
   d_squeezed, d_se = gate_vjp(d_gate)
   # h feeds the output through the gated values and the gate through its mean over L tokens.
