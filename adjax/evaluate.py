@@ -114,9 +114,26 @@ class FeatureMaker:
     return out
 
 
-def reference_features(levels: Sequence[np.ndarray], shots: int) -> list[np.ndarray]:
-  """Every token of the first `shots` images: (shots * h * w, C) per level."""
-  return [lv[:shots].reshape(-1, lv.shape[-1]) for lv in levels]
+def reference_features(levels: Sequence[np.ndarray], shots: int,
+                       normal: Optional[np.ndarray] = None,
+                       class_name: str = "") -> list[np.ndarray]:
+  """Every token of the first `shots` normal images: (shots * h * w, C) per level.
+
+  normal: (N,) bool, which training images are normal (the noisy-training setting appends
+  anomalous ones); None: all are. When `shots` reaches the number of normal training images,
+  every training image is its own reference and every training residual is zero (the k-shot
+  settings with k <= shots): the methods then fit on zeros and score test residuals by their
+  size. That is the reference's behaviour too; it is logged, not refused.
+  """
+  count = len(levels[0])
+  normal_rows = np.arange(count) if normal is None else np.flatnonzero(np.asarray(normal))
+  if len(normal_rows) == 0:
+    raise ValueError(f"class {class_name!r}: no normal training image to take references from")
+  if shots >= len(normal_rows) and len(normal_rows) == count:
+    log.warning("class %r: eval.shots=%d >= its %d training images: every training image is a "
+                "reference, so every training residual is zero", class_name, shots, count)
+  rows = normal_rows[:shots]
+  return [lv[rows].reshape(-1, lv.shape[-1]) for lv in levels]
 
 
 def score_method(name: str, settings: dict, train_levels, test_levels, image_size: int,
@@ -130,7 +147,14 @@ def score_method(name: str, settings: dict, train_levels, test_levels, image_siz
     state = method.fit([jnp.asarray(x) for x in train_levels], jax.random.PRNGKey(seed))
   scores, maps = method.score(state, [jnp.asarray(x) for x in test_levels], image_size)
   scores, maps = np.asarray(scores, np.float64), np.asarray(maps, np.float32)
-  result = metrics_lib.image_metrics(test_labels, scores)
+  if len(np.unique(test_labels)) < 2:
+    # Image metrics are undefined with one label; NaN keeps the class's pixel metrics and is
+    # left out of the means (nanmean), where raising would lose every class evaluated so far.
+    log.warning("%s: the test set has only %s images; its image metrics are NaN", name,
+                "anomalous" if np.all(test_labels == 1) else "normal")
+    result = {k: float("nan") for k in metrics_lib.IMAGE_METRICS}
+  else:
+    result = metrics_lib.image_metrics(test_labels, scores)
   result = {f"image_{k}": v for k, v in result.items()}
   if test_masks.any():
     pixel = metrics_lib.pixel_metrics(test_masks, maps)
@@ -182,9 +206,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     raise ValueError(f"config.eval.features has unknown kinds {unknown}; choose from "
                      f"{FEATURE_KINDS}")
   methods = tuple(ev.methods)
+  checkpoint_choice = ev.get("checkpoint", "auto")
+  for method in methods:  # config errors before the backbone's weights are read
+    checkpoint_kind_for(method, checkpoint_choice)
   if backbone is None:
     backbone, backbone_params = build_backbone(config, workdir)
-  checkpoint_choice = ev.get("checkpoint", "auto")
   projector = {}
   if "pretrained" in kinds:
     if not workdir:
@@ -208,7 +234,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
                            seed=config.seed)
     train_levels = maker.backbone_levels(data["train_images"])
     test_levels = maker.backbone_levels(data["test_images"])
-    refs = reference_features(train_levels, int(ev.shots))
+    refs = reference_features(train_levels, int(ev.shots), ~data["train_noisy"], class_name)
     return data, maker.kinds(kinds, train_levels, test_levels, refs, projector)
 
   def feature_key(method: str, kind: str) -> str:
@@ -250,8 +276,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
                                   num=2, masks=masks)
       bar.update(1)
     if not tsne_done and ev.get("tsne", True):
-      _tsne(features, kinds, masks, backbone, out_dir, class_name, checkpoint_choice, config)
+      _tsne(features, kinds, masks, backbone, out_dir, class_name, config)
       tsne_done = True
+    # What is done so far is kept if a later class fails.
+    run_layout.write_json(os.path.join(out_dir, "results.partial.json"),
+                          {"results": results, "classes_done": class_names[
+                              :class_names.index(class_name) + 1]})
   bar.close()
   for method in methods:
     for pair in _table_pairs(kinds):
@@ -265,6 +295,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
              "methods": list(methods), "seconds": time.perf_counter() - t0,
              "means": mean_table(results)}
   run_layout.write_json(os.path.join(out_dir, "results.json"), summary)
+  partial = os.path.join(out_dir, "results.partial.json")
+  if os.path.exists(partial):
+    os.remove(partial)
   return summary
 
 
@@ -289,7 +322,7 @@ def mean_table(results: dict) -> dict[str, dict[str, dict[str, float]]]:
   return out
 
 
-def _tsne(features, kinds, masks, backbone, out_dir, class_name, checkpoint_choice, config):
+def _tsne(features, kinds, masks, backbone, out_dir, class_name, config):
   """The paper's figure: normal vs anomalous test tokens, original beside pretrained."""
   from adjax import reporting
   from adjax.labels import token_labels
@@ -299,8 +332,12 @@ def _tsne(features, kinds, masks, backbone, out_dir, class_name, checkpoint_choi
                                 threshold=0)
   labels = norm_labels.reshape(-1)
   panels = {}
+  # The pretrained panel shows the norm-selected projector when it was loaded, else the one
+  # the chosen methods loaded (e.g. only the angle-selected one for PatchCore alone).
+  pretrained = sorted((k for k in features if k.startswith("pretrained:")),
+                      key=lambda k: k != "pretrained:norm")
   for kind in kinds:
-    key = kind if kind != "pretrained" else f"pretrained:{checkpoint_kind_for('featurenorm', checkpoint_choice)}"
+    key = kind if kind != "pretrained" else pretrained[0]
     test = features[key][1][level]
     panels[kind] = (test.reshape(-1, test.shape[-1]), labels)
   if labels.sum() > 0:
@@ -329,7 +366,8 @@ def make_selection_evaluator(config: ml_collections.ConfigDict, backbone, backbo
     data = load_eval_class(records, class_name, image_size=config.image_size, seed=config.seed)
     train_levels = maker.backbone_levels(data["train_images"])
     test_levels = maker.backbone_levels(data["test_images"])
-    refs = reference_features(train_levels, int(config.eval.shots))
+    refs = reference_features(train_levels, int(config.eval.shots), ~data["train_noisy"],
+                              class_name)
     prepared.append((maker.residual_levels(train_levels, refs),
                      maker.residual_levels(test_levels, refs), data))
 

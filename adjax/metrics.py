@@ -68,6 +68,10 @@ def _counts(y: np.ndarray, s: np.ndarray, order: np.ndarray | None = None):
   return fp, tp
 
 
+# The keys of image_metrics (and, prefixed, of the per-class result tables).
+IMAGE_METRICS = ("auroc", "ap", "f1_max")
+
+
 def _curve_metrics(fp: np.ndarray, tp: np.ndarray, what: str) -> dict[str, float]:
   pos, neg = int(tp[-1]), int(fp[-1])
   if pos == 0 or neg == 0:
@@ -81,7 +85,7 @@ def _curve_metrics(fp: np.ndarray, tp: np.ndarray, what: str) -> dict[str, float
   ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
   denom = precision + recall
   f1 = np.where(denom > 0, 2.0 * precision * recall / np.where(denom > 0, denom, 1.0), 0.0)
-  return {"auroc": auroc, "ap": ap, "f1_max": float(f1.max())}
+  return dict(zip(IMAGE_METRICS, (auroc, ap, float(f1.max()))))
 
 
 def auroc(labels: Any, scores: Any) -> float:

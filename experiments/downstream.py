@@ -47,8 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if dataset not in common.DATASETS:
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(common.DATASETS)}")
   checkpoint = args["checkpoint"] or common.METHOD_CHECKPOINT[method]
-  if checkpoint not in ("angle", "norm", "latest"):
-    raise ValueError(f"checkpoint must be angle, norm or latest, got {checkpoint!r}")
+  if checkpoint not in ("angle", "norm"):
+    raise ValueError(f"checkpoint must be angle or norm, got {checkpoint!r}")
 
   c = common.base_config(args["backbone"])
   c.eval.format = dataset            # mvtec3d: its RGB images only

@@ -55,7 +55,8 @@ def make_mvtec(root, classes=("bottle", "cable"), n_train=3, n_good=2, types=("c
   return sorted(expected)
 
 
-def make_realiad(root, classes=("toy",), samples=3, views=(1, 2), ng=(1,)):
+def make_realiad(root, classes=("toy",), samples=3, views=(1, 2), ng=(1,), maskless_views=()):
+  """maskless_views: views of the NG samples that show no defect (no mask: normal images)."""
   expected = []
   for c in classes:
     for s in range(1, samples + 1):
@@ -64,6 +65,10 @@ def make_realiad(root, classes=("toy",), samples=3, views=(1, 2), ng=(1,)):
           folder = f"{root}/{c}/NG/HS/S{s:04d}"
           stem = f"{c}_{s:04d}_NG_HS_C{v}_20230101"
           p = _img(f"{folder}/{stem}.jpg")
+          if v in maskless_views:
+            expected.append(Record("realiad", c, f"C{v}", "all", 0, "good", p, None,
+                                   f"S{s:04d}"))
+            continue
           m = _mask(f"{folder}/{stem}.png")
           expected.append(Record("realiad", c, f"C{v}", "all", 1, "HS", p, m, f"S{s:04d}"))
         else:
@@ -103,6 +108,17 @@ def test_realiad_folder_and_json(tmp_path):
   want = sorted(dataclasses.replace(r, split="train" if r.sample_id == "S0002" else "test")
                 for r in expected)
   assert got == want
+
+
+def test_realiad_ng_view_without_mask_is_normal(tmp_path):
+  # Real-IAD: a defect seen by camera C1 may be invisible to C2, whose image has no mask.
+  root = str(tmp_path / "realiad_512")
+  expected = make_realiad(root, views=(1, 2), ng=(1,), maskless_views=(2,))
+  got = build_index([("realiad", root)])
+  assert got == expected
+  ng_sample = [r for r in got if r.sample_id == "S0001"]
+  assert [(r.view, r.label, r.defect_type) for r in ng_sample] == [("C1", 1, "HS"),
+                                                                   ("C2", 0, "good")]
 
 
 def test_visa(tmp_path):
@@ -148,17 +164,20 @@ def test_btad_bmp_and_png(tmp_path):
 def test_mvtec3d_rgb_only(tmp_path):
   root = tmp_path / "m3d"
   c = "bagel"
+  validation = Record("mvtec3d", c, "", "train", 0, "good",
+                      _img(str(root / c / "validation/good/rgb/000.png")))
   expected = [
       Record("mvtec3d", c, "", "train", 0, "good", _img(str(root / c / "train/good/rgb/000.png"))),
-      Record("mvtec3d", c, "", "train", 0, "good",
-             _img(str(root / c / "validation/good/rgb/000.png"))),
       Record("mvtec3d", c, "", "test", 0, "good", _img(str(root / c / "test/good/rgb/000.png"))),
       Record("mvtec3d", c, "", "test", 1, "hole", _img(str(root / c / "test/hole/rgb/000.png")),
              _mask(str(root / c / "test/hole/gt/000.png"))),
   ]
   os.makedirs(root / c / "test/hole/xyz")
   (root / c / "test/hole/xyz/000.tiff").write_bytes(b"not read")
+  # The reference trains on train/good only; validation/good joins on request.
   assert build_index([("mvtec3d", str(root))]) == sorted(expected)
+  from data_pipelines.readers import mvtec3d
+  assert sorted(mvtec3d.read(str(root), include_validation=True)) == sorted(expected + [validation])
 
 
 def test_merged_index_and_selection(tmp_path):

@@ -91,8 +91,12 @@ def test_downstream_variants(method):
     assert c.eval.methods == (method,) and c.eval.format == dataset
     assert c.eval.features == ("original", "pretrained") and c.eval.shots == 8
     assert c.eval.checkpoint == expected_checkpoint
-  c = _load("downstream.py", f"method={method},checkpoint=latest,backbone=clip-base")
-  assert c.eval.checkpoint == "latest" and c.backbone.name == "clip-base"
+  other = "norm" if expected_checkpoint == "angle" else "angle"
+  c = _load("downstream.py", f"method={method},checkpoint={other},backbone=clip-base")
+  assert c.eval.checkpoint == other and c.backbone.name == "clip-base"
+  # A run keeps only the two selected checkpoints: evaluate could not load any other.
+  with pytest.raises(ValueError, match="checkpoint must be angle or norm, got 'latest'"):
+    _load("downstream.py", f"method={method},checkpoint=latest")
   small = _load("downstream.py", f"method={method},runlocal,data=/tmp/emb")
   _assert_runlocal_small(small)
   assert small.eval.root == "/tmp/emb/eval"

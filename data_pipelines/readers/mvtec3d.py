@@ -1,6 +1,7 @@
 """MVTec 3D-AD reader, RGB only: `<class>/{train,validation}/good/rgb/*.png`,
 `<class>/test/<type>/rgb/*.png` with masks `<class>/test/<type>/gt/<stem>.png`. The point clouds
-(`xyz/*.tiff`) are ignored; the validation images count as training normals."""
+(`xyz/*.tiff`) are ignored. The training normals are train/good only, as in the reference's
+evaluation; `include_validation=True` adds validation/good."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ EXPECTED = "<class>/train/good/rgb/<image>, <class>/test/<type>/rgb/<image> and 
 
 
 def read(root: str, classes: Sequence[str] | None = None,
-         include_validation: bool = True) -> list[Record]:
+         include_validation: bool = False) -> list[Record]:
   """MVTec 3D-AD RGB records.
 
   Args:
     root: folder holding one sub-folder per class.
     classes: classes to keep, None for all.
-    include_validation: add validation/good images to the training normals.
+    include_validation: add validation/good images to the training normals (the reference
+      does not).
 
   Returns:
     unsorted records.

@@ -1,6 +1,9 @@
 """RealIAD reader: `<root>/<class>/OK/S0001/<class>_0001_OK_C1_<time>.jpg` and
 `<root>/<class>/NG/<defect code>/S0001/<class>_0001_NG_<code>_C1_<time>.jpg` with the mask a
 `.png` of the same stem beside the image; the camera view (C1..C5) is read from the file name.
+An image under NG/ without a mask is a view in which the sample's defect is not visible: it is
+a normal image (label 0, defect "good"), as the reference's reader labels it. (The reference
+draws its reference images from OK/ only; here such views may also be drawn as references.)
 
 When split files are present (`realiad_jsons/<class>.json` beside the root, or `json_dir`),
 the split comes from them: {"meta": {"prefix": <class>, "normal_class": "OK"},
@@ -130,8 +133,12 @@ def read(root: str, classes: Sequence[str] | None = None,
     for code in subdirs(ng_dir):
       for p in _walk_images(os.path.join(ng_dir, code)):
         mask = os.path.splitext(p)[0] + ".png"
-        if not os.path.isfile(mask):
-          raise LayoutError(f"realiad: anomalous image {p!r} has no mask {mask!r}")
-        records.append(Record("realiad", cls, _view_of(p), "all", 1, code, p, mask,
-                              _sample_of(p)))
+        if os.path.isfile(mask):
+          records.append(Record("realiad", cls, _view_of(p), "all", 1, code, p, mask,
+                                _sample_of(p)))
+        else:
+          # A defect is often visible in only some of a sample's five views; the views
+          # without it have no mask and are normal images, as the reference labels them.
+          records.append(Record("realiad", cls, _view_of(p), "all", 0, "good", p, None,
+                                _sample_of(p)))
   return records

@@ -1,0 +1,96 @@
+"""Evaluation plumbing: reference images, classes with one test label, the t-SNE panel."""
+
+import logging
+import math
+import types
+
+import numpy as np
+import pytest
+
+from adjax import evaluate as evaluate_lib
+
+
+def _levels(images: int, side: int = 2, dim: int = 3):
+  """One level whose every token of image i equals i (so rows tell which image they came from)."""
+  values = np.arange(images, dtype=np.float32)[:, None, None, None]
+  return [np.broadcast_to(values, (images, side, side, dim)).copy()]
+
+
+def test_references_are_the_first_normal_training_images():
+  (refs,) = evaluate_lib.reference_features(_levels(5), 2,
+                                            np.array([True, False, True, True, False]))
+  # Image 1 is an anomalous "noisy" training image: it is never a reference.
+  assert sorted(set(refs[:, 0].tolist())) == [0.0, 2.0]
+  assert refs.shape == (2 * 4, 3)
+  (all_refs,) = evaluate_lib.reference_features(_levels(5), 2)
+  assert sorted(set(all_refs[:, 0].tolist())) == [0.0, 1.0]
+
+
+def test_every_training_image_a_reference_is_logged(caplog):
+  with caplog.at_level(logging.WARNING, logger="adjax.evaluate"):
+    evaluate_lib.reference_features(_levels(3), 8, class_name="bottle")
+  assert "bottle" in caplog.text and "every training residual is zero" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="adjax.evaluate"):
+    evaluate_lib.reference_features(_levels(9), 8, class_name="bottle")
+  assert not caplog.text
+  with pytest.raises(ValueError, match="'bottle': no normal training image"):
+    evaluate_lib.reference_features(_levels(2), 1, np.array([False, False]), "bottle")
+
+
+def _score(labels, masks):
+  rng = np.random.default_rng(0)
+  train = [rng.standard_normal((3, 4, 4, 8)).astype(np.float32)]
+  test = [rng.standard_normal((len(labels), 4, 4, 8)).astype(np.float32)]
+  return evaluate_lib.score_method("featurenorm", {}, train, test, 16, 0,
+                                   np.asarray(labels, np.int32), masks)
+
+
+def test_a_class_with_one_test_label_gets_nan_image_metrics(caplog):
+  with caplog.at_level(logging.WARNING, logger="adjax.evaluate"):
+    metrics, scores, maps, _ = _score([0, 0, 0], np.zeros((3, 16, 16), np.uint8))
+  assert set(metrics) == {"image_auroc", "image_ap", "image_f1_max"}
+  assert all(math.isnan(v) for v in metrics.values())
+  assert "only normal images" in caplog.text
+  assert scores.shape == (3,) and maps.shape == (3, 16, 16)
+  # All anomalous: the pixel metrics are still defined and computed.
+  masks = np.zeros((2, 16, 16), np.uint8)
+  masks[:, 4:8, 4:8] = 1
+  metrics, *_ = _score([1, 1], masks)
+  assert math.isnan(metrics["image_auroc"])
+  assert 0.0 <= metrics["pixel_auroc"] <= 1.0 and 0.0 <= metrics["pixel_aupro"] <= 1.0
+  # Both labels: real numbers.
+  metrics, *_ = _score([0, 1], masks)
+  assert 0.0 <= metrics["image_auroc"] <= 1.0
+  # The per-class means leave a NaN class out instead of becoming NaN.
+  means = evaluate_lib.mean_table({"featurenorm": {"a": {"original": {"image_auroc": 0.5}},
+                                                   "b": {"original": {"image_auroc": math.nan}}}})
+  assert means["featurenorm"]["original"]["image_auroc"] == 0.5
+
+
+def test_tsne_uses_whichever_projector_was_loaded(tmp_path, monkeypatch):
+  # PatchCore alone loads only the angle-selected projector: the panel must use it.
+  from adjax import reporting
+  drawn = {}
+  monkeypatch.setattr(reporting, "plot_tsne",
+                      lambda panels, path, **kw: drawn.update(panels=panels, path=path))
+  rng = np.random.default_rng(0)
+  side, images = 4, 6
+  def levels():
+    return [rng.standard_normal((images, side, side, 8)).astype(np.float32)]
+  features = {"original": (levels(), levels()), "pretrained:angle": (levels(), levels())}
+  masks = np.zeros((images, 16, 16), np.uint8)
+  masks[:3, :8, :8] = 1
+  backbone = types.SimpleNamespace(level_strides=(4,))
+  config = types.SimpleNamespace(seed=0)
+  evaluate_lib._tsne(features, ("original", "pretrained"), masks, backbone, str(tmp_path),
+                     "bottle", config)
+  tokens, labels = drawn["panels"]["pretrained"]
+  np.testing.assert_array_equal(tokens, features["pretrained:angle"][1][0].reshape(-1, 8))
+  assert labels.sum() == 3 * 4 and drawn["path"].endswith("tsne_bottle.png")
+  # With both loaded, the norm-selected one (FeatureNorm's) is shown.
+  features["pretrained:norm"] = (levels(), levels())
+  evaluate_lib._tsne(features, ("original", "pretrained"), masks, backbone, str(tmp_path),
+                     "bottle", config)
+  np.testing.assert_array_equal(drawn["panels"]["pretrained"][0],
+                                features["pretrained:norm"][1][0].reshape(-1, 8))
