@@ -281,22 +281,28 @@ def write_pth(path: str, obj: Mapping[str, Any], *, use_torch: bool | None = Non
 
 
 # ----------------------------------------------------------------------------- export
-def _run_backbone(workdir: str) -> str:
+def _run_config(workdir: str) -> dict:
   path = run_layout.config_path(workdir)
-  if not os.path.isfile(path):
-    return ""
-  data = run_layout.read_json(path)
-  backbone = data.get("backbone", {}) if isinstance(data, dict) else {}
-  return str(backbone.get("name", "")) if isinstance(backbone, dict) else str(backbone)
+  data = run_layout.read_json(path) if os.path.isfile(path) else {}
+  return data if isinstance(data, dict) else {}
 
 
-def _run_num_heads(workdir: str) -> int | None:
-  path = run_layout.config_path(workdir)
-  if not os.path.isfile(path):
-    return None
-  data = run_layout.read_json(path)
+def _features_of(config: Mapping) -> dict[str, Any]:
+  """What a projector's input features depend on beyond its shapes: the backbone, the blocks it
+  taps and the image size (a projector trained on blocks 3/6/9/12 is wrong on 2/5/8/11, and
+  the dims cannot tell them apart). From a run's config.json (or a ConfigDict as a dict)."""
+  backbone = config.get("backbone", {})
+  backbone = backbone if isinstance(backbone, Mapping) else {"name": backbone}
+  taps = backbone.get("taps")
+  image_size = config.get("image_size")
+  return {"backbone": str(backbone.get("name", "") or ""),
+          "taps": [int(t) for t in taps] if taps else None,
+          "image_size": int(image_size) if image_size else None}
+
+
+def _run_num_heads(config: Mapping) -> int | None:
   try:
-    return int(data["projector"]["num_heads"])
+    return int(config["projector"]["num_heads"])
   except (KeyError, TypeError, ValueError):
     return None
 
@@ -313,7 +319,9 @@ def export_projector(workdir: str, out: str, *, which: str = "angle",
     use_torch: for .pth: True torch.save, False our own writer, None torch if installed.
 
   Returns:
-    A summary: out, which, backbone, levels, dims, num_ref_tokens, depth, step, metrics, keys.
+    A summary: out, which, backbone, taps, image_size, levels, dims, num_ref_tokens, depth,
+    num_heads, step, metrics, keys. A .safetensors file carries all of it as metadata (what
+    `import` reads back); a .pth file is the reference's `{"projectors": ...}` only.
 
   Raises:
     UserError: bad destination, missing run or params.
@@ -325,13 +333,16 @@ def export_projector(workdir: str, out: str, *, which: str = "angle",
   from adjax.convert.projector import projector_to_torch
   state_dict = projector_to_torch(params)
   settings = projector_settings(params)
-  summary = {"out": os.path.abspath(out), "which": which, "backbone": _run_backbone(workdir),
-             **settings, "num_heads": _run_num_heads(workdir), "step": meta.get("step"),
-             "metrics": meta.get("metrics", {}), "keys": len(state_dict)}
+  run_config = _run_config(workdir)
+  summary = {"out": os.path.abspath(out), "which": which, **_features_of(run_config),
+             **settings, "num_heads": _run_num_heads(run_config),
+             "step": meta.get("step"), "metrics": meta.get("metrics", {}),
+             "keys": len(state_dict)}
   if ext == ".safetensors":
     from adjax.convert.safetensors_io import save_safetensors
     metadata = {"format": _FORMAT, "backbone": summary["backbone"], "which": which}
-    for key in ("levels", "dims", "num_ref_tokens", "depth", "num_heads", "step", "metrics"):
+    for key in ("taps", "image_size", "levels", "dims", "num_ref_tokens", "depth", "num_heads",
+                "step", "metrics"):
       metadata[key] = json.dumps(summary[key], default=_json_number)
     save_safetensors(out, state_dict, metadata)
   else:
@@ -467,8 +478,13 @@ def import_projector(path: str, out: str, *, backbone: str | None = None,
   config.backbone.name = backbone
   config.projector.num_ref_tokens = settings["num_ref_tokens"]
   config.projector.depth = settings["depth"]
-  if metadata.get("num_heads") not in (None, "", "null"):  # the shapes cannot tell it
+  # What the shapes cannot tell, as an adjax export records it.
+  if metadata.get("num_heads") not in (None, "", "null"):
     config.projector.num_heads = int(json.loads(metadata["num_heads"]))
+  if metadata.get("taps") not in (None, "", "null"):
+    config.backbone.taps = tuple(int(t) for t in json.loads(metadata["taps"]))
+  if metadata.get("image_size") not in (None, "", "null"):
+    config.image_size = int(json.loads(metadata["image_size"]))
   from adjax import config_loading
   config_loading.apply_overrides(config, overrides)
   got = (config.backbone.name, config.projector.num_ref_tokens, config.projector.depth)
@@ -490,13 +506,19 @@ def import_projector(path: str, out: str, *, backbone: str | None = None,
 
   existing = run_layout.config_path(out)
   if os.path.isfile(existing):
-    old = run_layout.read_json(existing)
-    old_shape = (old.get("backbone", {}).get("name"), old.get("projector", {}).get("depth"),
-                 old.get("projector", {}).get("num_ref_tokens"))
-    new_shape = (backbone, settings["depth"], settings["num_ref_tokens"])
-    if old_shape != new_shape:
-      raise UserError(f"{out} already holds a run of (backbone, depth, reference tokens) "
-                      f"{old_shape}, not {new_shape}; import into a new --out folder")
+    # The run's other kind was imported with this config; rewriting it with a different head
+    # count, taps or image size would silently change how those params are applied.
+    def described(c: Mapping) -> dict[str, Any]:
+      projector = c.get("projector", {}) if isinstance(c.get("projector"), Mapping) else {}
+      return {**_features_of(c), "depth": projector.get("depth"),
+              "num_ref_tokens": projector.get("num_ref_tokens"),
+              "num_heads": projector.get("num_heads")}
+    old, new = described(_run_config(out)), described(config.to_dict())
+    differ = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
+    if differ:
+      raise UserError(f"{out} already holds a run that differs in "
+                      + ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in differ.items())
+                      + "; import into a new --out folder")
   run_layout.save_config(out, config)
   step = metadata.get("step")
   meta = {"step": json.loads(step) if step else None,

@@ -166,6 +166,44 @@ def test_import_from_exported_safetensors_reads_backbone_and_kind(trained_run, t
     np.testing.assert_array_equal(flat_in[key], flat_out[key])
 
 
+def test_export_carries_taps_image_size_and_heads_and_import_refuses_a_different_run(
+    trained_run, tmp_path):
+  from adjax.errors import UserError
+  from adjax.export import import_projector
+  workdir, angle, norm = trained_run
+  # A run of DINOv2-B features from blocks 2/5/8/11 at 112 px: every tap has the backbone's
+  # width, so only the metadata can tell them from the default 3/6/9/12. (Tiny 64-channel
+  # params stand in for the real ones: check_backbone=False.)
+  tapped = str(tmp_path / "tapped")
+  config = run_layout.load_config(workdir)
+  config.backbone.name = "dinov2-base"
+  config.backbone.taps = (2, 5, 8, 11)
+  config.image_size = 112
+  run_layout.save_config(tapped, config)
+  run_layout.save_best(tapped, "angle", angle, {"step": 5})
+  run_layout.save_best(tapped, "norm", norm, {"step": 6})
+  exported = {k: str(tmp_path / f"{k}.safetensors") for k in ("angle", "norm")}
+  for kind, path in exported.items():
+    assert main(["export", "--workdir", tapped, "--which", kind, "--out", path]) == 0
+  run = str(tmp_path / "imported")
+  import_projector(exported["angle"], run, check_backbone=False)
+  got = run_layout.load_config(run)
+  assert got.backbone.name == "dinov2-base" and tuple(got.backbone.taps) == (2, 5, 8, 11)
+  assert got.image_size == 112 and got.projector.num_heads == HEADS
+  # The norm params imported with another head count or taps would change how the angle
+  # params, already there, are applied: refused, naming what differs.
+  with pytest.raises(UserError, match=r"num_heads \(4 there, 8 here\)"):
+    import_projector(exported["norm"], run, check_backbone=False,
+                     overrides=[("projector.num_heads", 8)])
+  with pytest.raises(UserError, match=r"taps \(\[2, 5, 8, 11\] there, \[3, 6, 9, 12\] here\)"):
+    import_projector(exported["norm"], run, check_backbone=False,
+                     overrides=[("backbone.taps", (3, 6, 9, 12))])
+  assert run_layout.load_config(run).projector.num_heads == HEADS
+  # The same settings add the other kind.
+  import_projector(exported["norm"], run, check_backbone=False)
+  assert read_run_params(run, "norm")[1]["step"] == 6
+
+
 def test_builtin_pth_writer_is_read_by_torch_weights_only():
   rng = np.random.default_rng(3)
   tree = {"projectors": {"a": rng.normal(size=(3, 4)).astype(np.float32),
