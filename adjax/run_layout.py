@@ -17,6 +17,7 @@ os.replace), so a crash never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -79,8 +80,21 @@ def done_path(workdir: str) -> str:
 
 
 # ----------------------------------------------------------------------------- atomic writes
+@functools.lru_cache(maxsize=None)
+def _new_file_mode() -> int:
+  """The mode open() would give a new file: 0o666 less the umask (read once; os.umask can only
+  be read by setting it, so it is set straight back)."""
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = True) -> None:
   """Calls `write(f)` on a temporary file beside `path`, then renames it over `path`.
+
+  The file gets the mode a plain open() would give it (mkstemp's are 0600: colleagues on a
+  shared file system could not read a run's outputs), and its data reaches the disk before
+  the rename, so that after a power loss `path` is either the old file or the whole new one.
 
   Args:
     path: destination; its folder is created if needed.
@@ -93,6 +107,9 @@ def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = True
   try:
     with os.fdopen(fd, "wb" if binary else "w") as f:
       write(f)
+      f.flush()
+      os.fchmod(f.fileno(), _new_file_mode())
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -289,11 +289,3 @@ def encode_png(array: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(array).save(buf, format="PNG")
   return buf.getvalue()
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes a file so that a crash never leaves a partial file under its final name."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)

@@ -288,3 +288,29 @@ def test_bad_files_give_one_clear_line_and_exit_2(trained_run, tmp_path, capsys)
   assert ".safetensors" in _one_error_line(capsys)
   assert main(["export", "--workdir", workdir, "--out", good, "--which", "latest"]) == 2
   assert "checkpoints" in _one_error_line(capsys)
+
+
+def test_written_files_have_the_mode_of_a_plain_open(trained_run, tmp_path):
+  # mkstemp creates 0600 files: exported weights and run files must be readable by the
+  # colleagues the umask lets read them.
+  from adjax.convert.safetensors_io import save_safetensors
+  from adjax.export import write_pth
+  _, angle, _ = trained_run
+  state_dict = projector_to_torch(angle)
+  old = os.umask(0o027)
+  run_layout._new_file_mode.cache_clear()
+  try:
+    paths = [str(tmp_path / name) for name in ("a.json", "b.safetensors", "c.pth", "d.pth")]
+    run_layout.write_json(paths[0], {"a": 1})
+    save_safetensors(paths[1], state_dict)
+    write_pth(paths[2], {"projectors": state_dict}, use_torch=False)
+    write_pth(paths[3], {"projectors": state_dict}, use_torch=True)
+    run_layout.save_best(str(tmp_path / "run"), "angle", angle, {"step": 1})
+    paths += [str(p) for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert len(paths) == 6
+    for path in paths:
+      assert os.stat(path).st_mode & 0o777 == 0o640, path
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+  finally:
+    os.umask(old)
+    run_layout._new_file_mode.cache_clear()

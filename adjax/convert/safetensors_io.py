@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from typing import Mapping
 
 import ml_dtypes
 import numpy as np
+
+from adjax import run_layout
 
 __all__ = ["SafetensorsError", "load_safetensors", "save_safetensors", "read_metadata"]
 
@@ -141,17 +142,10 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     arrays.append(arr)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for arr in arrays:
-        f.write(arr.tobytes())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  def write(f):
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for arr in arrays:
+      f.write(arr.tobytes())
+
+  run_layout.atomic_write(path, write)
