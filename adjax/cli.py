@@ -33,7 +33,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from adjax import config_loading
-from adjax.errors import UserError
+from adjax.errors import PREEMPTED_EXIT_STATUS, UserError
 
 PROG = "adjax"
 COMMANDS = ("demo", "data", "refs", "centers", "pretrain", "evaluate", "export", "import",
@@ -150,7 +150,14 @@ def _job(module: str, name: str):
   def handler(args, overrides) -> int:
     config = _resolve_config(args, overrides)  # bad overrides first: they are the user's
     fn = _library(module, name, args.command)
-    _print_json(fn(config, args.workdir))
+    summary = fn(config, args.workdir)
+    _print_json(summary)
+    if isinstance(summary, dict) and summary.get("preempted"):
+      # Saved and stopped on SIGTERM: not finished, so not status 0.
+      print(f"{PROG} {args.command}: preempted at step {summary.get('steps')} of "
+            f"{summary.get('total_steps')}; run the same command again to resume",
+            file=sys.stderr)
+      return PREEMPTED_EXIT_STATUS
     return 0
   return handler
 
@@ -201,6 +208,8 @@ def _cmd_sweep(args, overrides) -> int:
                             cli_overrides=overrides, only=only,
                             log=lambda line: print(line, file=sys.stderr, flush=True))
   _print_json(summary)
+  if summary.get("preempted"):
+    return PREEMPTED_EXIT_STATUS
   return 1 if summary["failed"] else 0
 
 
@@ -370,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   Returns:
     The exit status: 0 success, 1 a sweep with failed points (or a benchmark's own status),
-    2 a user error (printed as one line on stderr), 130 interrupted.
+    2 a user error (printed as one line on stderr), 130 interrupted, 143 preempted (a
+    pretraining run, or a sweep's point, saved and stopped on SIGTERM).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   command = _command_of(argv)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -143,11 +144,37 @@ def read_json(path: str) -> Any:
       raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
+def _finite_or_none(value: Any) -> Any:
+  # NaN and inf are not JSON (json.dumps writes bare NaN, which jq and browsers reject).
+  if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+    return None
+  return value
+
+
 def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
-  """Appends one JSON line (metrics logs; an append of one short line needs no rename)."""
+  """Appends one JSON line (metrics logs; an append of one short line needs no rename).
+  Non-finite numbers are written as null."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  record = {k: _finite_or_none(v) for k, v in record.items()}
   with open(path, "a") as f:
-    f.write(json.dumps(record, default=_json_default) + "\n")
+    f.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Drops the lines of a metrics log whose "step" is after `last_step` (a run resumed from
+  an earlier checkpoint logs those steps again), atomically; a torn last line goes too."""
+  if not os.path.isfile(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if not isinstance(record, dict) or record.get("step", 0) <= last_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  atomic_write(path, lambda f: f.writelines(kept), binary=False)
 
 
 # ----------------------------------------------------------------------------- params
@@ -220,6 +247,49 @@ def save_config(workdir: str, config: Any) -> None:
   """Writes the config (a ConfigDict or a plain dict) as `<workdir>/config.json`."""
   data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   write_json(config_path(workdir), data)
+
+
+# Settings a run may change when it resumes: where things are (paths move between machines),
+# how long it runs, how often it logs and saves, memory caps that leave the math unchanged and
+# everything about downstream evaluation. Any other difference would make a resumed run a
+# different run than its checkpoints, centres and reference bank. (data.num_workers is not
+# here: grain's saved iterator state has the worker count's structure.)
+RESUMABLE_CHANGES = ("backbone.weights", "backbone.cache_dir", "data.pretrain_root",
+                     "data.pretrain_tfds_dir", "data.val_root", "optim.max_steps", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.eval_every_epochs",
+                     "train.max_similarities", "loss.angle_block_size", "eval.")
+
+
+def _flat_settings(data: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(data, Mapping):
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+      out.update(_flat_settings(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: data}
+
+
+def config_changes(workdir: str, config: Any) -> list[str]:
+  """What `config` changes of the run already in `workdir`, beyond RESUMABLE_CHANGES.
+
+  Returns:
+    ["key (old there, new here)", ...]; empty when the workdir has no config.json yet.
+  """
+  if not os.path.isfile(config_path(workdir)):
+    return []
+  data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  # Through JSON, as save_config stores it (tuples become lists).
+  new = _flat_settings(json.loads(json.dumps(data, default=_json_default)))
+  old = _flat_settings(read_json(config_path(workdir)))
+  changes = []
+  for key in sorted(set(old) | set(new)):
+    if key.startswith(RESUMABLE_CHANGES[-1]) or key in RESUMABLE_CHANGES:
+      continue
+    if key not in old:  # a setting added by a later adjax, with the run's behaviour as default
+      continue
+    if old.get(key) != new.get(key):
+      changes.append(f"{key} ({old.get(key)!r} there, {new.get(key)!r} here)")
+  return changes
 
 
 def load_config(workdir: str):

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from adjax import config_loading
 from adjax import run_layout
-from adjax.errors import UserError
+from adjax.errors import Preempted, UserError
 
 SWEEP_FILE = "sweep.json"
 ERROR_FILE = "error.log"
@@ -132,7 +132,9 @@ def default_run(config: Any, workdir: str) -> dict[str, Any] | None:
   """Pretrain, then evaluate into `<workdir>/eval`; returns the evaluation's results."""
   from adjax.evaluate import evaluate
   from adjax.train import pretrain
-  pretrain(config, workdir)
+  summary = pretrain(config, workdir)
+  if summary["preempted"]:  # not finished: no evaluation, no DONE; a rerun resumes it
+    raise Preempted(f"preempted at step {summary['steps']} of {summary['total_steps']}")
   out_dir = os.path.join(workdir, "eval")
   results = evaluate(config, workdir, out_dir)
   if results is None and os.path.isfile(os.path.join(out_dir, run_layout.RESULTS_FILE)):
@@ -169,7 +171,9 @@ def run_sweep(spec: str, sweep_dir: str, *, sweep: str | None = None,
     log: progress lines go here.
 
   Returns:
-    {"done": [...], "skipped": [...], "failed": [...]} point names.
+    {"done": [...], "skipped": [...], "failed": [...], "preempted": [...]} point names (a
+    preempted point, one at most, stops the sweep; a job other than `default_run` signals
+    preemption by raising adjax.errors.Preempted).
 
   Raises:
     UserError: a bad spec, an unknown point in `only`, or a point whose overrides do not fit
@@ -192,30 +196,44 @@ def run_sweep(spec: str, sweep_dir: str, *, sweep: str | None = None,
   os.makedirs(sweep_dir, exist_ok=True)
   _plan(path, points, sweep_dir, func, base)
 
-  summary: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+  summary: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "preempted": []}
   for i, point in enumerate(points_to_run, 1):
     tag = f"[{i}/{len(points_to_run)}] {point.name}"
     workdir = os.path.join(sweep_dir, point.name)
     if is_done(workdir):
-      log(f"{tag}: already done, skipped")
+      changes = run_layout.config_changes(workdir, configs[point.name])
+      # Kept (a rerun that fixes one failed point must not redo the others), but said: its
+      # results come from those settings, not from this command's.
+      log(f"{tag}: already done, skipped" + (
+          f"; NOTE: it ran with other settings: {'; '.join(changes)} (remove {workdir} to "
+          "rerun it with these)" if changes else ""))
       summary["skipped"].append(point.name)
       continue
-    ok = _run_point(point, configs[point.name], workdir, job, tag, log)
-    summary["done" if ok else "failed"].append(point.name)
+    status = _run_point(point, configs[point.name], workdir, job, tag, log)
+    summary[status].append(point.name)
+    if status == "preempted":  # the process was asked to stop: the rest waits for a rerun
+      break
   log(f"sweep {os.path.basename(path)}:{func}: {len(summary['done'])} done, "
       f"{len(summary['skipped'])} skipped, {len(summary['failed'])} failed"
-      + (f" ({', '.join(summary['failed'])})" if summary["failed"] else ""))
+      + (f" ({', '.join(summary['failed'])})" if summary["failed"] else "")
+      + (f", preempted in {summary['preempted'][0]}" if summary["preempted"] else ""))
   return summary
 
 
 def _run_point(point: Point, config: Any, workdir: str, job: Callable, tag: str,
-               log: Callable[[str], None]) -> bool:
+               log: Callable[[str], None]) -> str:
+  """Runs one point: "done", "failed" (recorded, the sweep goes on) or "preempted" (the job
+  raised Preempted: recorded without DONE, so that a rerun resumes the point)."""
   os.makedirs(workdir, exist_ok=True)
   results_file = run_layout.results_path(workdir)
   for stale in (results_file, os.path.join(workdir, ERROR_FILE)):
     if os.path.exists(stale):  # a failed attempt's record; the job may write its own
       os.remove(stale)
-  run_layout.save_config(workdir, config)
+  if not (os.path.isdir(run_layout.checkpoints_dir(workdir))
+          and run_layout.config_changes(workdir, config)):
+    # Else the point's checkpoints came from other settings: config.json keeps those, and the
+    # pretraining refuses to resume them under these (a failed point, naming the differences).
+    run_layout.save_config(workdir, config)
   record = {"point": point.name, "overrides": point.overrides}
   log(f"{tag}: running in {workdir}")
   start = time.time()
@@ -223,6 +241,12 @@ def _run_point(point: Point, config: Any, workdir: str, job: Callable, tag: str,
     results = job(config, workdir)
     if results is None and os.path.isfile(results_file):
       results = run_layout.read_json(results_file)
+  except Preempted as err:
+    seconds = round(time.time() - start, 3)
+    run_layout.write_json(results_file, {**record, "status": "preempted", "seconds": seconds,
+                                         "error": str(err)})
+    log(f"{tag}: {err}; run the sweep again to resume it")
+    return "preempted"
   except Exception as err:  # a failed point must not stop the sweep; KeyboardInterrupt does
     seconds = round(time.time() - start, 3)
     message = " ".join(f"{type(err).__name__}: {err}".split())
@@ -232,7 +256,7 @@ def _run_point(point: Point, config: Any, workdir: str, job: Callable, tag: str,
                                          "error": message})
     log(f"{tag}: FAILED after {seconds:.1f}s: {message[:300]} (see "
         f"{os.path.join(workdir, ERROR_FILE)})")
-    return False
+    return "failed"
   seconds = round(time.time() - start, 3)
   run_layout.write_json(results_file, {**record, "status": "done", "seconds": seconds,
                                        "results": results if results is not None else {}})
@@ -240,7 +264,7 @@ def _run_point(point: Point, config: Any, workdir: str, job: Callable, tag: str,
                           lambda f: f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n"),
                           binary=False)
   log(f"{tag}: done in {seconds:.1f}s")
-  return True
+  return "done"
 
 
 # ----------------------------------------------------------------------------- emitting

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from adjax import run_layout
 from adjax import sharding
+from adjax.errors import UserError
 from adjax.models.projector import init_projector
 from adjax.optim import make_optimizer
 from adjax.residual import residual_features
@@ -274,14 +275,18 @@ class _Preemption:
 class _MetricWriter:
   """metrics.jsonl and TensorBoard event files, written by process 0 only."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0):
+    """start_step: the step the run resumes from; what was logged after it (before a crash
+    that lost the later checkpoints) is dropped, as it is about to be logged again."""
     self.enabled = jax.process_index() == 0
     self.path = run_layout.metrics_path(workdir)
     self.tb = None
     if self.enabled:
+      run_layout.truncate_jsonl(self.path, start_step)
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                purge_step=start_step + 1 if start_step else None)
       except ImportError:  # optional: JSON lines are always written
         self.tb = None
 
@@ -320,14 +325,17 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   from adjax.checkpointing import RunCheckpointer, abstract_like
 
   sharding.maybe_initialize_distributed()
+  _check_run_settings(config, workdir)
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    run_layout.save_config(workdir, config)
   mesh = sharding.data_mesh()
   backbone, backbone_params = build_backbone(config, workdir)
   records = pretrain_records(config)
   precomputed = bool(config.train.get("precomputed_refs", False)) and config.loss.residual
   loader = make_loader(config, records, backbone, load_references=not precomputed)
+  # Written once the config has proved usable (weights, data): a failed attempt leaves the
+  # run's config.json as it was.
+  if jax.process_index() == 0:
+    run_layout.save_config(workdir, config)
   steps_per_epoch = max(1, len(loader))
   total_steps = int(config.optim.epochs) * steps_per_epoch
   if config.optim.max_steps:
@@ -375,7 +383,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
     state, data_state, start_step = checkpointer.restore(abstract_like(state))
     iterator.set_state(data_state)
     log.info("resumed from step %d", start_step)
-  writer = _MetricWriter(workdir)
+  writer = _MetricWriter(workdir, start_step)
   evaluator = evaluator if evaluator is not None else _default_evaluator(
       config, backbone, backbone_params)
   best = _BestTracker(workdir)
@@ -423,12 +431,28 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
              "skipped": int(jax.device_get(state["skipped"])), "seconds": seconds,
              "images_per_s": steps_done * images_per_step / max(seconds, 1e-9),
              "preempted": step < total_steps, "last": last_metrics}
-  if best.kinds_saved == 0 and jax.process_index() == 0 and step == total_steps:
+  if not best.evaluated and jax.process_index() == 0 and step == total_steps:
     # No evaluator: the final parameters serve as both selections.
     for kind in run_layout.KINDS:
       run_layout.save_best(workdir, kind, jax.device_get(state["params"]),
                            {"step": step, "metrics": last_metrics, "selected_by": "final"})
   return summary
+
+
+def _check_run_settings(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses, before anything is computed or written, settings that cannot work and a config
+  that would turn the run in `workdir` into another one."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file, not a run folder")
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    value = config.train[key]
+    if not isinstance(value, int) or value < 1:
+      raise UserError(f"config.train.{key} must be an integer >= 1, got {value!r}")
+  changes = run_layout.config_changes(workdir, config)
+  if changes:
+    raise UserError(f"{workdir} holds a run with other settings: {'; '.join(changes)}. Resume "
+                    f"it with its own settings (only {', '.join(run_layout.RESUMABLE_CHANGES)}"
+                    "* may change) or start the new one in another --workdir")
 
 
 def final_params(workdir: str) -> Any:
@@ -453,13 +477,18 @@ class _BestTracker:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.kinds_saved = 0
+    # Whether an evaluation selected anything in this run (now or before a resume). If not,
+    # the final parameters serve as both selections, also when a finished run is extended
+    # (its previous final parameters are then replaced).
+    self.evaluated = False
     self.best: dict[str, float] = {}
     for kind in run_layout.KINDS:
       meta_path = run_layout.best_meta_path(workdir, kind)
       if os.path.isfile(meta_path):
-        self.best[kind] = float(run_layout.read_json(meta_path).get("score", -np.inf))
-        self.kinds_saved += 1
+        meta = run_layout.read_json(meta_path)
+        if meta.get("selected_by") != "final":
+          self.best[kind] = float(meta.get("score", -np.inf))
+          self.evaluated = True
 
   def update(self, step: int, params: Any, scores: dict[str, float]) -> None:
     if jax.process_index() != 0:
@@ -469,7 +498,7 @@ class _BestTracker:
         self.best[kind] = float(scores[kind])
         run_layout.save_best(self.workdir, kind, params,
                              {"step": step, "score": float(scores[kind]), "metrics": scores})
-        self.kinds_saved += 1
+        self.evaluated = True
 
 
 def _default_evaluator(config, backbone, backbone_params):

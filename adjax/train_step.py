@@ -187,6 +187,18 @@ def angle_term(e1: Array, e2: Array, labels: Array, center: Optional[Array],
   return jax.shard_map(local_loss, mesh=mesh, in_specs=specs, out_specs=PartitionSpec())(*args)
 
 
+def _advance_schedules(opt_state: Any) -> Any:
+  """opt_state with every learning-rate schedule's step count advanced by one.
+
+  Why: the recipe's lr steps down after epochs 7 and 9, counted in batches seen. A skipped
+  step keeps Adam's moments and count (torch's Adam, whose step() is not called, does the
+  same) but its batch was consumed, so the schedule moves on; else each skip would delay the
+  decay by one step."""
+  is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+  return jax.tree.map(lambda node: node._replace(count=node.count + 1) if is_schedule(node)
+                      else node, opt_state, is_leaf=is_schedule)
+
+
 def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, loss: Array,
                     grads: Any) -> tuple[TrainState, Array, Array]:
   """One optimiser update, skipped (state kept, `skipped` + 1) unless the loss and the global
@@ -204,7 +216,11 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_opt_state
 
-  new_params, new_opt_state = jax.lax.cond(finite, update, lambda operands: operands,
+  def skip(operands):
+    params, opt_state = operands
+    return params, _advance_schedules(opt_state)
+
+  new_params, new_opt_state = jax.lax.cond(finite, update, skip,
                                            (state["params"], state["opt_state"]))
   return {
       "params": new_params,

@@ -104,6 +104,19 @@ def test_pretrain_gets_the_experiment_config_with_overrides(tmp_path, monkeypatc
   assert config.loss.center is False
 
 
+def test_preempted_pretraining_exits_143(tmp_path, monkeypatch, capsys):
+  # Saved and stopped on SIGTERM is not success: a scheduler must run the command again.
+  _fake_module(monkeypatch, "adjax.train",
+               pretrain={"steps": 3, "total_steps": 9, "preempted": True})
+  argv = ["pretrain", "--config", PRETRAIN + ":runlocal", "--workdir", str(tmp_path / "run")]
+  assert main(argv) == 143
+  assert "preempted at step 3 of 9; run the same command again to resume" in \
+      capsys.readouterr().err
+  _fake_module(monkeypatch, "adjax.train",
+               pretrain={"steps": 9, "total_steps": 9, "preempted": False})
+  assert main(argv) == 0
+
+
 @pytest.mark.parametrize("command,function", [("refs", "precompute_references"),
                                               ("centers", "compute_centers")])
 def test_refs_and_centers_dispatch(command, function, tmp_path, monkeypatch):

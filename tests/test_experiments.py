@@ -197,11 +197,15 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.value = 1
   c.fail = False
+  c.preempt = False
   c.scale = 10.0
   return c
 
 def toy_sweep():
   return [("a", {"value": 1}), ("b", {"value": 2, "fail": True}), ("c", {"value": 3})]
+
+def preempt_sweep():
+  return [("a", {"value": 1}), ("p", {"value": 2, "preempt": True}), ("c", {"value": 3})]
 
 def typo_sweep():
   return [("a", {"value": 1}), ("z", {"valu": 2})]
@@ -211,6 +215,9 @@ def run(config, workdir):
     f.write(os.path.basename(workdir) + "\\n")
   if config.fail:
     raise RuntimeError(f"boom {config.value}")
+  if config.preempt:
+    from adjax.errors import Preempted
+    raise Preempted("preempted at step 3 of 9")
   return {"score": config.value * config.scale, "eval": {"image_auroc": config.value / 10}}
 '''
 
@@ -251,8 +258,26 @@ def test_sweep_failed_point_does_not_stop_others_and_rerun_skips_done(toy, capsy
   assert _calls(sweep_dir) == ["a", "b", "c", "b", "b"]
   assert run_layout.read_json(os.path.join(sweep_dir, "b", "results.json"))["results"] == {
       "score": 200.0, "eval": {"image_auroc": 0.2}}
-  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
-      "done": ["b"], "skipped": ["a", "c"], "failed": []}
+  captured = capsys.readouterr()
+  assert json.loads(captured.out.strip().splitlines()[-1]) == {
+      "done": ["b"], "skipped": ["a", "c"], "failed": [], "preempted": []}
+  # The done points were kept, but their other settings are said.
+  assert "a: already done, skipped; NOTE: it ran with other settings: scale (10.0 there, " \
+      "100.0 here)" in captured.err
+
+
+def test_sweep_stops_at_a_preempted_point_and_resumes_it(toy, capsys):
+  path, sweep_dir = toy
+  assert main(["sweep", f"{path}:preempt_sweep", "--workdir", sweep_dir]) == 143
+  assert _calls(sweep_dir) == ["a", "p"]   # c waits for the rerun
+  record = run_layout.read_json(os.path.join(sweep_dir, "p", "results.json"))
+  assert record["status"] == "preempted" and "step 3 of 9" in record["error"]
+  assert not os.path.exists(os.path.join(sweep_dir, "p", "DONE"))
+  assert "p: preempted at step 3 of 9; run the sweep again to resume it" in capsys.readouterr().err
+  assert main(["sweep", f"{path}:preempt_sweep", "--workdir", sweep_dir,
+               "--config.preempt=false"]) == 0
+  assert _calls(sweep_dir) == ["a", "p", "p", "c"]
+  assert os.path.exists(os.path.join(sweep_dir, "p", "DONE"))
 
 
 def test_sweep_bad_points_fail_before_anything_runs(toy, capsys):
@@ -262,7 +287,7 @@ def test_sweep_bad_points_fail_before_anything_runs(toy, capsys):
   assert "sweep point 'z'" in line and "unknown config key 'valu'" in line
   assert _calls(sweep_dir) == []
   assert main(["sweep", f"{path}:nope", "--workdir", sweep_dir]) == 2
-  assert "has no sweep function 'nope'; it has: toy_sweep, typo_sweep" in capsys.readouterr().err
+  assert "has no sweep function 'nope'; it has: preempt_sweep, toy_sweep, typo_sweep" in capsys.readouterr().err
   assert main(["sweep", path, "--workdir", sweep_dir]) == 2
   assert "--sweep NAME" in capsys.readouterr().err
 

@@ -56,6 +56,26 @@ def test_non_finite_step_is_skipped_and_counted():
   assert any(np.abs(after[k] - v).max() > 0 for k, v in _flat(state["params"]).items())
 
 
+def test_skipped_steps_do_not_delay_the_learning_rate_decay():
+  # 2 steps per epoch, lr x 0.1 after epoch 1: steps 0-1 at lr, 2+ at lr / 10, counted in
+  # batches seen whether or not their update was applied.
+  optimizer = make_optimizer(1.0, 0.0, steps_per_epoch=2, decay_epochs=(1,))
+  params = {"w": jnp.zeros((3,))}
+  grads = {"w": jnp.ones((3,))}
+  step = jax.jit(lambda s, loss: apply_gradients(s, optimizer, loss, grads)[0])
+  def update_sizes(losses):
+    state = init_train_state(params, optimizer, jax.random.PRNGKey(0))
+    sizes = []
+    for loss in losses:
+      new = step(state, jnp.float32(loss))
+      sizes.append(float(jnp.abs(new["params"]["w"] - state["params"]["w"]).max()))
+      state = new
+    return np.round(sizes, 4).tolist()
+  assert update_sizes([1, 1, 1, 1]) == [1.0, 1.0, 0.1, 0.1]
+  assert update_sizes([np.nan, 1, 1, 1]) == [0.0, 1.0, 0.1, 0.1]
+  assert update_sizes([1, np.nan, np.nan, 1]) == [1.0, 0.0, 0.0, 0.1]
+
+
 def test_inf_gradient_with_finite_loss_is_skipped():
   optimizer = make_optimizer(1e-3, 5e-4, steps_per_epoch=10)
   params = init_projector(jax.random.PRNGKey(0), [8], num_heads=2, num_ref_tokens=16)
@@ -229,6 +249,62 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
   assert b"PREEMPTED True 1" in proc.stdout
   steps = [int(p) for p in os.listdir(run_layout.checkpoints_dir(workdir)) if p.isdigit()]
   assert steps == [1]
+
+
+# --------------------------------------------------------------------- reusing a workdir
+def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted, tmp_path):
+  import shutil
+  from adjax.errors import UserError
+  from adjax.train import _check_run_settings, pretrain
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  shutil.copy(run_layout.config_path(uninterrupted[0]), workdir)
+  stored = open(run_layout.config_path(workdir)).read()
+  config = tiny_config(dataset)
+  config.optim.lr = 0.5
+  config.data.max_shots = 3
+  with pytest.raises(UserError, match=r"other settings: data.max_shots \(2 there, 3 here\); "
+                                      r"optim.lr \(0.001 there, 0.5 here\)"):
+    pretrain(config, workdir, progress=False)
+  assert open(run_layout.config_path(workdir)).read() == stored   # left as it was
+  # Paths, length, logging and evaluation may change when a run resumes.
+  config = tiny_config(dataset)
+  config.optim.max_steps = 12
+  config.data.pretrain_root = "/elsewhere/data"
+  config.train.checkpoint_every = 5
+  config.eval.shots = 4
+  _check_run_settings(config, workdir)
+  config.train.checkpoint_every = 0
+  with pytest.raises(UserError, match="config.train.checkpoint_every must be an integer >= 1"):
+    _check_run_settings(config, workdir)
+  open(tmp_path / "a_file", "w").close()
+  with pytest.raises(UserError, match="is a file, not a run folder"):
+    _check_run_settings(tiny_config(dataset), str(tmp_path / "a_file"))
+
+
+def test_metrics_log_drops_steps_a_resume_repeats_and_writes_nan_as_null(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  for step in range(1, 6):
+    run_layout.append_jsonl(path, {"step": step, "loss": float(step)})
+  run_layout.append_jsonl(path, {"step": 6, "loss": float("nan"), "x": np.float32("inf")})
+  with open(path, "a") as f:
+    f.write('{"step": 7, "lo')     # torn by a kill
+  rows = [json.loads(line) for line in open(path) if line.endswith("\n")]
+  assert rows[-1] == {"step": 6, "loss": None, "x": None}
+  run_layout.truncate_jsonl(path, 3)
+  assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3]
+
+
+def test_final_selection_is_replaced_when_a_finished_run_is_extended(tmp_path):
+  from adjax.train import _BestTracker
+  workdir = str(tmp_path / "run")
+  params = {"w": np.zeros(2, np.float32)}
+  for kind in run_layout.KINDS:
+    run_layout.save_best(workdir, kind, params, {"step": 6, "selected_by": "final"})
+  assert not _BestTracker(workdir).evaluated        # the extended run's end replaces them
+  run_layout.save_best(workdir, "angle", params, {"step": 6, "score": 0.7})
+  tracker = _BestTracker(workdir)
+  assert tracker.evaluated and tracker.best == {"angle": 0.7}
 
 
 # --------------------------------------------------------------------- precomputed references
