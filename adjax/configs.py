@@ -17,7 +17,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.backbone = ml_collections.ConfigDict()
   c.backbone.name = "dinov2-base"
   c.backbone.weights = ""            # path to the user's .pth/.pt/.safetensors file
-  c.backbone.cache_dir = ""          # converted weights are cached here ("" = beside the run)
+  c.backbone.cache_dir = ""          # converted weights cached here ("" = $ADJAX_CACHE_DIR or
+                                     # ~/.cache/adjax/backbones)
   c.backbone.taps = ml_collections.FieldReference(None, field_type=tuple)  # None = the default taps
   c.image_size = 224
 
@@ -70,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.center_images_per_group = 16   # normal images per (class, view) for the centres
   c.train.max_similarities = 1 << 25   # residual matching memory cap
   c.train.precomputed_refs = False     # True: fixed reference features per (class, view)
-                                       # (`adjax refs`), reused by every step and sweep point
+                                       # (`adjax refs`), reused by every step of the run
 
   c.eval = ml_collections.ConfigDict()
   c.eval.format = "mvtec"

@@ -8,6 +8,7 @@ with the same parameters as an uninterrupted one. SIGTERM (preemption) saves and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -199,7 +200,8 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
 
   With `train.precomputed_refs`, every step takes its images' references from this bank
   (the first n_shot of the group's shots) instead of running the backbone on reference images:
-  a fixed reference set, which sweeps reuse across points. Written to
+  a fixed reference set, the same for every step of the run (each sweep point computes its
+  own, from the same seed: the same images when the points share data settings). Written to
   `<workdir>/references.npz`: l{k} of shape (G, max_shots, h, w, C_k) with G = classes x views
   (the loader's class_id * len(views) + view_id), and the class and view names.
   """
@@ -270,6 +272,16 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+@contextlib.contextmanager
+def _closing(checkpointer):
+  """Closes the checkpointer however the loop ends: on Ctrl-C or an error too, an asynchronous
+  save in flight is finished instead of abandoned."""
+  try:
+    yield checkpointer
+  finally:
+    checkpointer.close()
 
 
 class _MetricWriter:
@@ -393,7 +405,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   last_metrics: dict[str, float] = {}
   t_start, steps_done = time.perf_counter(), 0
   step = start_step
-  with _Preemption() as preemption:
+  with _Preemption() as preemption, _closing(checkpointer):
     while step < total_steps:
       local = next(iterator)
       local["ref_group"] = local["class_id"] * num_views + local["view_id"]
@@ -423,7 +435,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
         if not saved:  # orbax refuses a second save of the same step
           checkpointer.save(step, state, iterator.get_state(), force=True)
         break
-  checkpointer.close()
   bar.close()
   writer.close()
   seconds = time.perf_counter() - t_start
