@@ -241,47 +241,65 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     return kind if kind != "pretrained" else \
         f"pretrained:{checkpoint_kind_for(method, checkpoint_choice)}"
 
-  # UniAD is one model for all classes of a dataset: a first pass gathers every class's
-  # training features and fits it once per feature kind.
-  shared_states: dict[tuple[str, str], Any] = {}
+  # UniAD is one model for all classes of a dataset: its training features are gathered while
+  # the per-class methods run, and its test features are kept for scoring once it is fitted
+  # (one backbone pass over the dataset, not two).
   per_dataset = [m for m in methods if m in PER_DATASET_METHODS]
-  if per_dataset:
-    gathered: dict[tuple[str, str], list] = {}
-    for class_name in class_names:
-      _, features = prepare(class_name)
+  gathered: dict[tuple[str, str], list] = {}
+  held: list[tuple[str, dict, dict]] = []   # (class, what scoring needs, test features)
+
+  def score(method: str, kind: str, class_name: str, data: dict, train_f, test_f,
+            state=None) -> None:
+    settings = dict(method_settings.get(method, {}))
+    metrics, scores, maps, _ = score_method(method, settings, train_f, test_f,
+                                            config.image_size, config.seed,
+                                            data["test_labels"], data["test_masks"], state=state)
+    results[method].setdefault(class_name, {})[kind] = metrics
+    if kind == kinds[-1] and method == methods[0]:
+      reporting.save_overlays(data["test_images"], maps, scores,
+                              os.path.join(out_dir, "heatmaps", method, kind, class_name),
+                              num=2, masks=data["test_masks"])
+
+  def save_partial(classes_done: Sequence[str]) -> None:
+    # What is done so far is kept if a later class fails.
+    run_layout.write_json(os.path.join(out_dir, "results.partial.json"),
+                          {"results": results, "classes_done": list(classes_done)})
+
+  for index, class_name in enumerate(class_names):
+    data, features = prepare(class_name)
+    for method in methods:
+      if method in per_dataset:
+        continue
+      for kind in kinds:
+        score(method, kind, class_name, data, *features[feature_key(method, kind)])
+      bar.update(1)
+    if per_dataset:
+      keys = {feature_key(m, k) for m in per_dataset for k in kinds}
       for method in per_dataset:
         for kind in kinds:
           gathered.setdefault((method, kind), []).append(features[feature_key(method, kind)][0])
-    from adjax.methods import get_method
-    for (method, kind), per_class in gathered.items():
-      model = get_method(method, **dict(method_settings.get(method, {})))
-      shared_states[(method, kind)] = model.fit(
-          [[jnp.asarray(x) for x in levels] for levels in per_class],
-          jax.random.PRNGKey(config.seed))
-
-  for class_name in class_names:
-    data, features = prepare(class_name)
-    labels, masks = data["test_labels"], data["test_masks"]
-    for method in methods:
-      settings = dict(method_settings.get(method, {}))
-      for kind in kinds:
-        train_f, test_f = features[feature_key(method, kind)]
-        metrics, scores, maps, _ = score_method(method, settings, train_f, test_f,
-                                                config.image_size, config.seed, labels, masks,
-                                                state=shared_states.get((method, kind)))
-        results[method].setdefault(class_name, {})[kind] = metrics
-        if kind == kinds[-1] and method == methods[0]:
-          reporting.save_overlays(data["test_images"], maps, scores,
-                                  os.path.join(out_dir, "heatmaps", method, kind, class_name),
-                                  num=2, masks=masks)
-      bar.update(1)
+      needs = {"test_labels": data["test_labels"], "test_masks": data["test_masks"],
+               "test_images": data["test_images"] if methods[0] in per_dataset else None}
+      held.append((class_name, needs, {key: features[key][1] for key in keys}))
     if not tsne_done and ev.get("tsne", True):
-      _tsne(features, kinds, masks, backbone, out_dir, class_name, config)
+      _tsne(features, kinds, data["test_masks"], backbone, out_dir, class_name, config)
       tsne_done = True
-    # What is done so far is kept if a later class fails.
-    run_layout.write_json(os.path.join(out_dir, "results.partial.json"),
-                          {"results": results, "classes_done": class_names[
-                              :class_names.index(class_name) + 1]})
+    del data, features
+    save_partial(class_names[:index + 1] if not per_dataset else [])
+
+  if per_dataset:
+    from adjax.methods import get_method
+    for method in per_dataset:
+      for kind in kinds:
+        model = get_method(method, **dict(method_settings.get(method, {})))
+        state = model.fit([[jnp.asarray(x) for x in levels]
+                           for levels in gathered.pop((method, kind))],
+                          jax.random.PRNGKey(config.seed))
+        for class_name, needs, test_features in held:
+          score(method, kind, class_name, needs, None,
+                test_features[feature_key(method, kind)], state=state)
+      bar.update(len(class_names))
+    save_partial(class_names)
   bar.close()
   for method in methods:
     for pair in _table_pairs(kinds):

@@ -349,9 +349,15 @@ def test_pretrain_with_precomputed_references(dataset, tmp_path):
 
 
 # --------------------------------------------------------------------- evaluation
-def test_evaluate_compares_feature_kinds(dataset, uninterrupted, tmp_path):
-  from adjax.evaluate import evaluate
+def test_evaluate_compares_feature_kinds(dataset, uninterrupted, tmp_path, monkeypatch):
+  from adjax.evaluate import FeatureMaker, evaluate
   workdir, _ = uninterrupted
+  # UniAD (one model for the dataset) must not cost a second backbone pass over the data.
+  backbone_calls = []
+  original = FeatureMaker.backbone_levels
+  monkeypatch.setattr(FeatureMaker, "backbone_levels",
+                      lambda self, images: backbone_calls.append(len(images))
+                      or original(self, images))
   config = tiny_config(dataset)
   config.eval.format = "mvtec"
   config.eval.root = os.path.join(os.path.dirname(dataset), "eval")
@@ -366,6 +372,7 @@ def test_evaluate_compares_feature_kinds(dataset, uninterrupted, tmp_path):
   results = summary["results"]
   assert set(results) == {"featurenorm", "patchcore", "uniad"}
   (class_name,) = summary["classes"]
+  assert len(backbone_calls) == 2   # the class's training and test images, once each
   for method, per_class in results.items():
     for kind in ("original", "residual", "pretrained"):
       metrics = per_class[class_name][kind]

@@ -124,12 +124,45 @@ def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
   return tree
 
 
-def strip_prefix(state: StateDict, prefixes: Sequence[str]) -> dict[str, Array]:
-  """Remove the first of ``prefixes`` that every key starts with (e.g. 'module.')."""
+def strip_prefix(state: StateDict, prefixes: Sequence[str], *,
+                 anchors: Sequence[str] = ()) -> dict[str, Array]:
+  """Remove wrapper prefixes ('module.' of DataParallel, 'backbone.' of a DINOv2 teacher ...).
+
+  Each prefix in turn is removed from every key when every key carries it. A file can also
+  hold the backbone under a prefix beside other parts: a Hugging Face
+  ``Dinov2ForImageClassification`` (``dinov2.*`` plus ``classifier.*``) or a DINOv2 teacher
+  (``backbone.*`` plus ``dino_head.*`` / ``ibot_head.*``). Then the prefix is removed from the
+  keys that carry it when one of ``anchors`` (a key only the backbone has, such as its patch
+  embedding) is found under the prefix and none is found without it; the other keys are kept
+  as they are, for the caller's ignore rules or the unused-key error of ``apply_rules``.
+
+  Args:
+    state: flat state dict.
+    prefixes: prefixes to try, in order (each one that applies is removed).
+    anchors: backbone keys (without prefix) that show where the backbone is.
+
+  Returns:
+    The state dict with the prefixes removed.
+
+  Raises:
+    ConversionError: removing a prefix would give two tensors the same key.
+  """
   state = dict(state)
   for p in prefixes:
-    if state and all(k.startswith(p) for k in state):
-      state = {k[len(p):]: v for k, v in state.items()}
+    carried = [k for k in state if k.startswith(p)]
+    if not carried:
+      continue
+    if len(carried) < len(state):
+      # Only part of the file is under p: strip it only if the backbone is that part.
+      if not any(p + a in state for a in anchors) or any(a in state for a in anchors):
+        continue
+      others = set(state) - set(carried)
+      clash = sorted(k for k in carried if k[len(p):] in others)
+      if clash:
+        raise ConversionError(
+            f"cannot remove the prefix {p!r}: {clash[:4]} would then clash with the keys "
+            f"{[k[len(p):] for k in clash[:4]]} already in the checkpoint")
+    state = {(k[len(p):] if k.startswith(p) else k): v for k, v in state.items()}
   return state
 
 

@@ -8,7 +8,9 @@ The reference keys (per level k = 1..K, per layer i) and our tree paths:
   l{k}_proj.layers.{i}.cross_attn.out_proj.weight/bias (C, C)   layers_{i}/cross_attn/out
   l{k}_proj.layers.{i}.mlp.fc1 / fc2 / se.fc1 / se.fc2          layers_{i}/mlp/fc1, fc2, se/fc1, se/fc2
 
-Linear weights are (out, in) in PyTorch and kernels are (in, out) here.
+Linear weights are (out, in) in PyTorch and kernels are (in, out) here. Every shape is checked
+against the one SPEC section 3 gives for the level's C (read from x_ref), MLP width 4C and
+squeeze-excite width se_hidden_dim(4C) included.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
+
+from adjax.models.projector import se_hidden_dim
 
 Params = dict[str, Any]
 
@@ -48,24 +52,37 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
                      f"{type(state_dict).__name__}")
   if "projectors" in state_dict:  # the released ADPretrain checkpoints: {"projectors": sd, ...}
     return _unwrap(state_dict["projectors"])
+  prefix = "module."  # saved from a DataParallel / DistributedDataParallel wrapper
+  if state_dict and all(isinstance(key, str) and key.startswith(prefix) for key in state_dict):
+    return {key[len(prefix):]: value for key, value in state_dict.items()}
   return state_dict
 
 
-def _expected_keys(level: int, depth: int) -> list[str]:
+def _expected_shapes(level: int, depth: int, num_ref: int, dim: int
+                     ) -> dict[str, tuple[int, ...]]:
+  """Every key of level ``level`` with its PyTorch shape (SPEC section 3), from R and C.
+
+  The MLP width is 4C and the squeeze-excite width se_hidden_dim(4C), as the model builds
+  them: reading widths from the file instead would accept weights that ``project`` cannot run
+  and would blame a later key for an earlier key's wrong shape.
+  """
+  mlp = 4 * dim
+  se = se_hidden_dim(mlp)
   prefix = f"l{level}_proj."
-  keys = [prefix + "x_ref", prefix + "ref_proj.project.weight", prefix + "ref_proj.project.bias"]
+  shapes = {prefix + "x_ref": (1, num_ref, dim),
+            prefix + "ref_proj.project.weight": (dim, dim, 1),
+            prefix + "ref_proj.project.bias": (dim,)}
+  linears = {"cross_attn.out_proj": (dim, dim), "mlp.fc1": (mlp, dim), "mlp.fc2": (dim, mlp),
+             "mlp.se.fc1": (se, mlp), "mlp.se.fc2": (mlp, se)}
   for i in range(depth):
     layer = f"{prefix}layers.{i}."
-    keys += [layer + "cross_attn.in_proj_weight", layer + "cross_attn.in_proj_bias"]
+    shapes[layer + "cross_attn.in_proj_weight"] = (3 * dim, dim)
+    shapes[layer + "cross_attn.in_proj_bias"] = (3 * dim,)
     for torch_name, _ in _LAYER_LINEARS:
-      keys += [f"{layer}{torch_name}.weight", f"{layer}{torch_name}.bias"]
-  return keys
-
-
-def _check_shape(key: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  if array.shape != shape:
-    raise ValueError(f"projector state_dict key {key!r} has shape {array.shape}, expected {shape}")
-  return array
+      out_features, in_features = linears[torch_name]
+      shapes[f"{layer}{torch_name}.weight"] = (out_features, in_features)
+      shapes[f"{layer}{torch_name}.bias"] = (out_features,)
+  return shapes
 
 
 def projector_from_torch(state_dict: Mapping[str, Any]) -> Params:
@@ -73,13 +90,15 @@ def projector_from_torch(state_dict: Mapping[str, Any]) -> Params:
 
   Args:
     state_dict: reference keys (`l1_proj.x_ref`, ...) to numpy arrays or torch tensors, or the
-      released checkpoint form `{"projectors": state_dict, ...}`.
+      released checkpoint form `{"projectors": state_dict, ...}`; keys may carry the `module.`
+      prefix of a DataParallel / DistributedDataParallel save.
 
   Returns:
     The parameter tree of `adjax.models.projector` (float32 numpy arrays).
 
   Raises:
-    ValueError: naming any missing, unexpected or mis-shaped key.
+    ValueError: naming any missing, unexpected or mis-shaped key (with the shape found and the
+      shape SPEC section 3 gives for the level's channel count C), or a level without layers.
   """
   raw = _unwrap(state_dict)
   if not any(_LEVEL_KEY.match(str(key)) for key in raw):
@@ -96,69 +115,53 @@ def projector_from_torch(state_dict: Mapping[str, Any]) -> Params:
   params: Params = {}
   for level in levels:
     prefix = f"l{level}_proj."
-    depth = len({int(m.group(1)) for key in sd if key.startswith(prefix)
-                 and (m := _LAYER_KEY.match(key[len(prefix):]))})
-    expected = _expected_keys(level, depth)
-    missing = [key for key in expected if key not in sd]
-    if missing:
-      raise ValueError(f"projector state_dict is missing keys: {missing[:5]}")
-    extra = [key for key in sd if key.startswith(prefix) and key not in expected]
-    if extra:
-      raise ValueError(f"unexpected projector state_dict keys: {extra[:5]}")
-    x_ref = sd[prefix + "x_ref"]
+    indices = {int(m.group(1)) for key in sd if key.startswith(prefix)
+               and (m := _LAYER_KEY.match(key[len(prefix):]))}
+    if not indices:
+      raise ValueError(f"projector level {prefix[:-1]} has no '{prefix}layers.0.*' keys: a "
+                       "block needs at least one cross-attention layer")
+    depth = max(indices) + 1
+    x_ref = sd.get(prefix + "x_ref")
+    if x_ref is None:
+      raise ValueError(f"projector state_dict is missing keys: {[prefix + 'x_ref']}")
     if x_ref.ndim != 3 or x_ref.shape[0] != 1:
       raise ValueError(f"projector state_dict key {prefix + 'x_ref'!r} has shape {x_ref.shape}, "
                        "expected (1, R, C)")
-    _, _, dim = x_ref.shape
+    _, num_ref, dim = x_ref.shape
+    shapes = _expected_shapes(level, depth, num_ref, dim)
+    missing = [key for key in shapes if key not in sd]
+    if missing:
+      raise ValueError(f"projector state_dict is missing keys: {missing[:5]}")
+    extra = [key for key in sd if key.startswith(prefix) and key not in shapes]
+    if extra:
+      raise ValueError(f"unexpected projector state_dict keys: {extra[:5]}")
+    for key, shape in shapes.items():
+      if sd[key].shape != shape:
+        raise ValueError(
+            f"projector state_dict key {key!r} has shape {sd[key].shape}, expected {shape} "
+            f"(C = {dim} from {prefix + 'x_ref'!r} of shape {x_ref.shape}, SPEC section 3)")
+
     tree: Params = {
         "x_ref": x_ref[0],
-        "ref_proj": {
-            "kernel": _check_shape(prefix + "ref_proj.project.weight",
-                                   sd[prefix + "ref_proj.project.weight"], (dim, dim, 1))[:, :, 0].T,
-            "bias": _check_shape(prefix + "ref_proj.project.bias",
-                                 sd[prefix + "ref_proj.project.bias"], (dim,)),
-        },
+        "ref_proj": {"kernel": sd[prefix + "ref_proj.project.weight"][:, :, 0].T,
+                     "bias": sd[prefix + "ref_proj.project.bias"]},
     }
     for i in range(depth):
       layer_prefix = f"{prefix}layers.{i}."
-      in_w = _check_shape(layer_prefix + "cross_attn.in_proj_weight",
-                          sd[layer_prefix + "cross_attn.in_proj_weight"], (3 * dim, dim))
-      in_b = _check_shape(layer_prefix + "cross_attn.in_proj_bias",
-                          sd[layer_prefix + "cross_attn.in_proj_bias"], (3 * dim,))
+      in_w = sd[layer_prefix + "cross_attn.in_proj_weight"]
+      in_b = sd[layer_prefix + "cross_attn.in_proj_bias"]
       layer: Params = {"cross_attn": {
           name: {"kernel": in_w[j * dim:(j + 1) * dim].T, "bias": in_b[j * dim:(j + 1) * dim]}
           for j, name in enumerate(("query", "key", "value"))}}
       for torch_name, path in _LAYER_LINEARS:
-        weight = sd[f"{layer_prefix}{torch_name}.weight"]
-        bias = sd[f"{layer_prefix}{torch_name}.bias"]
-        if weight.ndim != 2 or bias.shape != (weight.shape[0],):
-          raise ValueError(f"projector state_dict key {layer_prefix}{torch_name}: weight "
-                           f"{weight.shape} and bias {bias.shape} do not form a Linear layer")
         node = layer
         for name in path[:-1]:
           node = node.setdefault(name, {})
-        node[path[-1]] = {"kernel": weight.T, "bias": bias}
-      _check_layer_shapes(layer, dim, layer_prefix)
+        node[path[-1]] = {"kernel": sd[f"{layer_prefix}{torch_name}.weight"].T,
+                          "bias": sd[f"{layer_prefix}{torch_name}.bias"]}
       tree[f"layers_{i}"] = layer
     params[f"l{level}_proj"] = tree
   return params
-
-
-def _check_layer_shapes(layer: Params, dim: int, prefix: str) -> None:
-  mlp = layer["mlp"]
-  mlp_dim = mlp["fc1"]["kernel"].shape[1]
-  se_dim = mlp["se"]["fc1"]["kernel"].shape[1]
-  expected = {
-      "cross_attn.out_proj.weight": (layer["cross_attn"]["out"]["kernel"].shape, (dim, dim)),
-      "mlp.fc1.weight": (mlp["fc1"]["kernel"].shape, (dim, mlp_dim)),
-      "mlp.se.fc1.weight": (mlp["se"]["fc1"]["kernel"].shape, (mlp_dim, se_dim)),
-      "mlp.se.fc2.weight": (mlp["se"]["fc2"]["kernel"].shape, (se_dim, mlp_dim)),
-      "mlp.fc2.weight": (mlp["fc2"]["kernel"].shape, (mlp_dim, dim)),
-  }
-  for key, (got, want) in expected.items():
-    if got != want:
-      raise ValueError(f"projector state_dict key {prefix}{key} has shape {got[::-1]}, "
-                       f"expected {want[::-1]}")
 
 
 def projector_to_torch(params: Params) -> dict[str, np.ndarray]:

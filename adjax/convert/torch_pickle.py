@@ -8,6 +8,9 @@ answers only for the few names a checkpoint of weights needs:
 - the tensor rebuild functions of ``torch._utils`` / ``torch._tensor`` and the typed storage
   classes (``torch.FloatStorage`` ...), which are replaced by our own code that rebuilds a numpy
   array from the raw bytes of the storage record;
+- the dtype names (``torch.float8_e4m3fn``, ``torch.uint16`` ...) that ``_rebuild_tensor_v3``
+  gets for tensors without a typed storage class (float8, uint16/32/64), replaced by inert
+  markers; a dtype numpy cannot hold (sub-byte, quantised) is refused as unsupported;
 - in TorchScript archives only (OpenAI CLIP ``.pt`` files), ``__torch__.*`` classes, replaced by
   an inert record that keeps the module's attributes (no TorchScript code is read or run), and
   a few pure list/type-tag helpers of ``torch.jit._pickle``.
@@ -67,6 +70,32 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
 }
 
 
+# torch dtype name (``torch.<name>``, given to ``_rebuild_tensor_v3``) -> numpy dtype. torch
+# pickles tensors of the dtypes that have no typed storage class (float8, uint16/32/64) as an
+# untyped byte storage plus this dtype.
+_TORCH_DTYPES: dict[str, np.dtype] = {
+    "float64": np.dtype(np.float64), "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "float8_e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "int64": np.dtype(np.int64), "int32": np.dtype(np.int32), "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8), "uint64": np.dtype(np.uint64), "uint32": np.dtype(np.uint32),
+    "uint16": np.dtype(np.uint16), "uint8": np.dtype(np.uint8), "bool": np.dtype(np.bool_),
+    "complex64": np.dtype(np.complex64), "complex128": np.dtype(np.complex128),
+}
+if hasattr(ml_dtypes, "float8_e8m0fnu"):  # ml_dtypes >= 0.5
+  _TORCH_DTYPES["float8_e8m0fnu"] = np.dtype(ml_dtypes.float8_e8m0fnu)
+# torch dtypes without a numpy equivalent here (packed sub-byte, quantised, complex32): a file
+# holding them is refused as unsupported, not as unsafe.
+_UNSUPPORTED_TORCH_DTYPES = frozenset({
+    "complex32", "float4_e2m1fn_x2", "qint8", "quint8", "qint32", "quint4x2", "quint2x4",
+    "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16", "float8_e8m0fnu",
+    *(f"int{n}" for n in range(1, 8)), *(f"uint{n}" for n in range(1, 8)),
+})
+
+
 class CheckpointError(ValueError):
   """A checkpoint file is unreadable: truncated, corrupt or of an unknown layout."""
 
@@ -83,6 +112,14 @@ class _StorageType:
     self.dtype = _STORAGE_DTYPES[name]
 
 
+class _TorchDtype:
+  """Stands for ``torch.<dtype>`` inside the pickle: the numpy dtype, or None if unsupported."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.dtype = _TORCH_DTYPES.get(name)
+
+
 class _Storage:
   """One storage record: a flat numpy array, filled when its bytes are read."""
 
@@ -91,21 +128,37 @@ class _Storage:
     self.dtype = dtype
     self.numel = numel
     self.data: np.ndarray | None = None
+    self.big_endian = False  # set for zip records written on a big-endian machine
 
 
 class _TensorRef:
   """A tensor view into a storage; turned into a numpy array once all storages are read."""
 
-  def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+  def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple,
+               dtype: np.dtype | None = None):
     self.storage = storage
     self.offset = int(offset)
     self.size = tuple(int(s) for s in size)
     self.stride = tuple(int(s) for s in stride)
+    self.dtype = dtype  # element type of an untyped (byte) storage; None for typed storages
 
   def materialise(self, path: str) -> np.ndarray:
     data = self.storage.data
     if data is None:
       raise CheckpointError(f"{path}: storage {self.storage.key!r} was never read (corrupt file)")
+    if self.dtype is not None and self.dtype != data.dtype:
+      # Offsets and strides count elements of the tensor's dtype, so view the bytes as it.
+      if data.dtype != np.uint8:
+        raise CheckpointError(
+            f"{path}: a {self.dtype.name} tensor points into storage {self.storage.key!r} of "
+            f"{data.dtype.name} elements (corrupt file)")
+      if data.nbytes % self.dtype.itemsize:
+        raise CheckpointError(
+            f"{path}: storage {self.storage.key!r} of {data.nbytes} bytes does not hold whole "
+            f"{self.dtype.name} elements (corrupt file)")
+      data = data.view(self.dtype)
+      if self.storage.big_endian and self.dtype.itemsize > 1:
+        data = data.byteswap()
     if any(s == 0 for s in self.size):
       return np.zeros(self.size, data.dtype)
     last = self.offset + sum((n - 1) * st for n, st in zip(self.size, self.stride))
@@ -113,10 +166,13 @@ class _TensorRef:
       raise CheckpointError(
           f"{path}: tensor of shape {self.size} at offset {self.offset} runs past its storage "
           f"{self.storage.key!r} of {data.size} elements (corrupt file)")
+    # as_strided goes through __array_interface__, which cannot describe some ml_dtypes types
+    # (float8): stride over their bytes as same-width unsigned ints, then view them back.
+    raw = data if data.dtype.isbuiltin == 1 else data.view(f"u{data.itemsize}")
     view = np.lib.stride_tricks.as_strided(
-        data[self.offset:], shape=self.size,
+        raw[self.offset:], shape=self.size,
         strides=tuple(st * data.itemsize for st in self.stride), writeable=False)
-    return np.array(view)  # own the memory, contiguous
+    return np.array(view).view(data.dtype)  # own the memory, contiguous
 
 
 class ScriptObject:
@@ -140,6 +196,27 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
   return _TensorRef(storage, storage_offset, size, stride)
 
 
+class _UnsupportedDtype(CheckpointError):
+  """Raised inside the unpickler; ``_unpickle`` names the file in the message."""
+
+  def __init__(self, name: str):
+    super().__init__(name)
+    self.dtype_name = name
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad=None,
+                       backward_hooks=None, dtype=None, *unused):
+  """``torch._utils._rebuild_tensor_v3``: an untyped byte storage plus the tensor's dtype."""
+  del requires_grad, backward_hooks
+  if not isinstance(storage, _Storage):
+    raise UnsafeCheckpointError("tensor rebuild got something other than a storage record")
+  if not isinstance(dtype, _TorchDtype):
+    raise UnsafeCheckpointError(f"tensor rebuild got {type(dtype).__name__}, not a torch dtype")
+  if dtype.dtype is None:
+    raise _UnsupportedDtype(dtype.name)
+  return _TensorRef(storage, storage_offset, size, stride, dtype.dtype)
+
+
 def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
   del requires_grad, backward_hooks
   return data
@@ -148,7 +225,8 @@ def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
 def _rebuild_from_type_v2(func, new_type, args, state):
   # Tensor subclasses: only plain Tensor / Parameter are accepted (new_type is our marker).
   del state
-  if new_type is not _TENSOR_MARKER or func not in (_rebuild_tensor, _rebuild_parameter):
+  if new_type is not _TENSOR_MARKER or func not in (_rebuild_tensor, _rebuild_tensor_v3,
+                                                    _rebuild_parameter):
     raise UnsafeCheckpointError("tensor of an unknown subclass")
   return func(*args)
 
@@ -163,6 +241,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
@@ -191,6 +270,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return _ALLOWED_GLOBALS[(module, name)]
     if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
       return _StorageType(name)
+    if module == "torch" and (name in _TORCH_DTYPES or name in _UNSUPPORTED_TORCH_DTYPES):
+      return _TorchDtype(name)  # inert: only read by _rebuild_tensor_v3
     if self._allow_script:
       if module == "torch.jit._pickle" and name in _JIT_HELPERS:
         return _identity_first
@@ -257,6 +338,10 @@ def _unpickle(data: BinaryIO, **kwargs) -> Any:
   path = kwargs["path"]
   try:
     return _RestrictedUnpickler(data, **kwargs).load()
+  except _UnsupportedDtype as e:
+    raise CheckpointError(
+        f"{path}: unsupported tensor dtype torch.{e.dtype_name} (no numpy equivalent to read "
+        "it into); convert the checkpoint to a float dtype first") from None
   except CheckpointError:
     raise
   except (EOFError, pickle.UnpicklingError, struct.error, ValueError, TypeError, KeyError,
@@ -300,6 +385,8 @@ def _load_zip(path: str, zf: zipfile.ZipFile) -> Any:
   storages: dict[str, _Storage] = {}
   obj = _unpickle(io.BytesIO(zf.read(pickles[0])), path=path, storages=storages,
                   load_record=load_record, allow_script_objects=is_script)
+  for storage in storages.values():  # byte storages are byte-swapped once their dtype is known
+    storage.big_endian = byteorder == "big"
   obj = _materialise(obj, path)
   if is_script:
     return flatten_state(obj)

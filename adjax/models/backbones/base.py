@@ -6,8 +6,8 @@ PyTorch state dict into the module's params. It never trains: BatchNorm uses run
 statistics and there is no dropout.
 
 Converted weights are cached as a flat ``.safetensors`` file of the Flax params, keyed by the
-source file's path, size and modification time and by the backbone's configuration, so that a
-checkpoint is converted once.
+source file's path, size, inode, modification and change times and by the backbone's
+configuration, so that a checkpoint is converted once.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,6 +31,8 @@ from adjax.convert import torch_pickle
 Params = dict[str, Any]
 Features = list[jax.Array]
 StateDict = dict[str, np.ndarray]
+
+log = logging.getLogger("adjax.backbones")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,23 +53,75 @@ def default_cache_dir() -> str:
       os.path.expanduser("~"), ".cache", "adjax", "backbones")
 
 
+# Extensions that decide the reader; other names are recognised by their first bytes.
+_TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
+_SAFETENSORS_EXTENSIONS = (".safetensors",)
+
+
+def _not_weights_reason(head: bytes) -> str | None:
+  """Why a file that starts with ``head`` is no weights file at all, or None.
+
+  A git-lfs pointer (the repository was cloned without ``git lfs pull``) or an HTML page (a
+  download that got a login or error page) would otherwise reach a binary reader and fail with
+  a message about a corrupt header that hides the real cause.
+  """
+  if not head:
+    return "it is empty (0 bytes)"
+  if b"\x00" in head:  # binary (a safetensors header length has zero bytes): not text
+    return None
+  text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+  if text.startswith(b"version https://git-lfs"):
+    return "it is a git-lfs pointer; run `git lfs pull` to fetch the weights"
+  if text.startswith(b"<"):
+    return "it is an HTML/XML page (a failed download?); download it again"
+  return None
+
+
+def _reader_for(path: str, head: bytes) -> str | None:
+  """'torch' or 'safetensors' by the extension, else by the first bytes; None if unknown."""
+  lower = path.lower()
+  if lower.endswith(_TORCH_EXTENSIONS):
+    return "torch"
+  if lower.endswith(_SAFETENSORS_EXTENSIONS):
+    return "safetensors"
+  if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch.save) or legacy pickle
+    return "torch"
+  if head[8:9] == b"{":  # 8-byte header length, then the JSON header
+    return "safetensors"
+  return None
+
+
 def read_state_dict(path: str | os.PathLike) -> StateDict:
   """Read a checkpoint file into a flat ``{key: numpy array}`` dict.
 
   Args:
-    path: ``.safetensors`` or a PyTorch ``.pth``/``.pt`` (zip, legacy or TorchScript).
+    path: ``.safetensors`` or a PyTorch ``.pth``/``.pt``/``.bin``/``.ckpt`` (zip, legacy or
+      TorchScript); a file with another extension is recognised by its first bytes.
 
   Returns:
     The flat state dict. Common wrappers (``{'state_dict': ...}``, ``{'model': ...}``,
     ``{'teacher': ...}``) are unwrapped.
+
+  Raises:
+    FileNotFoundError: no such file.
+    CheckpointError: not a weights file (empty, git-lfs pointer, HTML page, unknown format),
+      or an unreadable PyTorch checkpoint.
+    SafetensorsError: an unreadable safetensors file.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"weights file not found: {path}")
   with open(path, "rb") as f:
-    head = f.read(8)
-  if path.endswith(".safetensors") or (len(head) == 8 and head[:2] not in (b"PK",)
-                                       and head[:1] != b"\x80"):
+    head = f.read(64)
+  reason = _not_weights_reason(head)
+  if reason is not None:
+    raise torch_pickle.CheckpointError(f"{path} is not a weights file: {reason}")
+  reader = _reader_for(path, head)
+  if reader is None:
+    raise torch_pickle.CheckpointError(
+        f"{path} is not a recognised weights file: expected a .safetensors or a PyTorch "
+        f".pth/.pt/.bin/.ckpt checkpoint; the file starts with {head[:16]!r}")
+  if reader == "safetensors":
     return dict(safetensors_io.load_safetensors(path))
   obj = torch_pickle.load_torch_file(path)
   for key in ("state_dict", "model", "teacher", "module"):
@@ -152,7 +207,10 @@ class Backbone:
   def cache_key(self, path: str) -> str:
     """Hex key of (file identity, backbone configuration, cache format)."""
     st = os.stat(path)
+    # Size and mtime alone miss a same-size replacement whose mtime was kept (cp -p, rsync -t,
+    # tar x); a new inode or a changed ctime (which utime cannot set back) catches it.
     ident = {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "ino": st.st_ino, "ctime_ns": st.st_ctime_ns,
              "name": self.name, "config": self.config, "format": _CACHE_FORMAT}
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
@@ -193,9 +251,16 @@ class Backbone:
     state = read_state_dict(path)
     params = self.convert(state, template, path)
     if cache_file is not None:
-      safetensors_io.save_safetensors(
-          cache_file, mapping.flatten_tree(params),
-          metadata={"source": os.path.realpath(path), "backbone": self.name})
+      try:
+        safetensors_io.save_safetensors(
+            cache_file, mapping.flatten_tree(params),
+            metadata={"source": os.path.realpath(path), "backbone": self.name})
+      except OSError as e:
+        # The conversion succeeded; an unwritable cache (read-only home, full disk) only means
+        # the next load converts again, so it must not lose these params.
+        log.warning("%s: cannot write the converted-weights cache %s (%s); the weights are "
+                    "converted again on the next load (set ADJAX_CACHE_DIR or cache_dir to a "
+                    "writable folder)", self.name, cache_file, e)
     return jax.tree.map(jnp.asarray, params)
 
   # ------------------------------------------------------------------- features

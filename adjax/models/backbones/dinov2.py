@@ -3,7 +3,10 @@
 Weights: the official ``dinov2_vit{b,l}14_pretrain.pth`` (keys ``blocks.N.attn.qkv.weight`` ...)
 or a Hugging Face ``Dinov2Model`` safetensors file (keys ``encoder.layer.N.attention.attention.
 query.weight`` ... as on the hub, or ``encoder.layer.N.attention.q_proj.weight`` ... as
-transformers >= 5 saves them; optionally under a ``dinov2.`` prefix). The 37 x 37 position
+transformers >= 5 saves them; optionally under a ``dinov2.`` prefix). A DINOv2 teacher
+checkpoint (``backbone.*`` beside ``dino_head.*`` / ``ibot_head.*``) and a Hugging Face
+``Dinov2ForImageClassification`` file (``dinov2.*`` beside ``classifier.*``) load too, their
+heads ignored. The 37 x 37 position
 table (trained at 518 px) is resampled for the input grid as the official code does (SPEC
 section 1).
 """
@@ -78,10 +81,13 @@ def convert(state: Mapping[str, Any], template: Mapping[str, Any], source: str, 
   Returns:
     params tree.
   """
-  state = mapping.strip_prefix(state, ("module.", "backbone.", "dinov2."))
+  # A teacher checkpoint holds backbone.* beside its heads, a classifier file dinov2.* beside
+  # classifier.*: the patch embedding shows which part is the backbone.
+  state = mapping.strip_prefix(state, ("module.", "backbone.", "dinov2."), anchors=(
+      "patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight"))
   if "pos_embed" in state:
     rules = _official_rules(n_blocks, layer_scale)
-    ignore = [r"norm\.(weight|bias)", r"mask_token", r"head\..*",
+    ignore = [r"norm\.(weight|bias)", r"mask_token", r"head\..*", r"(dino|ibot)_head\..*",
               mapping.index_at_least(r"blocks\.", n_blocks)]
   else:
     old = any(".attention.attention.query." in k for k in state)
