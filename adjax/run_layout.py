@@ -255,7 +255,8 @@ def save_config(workdir: str, config: Any) -> None:
 # different run than its checkpoints, centres and reference bank. (data.num_workers is not
 # here: grain's saved iterator state has the worker count's structure.)
 RESUMABLE_CHANGES = ("backbone.weights", "backbone.cache_dir", "data.pretrain_root",
-                     "data.pretrain_tfds_dir", "data.val_root", "optim.max_steps", "train.log_every", "train.checkpoint_every",
+                     "data.pretrain_tfds_dir", "data.val_root", "optim.max_steps",
+                     "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.eval_every_epochs",
                      "train.max_similarities", "loss.angle_block_size", "eval.")
 

@@ -253,13 +253,23 @@ def load_references(workdir: str) -> Optional[dict[str, Any]]:
 
 # ------------------------------------------------------------------------ the run
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so the run saves and exits cleanly."""
+  """When the run must save and exit on SIGTERM (preemption): `due(step)`.
+
+  One process: SIGTERM sets a flag that the loop reads after the step. Several processes: the
+  signal may reach one host only, or the hosts at different steps; a host that stopped alone
+  would leave the others waiting in the next step's collectives (or in the checkpoint's). JAX's
+  preemption service (started by jax.distributed.initialize, listening for SIGTERM itself)
+  agrees on one step for every host: `reached_preemption_sync_point`, called every step.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._synced = jax.process_count() > 1 and _preemption_service_running()
 
   def __enter__(self):
+    if self._synced:  # the service's own handler must keep SIGTERM
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread
@@ -269,9 +279,20 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
+  def due(self, step: int) -> bool:
+    if self._synced:
+      from jax.experimental import multihost_utils
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_service_running() -> bool:
+  from jax._src import distributed  # the one place JAX keeps it; no public accessor
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 @contextlib.contextmanager
@@ -430,7 +451,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
       saved = step % config.train.checkpoint_every == 0 or step == total_steps
       if saved:
         checkpointer.save(step, state, iterator.get_state())
-      if preemption.requested:
+      if preemption.due(step):
         log.warning("SIGTERM: saving step %d and exiting", step)
         if not saved:  # orbax refuses a second save of the same step
           checkpointer.save(step, state, iterator.get_state(), force=True)

@@ -98,3 +98,23 @@ def test_two_processes_match_one(eight_device_results, tmp_path):
   for key in one.files:
     if key.startswith("["):
       np.testing.assert_allclose(two[key], one[key], atol=1e-5, rtol=0, err_msg=key)
+
+
+def test_preemption_of_one_host_stops_every_host_at_the_same_step():
+  # A host that stopped alone would leave the others waiting in the next step's collectives.
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    env.pop("XLA_FLAGS", None)
+    procs.append(subprocess.Popen([sys.executable, str(HERE / "multiprocess_preemption.py")],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  stops = []
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out.decode()[-3000:]
+    stops.append([line for line in out.decode().splitlines()
+                  if line.startswith(("STOP", "NEVER"))])
+  assert stops[0] == stops[1] and len(stops[0]) == 1 and stops[0][0].startswith("STOP"), stops
+  assert int(stops[0][0].split()[1]) >= 3
