@@ -21,8 +21,10 @@ DATA_AXIS = "data"
 def maybe_initialize_distributed() -> None:
   """Calls jax.distributed.initialize when a launcher says this is a multi-process job.
 
-  Recognised: JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID), Slurm
-  (SLURM_NTASKS > 1) and Cloud TPU pod slices (where initialize() finds everything itself,
+  Recognised: JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID), a Slurm job
+  step of several tasks (SLURM_STEP_NUM_TASKS > 1: set by srun only, so that a command typed in
+  an salloc shell of a multi-task allocation, where SLURM_NTASKS > 1 too, does not wait for
+  peers that never start) and Cloud TPU pod slices (where initialize() finds everything itself,
   signalled by ADJAX_DISTRIBUTED=1). Idempotent.
   """
   if getattr(maybe_initialize_distributed, "_done", False):
@@ -32,7 +34,8 @@ def maybe_initialize_distributed() -> None:
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
         process_id=int(os.environ.get("JAX_PROCESS_ID", "0")))
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("ADJAX_DISTRIBUTED"):
+  elif (int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+        or os.environ.get("ADJAX_DISTRIBUTED")):
     jax.distributed.initialize()
   maybe_initialize_distributed._done = True
 

@@ -118,3 +118,26 @@ def test_preemption_of_one_host_stops_every_host_at_the_same_step():
                   if line.startswith(("STOP", "NEVER"))])
   assert stops[0] == stops[1] and len(stops[0]) == 1 and stops[0][0].startswith("STOP"), stops
   assert int(stops[0][0].split()[1]) >= 3
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"SLURM_NTASKS": "8"}, None),                  # an salloc shell: this process runs alone
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8"}, {}),   # an srun step of 8 tasks
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "1"}, None),
+    ({"ADJAX_DISTRIBUTED": "1"}, {}),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+      "JAX_PROCESS_ID": "2"},
+     {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}),
+])
+def test_distributed_initialisation_follows_the_launcher(env, expected, monkeypatch):
+  from adjax import sharding
+  for name in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "ADJAX_DISTRIBUTED",
+               "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(sharding.maybe_initialize_distributed, "_done", False, raising=False)
+  sharding.maybe_initialize_distributed()
+  assert calls == ([] if expected is None else [expected])
