@@ -125,7 +125,9 @@ def make_loader(config: ml_collections.ConfigDict, records: Sequence, backbone, 
 # ------------------------------------------------------------------------ centres
 def compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbone=None,
                     backbone_params=None, records=None) -> list[np.ndarray]:
-  """Per-level centre: the mean residual feature of normal images (no augmentation, 4 shots).
+  """Per-level centre: the mean residual feature of normal images (no augmentation, 4 shots);
+  with loss.residual off (an ablation), the mean raw feature, which is then what the projector
+  sees.
 
   For every (dataset, class, view) of the pretraining set, `center_shots` normal images are the
   references and up to `center_images_per_group` other normal images give residuals; the mean
@@ -157,9 +159,12 @@ def compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbone
     load = lambda rs: np.stack([load_record(r, config.image_size)[0] for r in rs])
     ref_levels = backbone.extract(backbone_params, load(refs) / np.float32(255), dtype)
     query_levels = backbone.extract(backbone_params, load(queries) / np.float32(255), dtype)
-    residuals = [np.asarray(residual_features(q, r.reshape(-1, r.shape[-1]))[0], np.float64)
-                 for q, r in zip(query_levels, ref_levels)]
-    level_sums = [res.reshape(-1, res.shape[-1]).sum(0) for res in residuals]
+    if config.loss.residual:
+      inputs = [np.asarray(residual_features(q, r.reshape(-1, r.shape[-1]))[0], np.float64)
+                for q, r in zip(query_levels, ref_levels)]
+    else:  # the residual-off ablation: the projector sees raw features, so they are centred
+      inputs = [np.asarray(q, np.float64) for q in query_levels]
+    level_sums = [x.reshape(-1, x.shape[-1]).sum(0) for x in inputs]
     sums = level_sums if sums is None else [a + b for a, b in zip(sums, level_sums)]
     count += len(queries)
   if sums is None:

@@ -251,6 +251,38 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
   assert steps == [1]
 
 
+def test_centres_follow_what_the_projector_sees(dataset, tmp_path):
+  # Residuals by default; raw features in the residual-off ablation (mean over the same
+  # normal images, computed here independently of compute_centers' arithmetic).
+  from adjax.train import build_backbone, compute_centers, pretrain_records
+  from data_pipelines.images import load_record
+  config = tiny_config(dataset)
+  config.train.center_shots = 1
+  config.train.center_images_per_group = 1000   # every other normal image of the group
+  backbone, backbone_params = build_backbone(config)
+  records = pretrain_records(config)
+  residual = compute_centers(config, str(tmp_path / "a"), backbone=backbone,
+                             backbone_params=backbone_params, records=records)
+  config.loss.residual = False
+  raw = compute_centers(config, str(tmp_path / "b"), backbone=backbone,
+                        backbone_params=backbone_params, records=records)
+  groups = {}
+  for r in records:
+    if r.label == 0:
+      groups.setdefault((r.dataset, r.class_name, r.view), []).append(r)
+  rng = np.random.default_rng(config.seed)
+  features = []
+  for key in sorted(groups):
+    members = groups[key]
+    queries = [members[i] for i in rng.permutation(len(members))[1:]]
+    images = np.stack([load_record(r, config.image_size)[0] for r in queries]) / np.float32(255)
+    features.append(backbone.extract(backbone_params, images, jnp.float32))
+  for k, centre in enumerate(raw):
+    tokens = np.concatenate([np.asarray(f[k]).reshape(-1, centre.shape[0]) for f in features])
+    np.testing.assert_allclose(centre, tokens.mean(0), rtol=1e-4, atol=1e-5)
+    assert np.abs(centre - residual[k]).max() > 1e-2
+
+
 # --------------------------------------------------------------------- reusing a workdir
 def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted, tmp_path):
   import shutil
