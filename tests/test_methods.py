@@ -256,6 +256,18 @@ def test_cflow_trains_and_ranks_defects(data):
                              rtol=1e-4, atol=1e-4)
 
 
+def test_cflow_scores_keep_double_precision():
+  from adjax.methods.cflow import _maps_from_log_likelihood
+  # Three images on a 2 x 2 grid: a normal one, and two whose worst tokens sit 20 and 27
+  # nats below the best: max - sum differs by ~1e-9 and ~1e-12, which float32 cannot hold.
+  lp = np.zeros((3, 2, 2))
+  lp[1, 0, 0], lp[2, 0, 0] = -20.0, -27.0
+  scores, maps = _maps_from_log_likelihood([jnp.asarray(lp, jnp.float32)], (2, 2), 0.0)
+  assert scores.dtype == np.float64 and maps.dtype == np.float32
+  assert scores[2] > scores[1] > scores[0]
+  np.testing.assert_allclose(scores[1:], 1.0 - np.exp([-20.0, -27.0]), rtol=0, atol=1e-15)
+
+
 def test_uniad_trains_on_several_classes_and_ranks_defects(data):
   train, test, labels, masks = data
   method = get_method("uniad", hidden_dim=16, ffn_dim=32, num_heads=2, encoder_layers=1,
@@ -271,16 +283,82 @@ def test_uniad_trains_on_several_classes_and_ranks_defects(data):
   err = np.sqrt(((np.asarray(rec) - np.asarray(x)) ** 2).sum(-1))
   up = F.interpolate(torch.from_numpy(err)[:, None], size=IMAGE, mode="bilinear",
                      align_corners=True)[:, 0].numpy()
-  want = np.stack([scipy.ndimage.gaussian_filter(m, 4) for m in up])
-  np.testing.assert_allclose(np.asarray(maps), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(maps), up, rtol=1e-4, atol=1e-4)   # unsmoothed
 
 
-def test_uniad_neighbour_mask():
+def test_uniad_neighbour_mask_hides_the_window():
   from adjax.methods.uniad import neighbour_mask
   m = neighbour_mask(5, 6, 3)
   for i in range(30):
-    for j in range(30):
-      assert m[i, j] == (abs(i // 6 - j // 6) <= 1 and abs(i % 6 - j % 6) <= 1)
+    for j in range(30):   # visible: outside the 3 x 3 window around the query, itself hidden
+      assert m[i, j] == (abs(i // 6 - j // 6) > 1 or abs(i % 6 - j % 6) > 1)
+  with pytest.raises(ValueError, match="neighbour_size 7 hides every key of a 4 x 4 grid"):
+    neighbour_mask(4, 4, 7)
+
+
+def _torch_uniad_transformer(params, heads, mask):
+  """UniAD's transformer written with torch.nn (sequence-first, post-norm), from the paper's
+  and its code's architecture, loaded with adjax's parameters."""
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))
+
+  def mha(p):
+    d = p["q"]["w"].shape[0]
+    m = torch.nn.MultiheadAttention(d, heads)
+    with torch.no_grad():
+      m.in_proj_weight.copy_(torch.cat([t(p[k]["w"]).T for k in "qkv"]))
+      m.in_proj_bias.copy_(torch.cat([t(p[k]["b"]) for k in "qkv"]))
+      m.out_proj.weight.copy_(t(p["o"]["w"]).T)
+      m.out_proj.bias.copy_(t(p["o"]["b"]))
+    return m
+
+  def norm(p):
+    return lambda x: F.layer_norm(x, x.shape[-1:], t(p["scale"]), t(p["bias"]))
+
+  def linear(p):
+    return lambda x: x @ t(p["w"]) + t(p["b"])
+
+  h, w = params["row_embed"].shape[0], params["col_embed"].shape[0]
+  row, col = t(params["row_embed"]), t(params["col_embed"])
+  pos = torch.cat([col[None].repeat(h, 1, 1), row[:, None].repeat(1, w, 1)], -1)
+  pos = pos.reshape(h * w, 1, -1)
+  attn_mask = torch.zeros(mask.shape).masked_fill(torch.from_numpy(~mask), float("-inf"))
+
+  def forward(tokens):                       # (L, B, C)
+    src = linear(params["in_proj"])(tokens)
+    for p in params["encoder"]:
+      q = src + pos
+      src = norm(p["n1"])(src + mha(p["attn"])(q, q, src, attn_mask=attn_mask)[0])
+      ff = linear(p["ff2"])(torch.relu(linear(p["ff1"])(src)))
+      src = norm(p["n2"])(src + ff)
+    memory, out = src, src
+    for p in params["decoder"]:
+      tgt = t(p["queries"])[:, None].repeat(1, tokens.shape[1], 1)
+      tgt = norm(p["n1"])(tgt + mha(p["memory_attn"])(tgt + pos, memory + pos, memory,
+                                                        attn_mask=attn_mask)[0])
+      tgt = norm(p["n2"])(tgt + mha(p["previous_attn"])(tgt + pos, out + pos, out,
+                                                          attn_mask=attn_mask)[0])
+      out = norm(p["n3"])(tgt + linear(p["ff2"])(torch.relu(linear(p["ff1"])(tgt))))
+    return linear(params["out_proj"])(norm(params["decoder_norm"])(out))
+
+  return forward
+
+
+def test_uniad_transformer_matches_torch():
+  from adjax.methods.uniad import _forward, neighbour_mask
+  method = get_method("uniad", hidden_dim=16, ffn_dim=24, num_heads=2, encoder_layers=2,
+                      decoder_layers=2, neighbour_size=3)
+  h, w, c = 5, 6, 7
+  params = method.init(jax.random.key(0), h, w, c)
+  # Biases and norms away from their zero/one init, so that every parameter is exercised.
+  gen = np.random.default_rng(1)
+  params = jax.tree.map(lambda a: a + 0.1 * gen.standard_normal(a.shape).astype(np.float32),
+                        params)
+  tokens = gen.standard_normal((3, h * w, c)).astype(np.float32)
+  got = np.asarray(_forward(method, params, jnp.asarray(tokens)))
+  forward = _torch_uniad_transformer(params, 2, neighbour_mask(h, w, 3))
+  with torch.no_grad():
+    want = forward(torch.from_numpy(tokens).transpose(0, 1)).transpose(0, 1).numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_glass_trains_and_ranks_defects(data):

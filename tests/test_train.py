@@ -397,6 +397,7 @@ def test_evaluate_compares_feature_kinds(dataset, uninterrupted, tmp_path, monke
   config.eval.features = ("original", "residual", "pretrained")
   config.eval.shots = 2
   config.eval.method_settings = {"uniad": {"epochs": 2, "hidden_dim": 32, "ffn_dim": 64,
+                                           "neighbour_size": 3,   # the grid is 4 x 4
                                            "encoder_layers": 1, "decoder_layers": 1,
                                            "num_heads": 2}}
   out = tmp_path / "eval"

@@ -2,19 +2,23 @@
 
 The levels (resized bilinearly, align_corners True, to the first level's grid when they
 differ) are concatenated along channels, projected to `hidden_dim` (512), and reconstructed by
-a post-norm transformer: `encoder_layers` self-attention layers over the tokens, then
-`decoder_layers` layers whose learned queries (one per grid position) attend to themselves and
-to the encoder output; every attention is restricted to a 7 x 7 neighbourhood of the query's
-position (UniAD's neighbour mask), 8 heads, FFN 2048 with ReLU, learned row/column position
-embeddings added to queries and keys. A linear layer maps back to the input channels. In
+UniAD's post-norm transformer: `encoder_layers` self-attention layers over the tokens, then
+`decoder_layers` layers, each with its own learned queries (one per grid position), that
+attend first to the encoder output and then to the previous decoder layer's output (the
+encoder output for the first), a LayerNorm at the end. UniAD's neighbour mask hides from each
+query the keys of the 7 x 7 window around its own position, itself included (every attention):
+a token cannot copy itself or its neighbours, which is what keeps the model from learning the
+identity and reconstructing anomalies too. 8 heads, FFN 2048 with ReLU, learned row/column
+position embeddings added to queries and keys. A linear layer maps back to the input channels.
+Linear layers start Xavier-uniform with zero biases, as UniAD's config initialises them. In
 training, feature jitter adds Gaussian noise of scale |f| / C * jitter_scale to the input
 tokens with probability jitter_prob per image; the loss is the MSE to the clean features.
 AdamW (lr 1e-4, weight decay 1e-4), lr x 0.1 after 80 % of the steps, global-norm clipping
 0.1, as UniAD's MVTec config.
 
 Score: the L2 norm of the reconstruction error per token, upsampled bilinearly (align
-corners), smoothed with a Gaussian of `sigma` (UniAD itself does not smooth; SPEC leaves it
-open, and the default 4 matches the other methods); the image score is the map's maximum.
+corners), unsmoothed as in UniAD and the ADPretrain reference (`sigma` > 0 smooths it with a
+Gaussian); the image score is the map's maximum.
 
 Multi-class: `fit` accepts either one list of levels (the training images of every class
 concatenated along N) or a list of such lists, one per class, which it concatenates (the
@@ -45,7 +49,8 @@ class UniAD:
     num_heads: attention heads.
     ffn_dim: feed-forward width.
     encoder_layers, decoder_layers: depths.
-    neighbour_size: side of the attention neighbourhood (0: full attention).
+    neighbour_size: side of the window hidden from each query (0: full attention); it must
+      leave every query some key, i.e. be smaller than the grid.
     jitter_scale, jitter_prob: feature jitter.
     lr, weight_decay: AdamW.
     lr_drop_ratio: share of the steps after which the lr is multiplied by 0.1.
@@ -70,7 +75,7 @@ class UniAD:
   epochs: int = 1000
   batch_size: int = 8
   score_batch: int = 32
-  sigma: float = 4.0
+  sigma: float = 0.0
   num_levels: int | None = None
 
   name = "uniad"
@@ -87,6 +92,7 @@ class UniAD:
     if self.hidden_dim % self.num_heads or self.hidden_dim % 2:
       raise ValueError(f"uniad: hidden_dim {self.hidden_dim} must be even and divisible by "
                        f"num_heads {self.num_heads}")
+    neighbour_mask(int(h), int(w), self.neighbour_size)   # refuses a window that hides all
     return _init(self, common.host_rng(rng), int(h), int(w), int(c))
 
   def fit(self, train_levels: Any, rng: jax.Array) -> dict:
@@ -135,12 +141,23 @@ class UniAD:
     return _finish(self, x, rec, common.image_hw(image_size))
 
 
+def _xavier_linear(gen: np.random.Generator, fan_in: int, fan_out: int,
+                   bound_shape: tuple[int, int] | None = None) -> dict:
+  """Xavier-uniform weight (bound from `bound_shape`, default (fan_out, fan_in)), zero bias."""
+  out_dim, in_dim = bound_shape or (fan_out, fan_in)
+  bound = math.sqrt(6.0 / (in_dim + out_dim))
+  return {"w": jnp.asarray(gen.uniform(-bound, bound, (fan_in, fan_out)), jnp.float32),
+          "b": jnp.zeros((fan_out,), jnp.float32)}
+
+
 def _init(cfg: UniAD, gen: np.random.Generator, h: int, w: int, c: int) -> dict:
   d, f = cfg.hidden_dim, cfg.ffn_dim
-  lin = lambda i, o: common.torch_linear_init(gen, i, o)
+  lin = lambda i, o: _xavier_linear(gen, i, o)
 
   def attn():
-    return {"q": lin(d, d), "k": lin(d, d), "v": lin(d, d), "o": lin(d, d)}
+    # torch's MultiheadAttention draws q, k and v from one (3d, d) Xavier-uniform matrix.
+    qkv = lambda: _xavier_linear(gen, d, d, bound_shape=(3 * d, d))
+    return {"q": qkv(), "k": qkv(), "v": qkv(), "o": lin(d, d)}
 
   def norm():
     return {"scale": jnp.asarray(np.ones(d, np.float32)),
@@ -148,26 +165,33 @@ def _init(cfg: UniAD, gen: np.random.Generator, h: int, w: int, c: int) -> dict:
 
   enc = [{"attn": attn(), "n1": norm(), "ff1": lin(d, f), "ff2": lin(f, d), "n2": norm()}
          for _ in range(cfg.encoder_layers)]
-  dec = [{"self": attn(), "n1": norm(), "cross": attn(), "n2": norm(), "ff1": lin(d, f),
-          "ff2": lin(f, d), "n3": norm()} for _ in range(cfg.decoder_layers)]
+  # Each decoder layer has its own learned queries (nn.Embedding: N(0, 1)).
+  dec = [{"queries": jnp.asarray(gen.standard_normal((h * w, d)), jnp.float32),
+          "memory_attn": attn(), "n1": norm(), "previous_attn": attn(), "n2": norm(),
+          "ff1": lin(d, f), "ff2": lin(f, d), "n3": norm()} for _ in range(cfg.decoder_layers)]
   return {
       "in_proj": lin(c, d), "out_proj": lin(d, c),
-      # nn.Embedding-style learned positions (UniAD's row/column embeddings are uniform).
+      # Learned row/column positions, uniform in [0, 1) as UniAD's nn.init.uniform_.
       "row_embed": jnp.asarray(gen.uniform(size=(h, d // 2)), jnp.float32),
       "col_embed": jnp.asarray(gen.uniform(size=(w, d // 2)), jnp.float32),
-      "queries": jnp.asarray(gen.standard_normal((h * w, d)), jnp.float32),
-      "encoder": enc, "decoder": dec,
+      "encoder": enc, "decoder": dec, "decoder_norm": norm(),
   }
 
 
 def neighbour_mask(h: int, w: int, size: int) -> np.ndarray:
-  """(h w, h w) bool: key j is visible from query i when within the size x size window."""
+  """(h w, h w) bool: key j is visible from query i when it lies *outside* the size x size
+  window centred on i (UniAD's neighbour-masked attention; size 0: every key visible)."""
   if size <= 0:
     return np.ones((h * w, h * w), bool)
   r = size // 2
   yy, xx = np.divmod(np.arange(h * w), w)
-  return ((np.abs(yy[:, None] - yy[None, :]) <= r)
-          & (np.abs(xx[:, None] - xx[None, :]) <= r))
+  within = ((np.abs(yy[:, None] - yy[None, :]) <= r)
+            & (np.abs(xx[:, None] - xx[None, :]) <= r))
+  visible = ~within
+  if not visible.any(axis=1).all():
+    raise ValueError(f"uniad: neighbour_size {size} hides every key of a {h} x {w} grid from "
+                     f"some query; use a neighbour_size below {max(h, w)} (or 0 for none)")
+  return visible
 
 
 def _layer_norm(p, x):
@@ -205,15 +229,16 @@ def _forward(cfg: UniAD, params: dict, tokens: jax.Array) -> jax.Array:
     ff = common.dense(p["ff2"], jax.nn.relu(common.dense(p["ff1"], src)))
     src = _layer_norm(p["n2"], src + ff)
   memory = src
-  tgt = jnp.broadcast_to(params["queries"][None], memory.shape)
+  out = memory
   for p in params["decoder"]:
-    q = tgt + pos
-    tgt = _layer_norm(p["n1"], tgt + _attention(p["self"], q, q, tgt, mask, heads))
-    tgt = _layer_norm(p["n2"], tgt + _attention(p["cross"], tgt + pos, memory + pos, memory,
+    tgt = jnp.broadcast_to(p["queries"][None], memory.shape)
+    tgt = _layer_norm(p["n1"], tgt + _attention(p["memory_attn"], tgt + pos, memory + pos,
+                                                memory, mask, heads))
+    tgt = _layer_norm(p["n2"], tgt + _attention(p["previous_attn"], tgt + pos, out + pos, out,
                                                 mask, heads))
     ff = common.dense(p["ff2"], jax.nn.relu(common.dense(p["ff1"], tgt)))
-    tgt = _layer_norm(p["n3"], tgt + ff)
-  return common.dense(params["out_proj"], tgt)
+    out = _layer_norm(p["n3"], tgt + ff)
+  return common.dense(params["out_proj"], _layer_norm(params["decoder_norm"], out))
 
 
 def _jitter(cfg: UniAD, rng: jax.Array, tokens: jax.Array) -> jax.Array:
