@@ -142,7 +142,10 @@ def _cmd_data(args, overrides) -> int:
   classes = [c for c in args.classes.split(",") if c] if args.classes else None
   builder_dir = pack(args.format, args.root, args.out, classes=classes, skip_bad=args.skip_bad,
                      verify=not args.no_verify)
-  _print_json({"builder_dir": builder_dir, "hint": "set --config.data.pretrain_tfds_dir to it"})
+  summary = _library("data_pipelines.tfds_builders", "pack_summary", "data pack")(builder_dir)
+  _print_json({"builder_dir": builder_dir, "records": summary.get("records"),
+               "skipped": len(summary.get("skipped", [])),
+               "hint": "set --config.data.pretrain_tfds_dir to it"})
   return 0
 
 

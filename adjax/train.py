@@ -79,6 +79,14 @@ def pretrain_records(config: ml_collections.ConfigDict) -> list:
     from data_pipelines.tfds_builders import packed_records
     records = packed_records(config.data.pretrain_tfds_dir)
     if classes:
+      # As the folder readers do: a requested class that is not there is an error, not a
+      # silently smaller pretraining set.
+      packed = {r.class_name for r in records}
+      missing = [c for c in classes if c not in packed]
+      if missing:
+        raise UserError(f"config.data.pretrain_classes names {missing}, which "
+                        f"{config.data.pretrain_tfds_dir} does not hold; it has "
+                        f"{sorted(packed)}")
       records = [r for r in records if r.class_name in classes]
   else:
     if not config.data.pretrain_root:
@@ -204,11 +212,13 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
   """Backbone features of `data.max_shots` normal images per (class, view), computed once.
 
   With `train.precomputed_refs`, every step takes its images' references from this bank
-  (the first n_shot of the group's shots) instead of running the backbone on reference images:
-  a fixed reference set, the same for every step of the run (each sweep point computes its
-  own, from the same seed: the same images when the points share data settings). Written to
-  `<workdir>/references.npz`: l{k} of shape (G, max_shots, h, w, C_k) with G = classes x views
-  (the loader's class_id * len(views) + view_id), and the class and view names.
+  (the first n_shot of the group's shots other than the image itself: the bank holds
+  max_shots + 1 images per group for that) instead of running the backbone on reference
+  images: a fixed reference set, the same for every step of the run (each sweep point computes
+  its own, from the same seed: the same images when the points share data settings). Written
+  to `<workdir>/references.npz`: l{k} of shape (G, max_shots + 1, h, w, C_k) with G = classes x
+  views (the loader's class_id * len(views) + view_id), `paths` (G, max_shots + 1) of the
+  images, and the class and view names.
   """
   from data_pipelines.images import load_record
   if backbone is None:
@@ -216,10 +226,11 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
   records = pretrain_records(config) if records is None else records
   class_names = sorted({r.class_name for r in records})
   view_names = sorted({r.view for r in records})
-  shots = int(config.data.max_shots)
+  shots = int(config.data.max_shots) + 1   # one spare: an image is never its own reference
   rng = np.random.default_rng([config.seed, 7])
   dtype = compute_dtype(config)
   bank: Optional[list[np.ndarray]] = None
+  paths = np.full((len(class_names) * len(view_names), shots), "", dtype=object)
   from tqdm import tqdm
   for ci, class_name in enumerate(tqdm(class_names, desc="references", unit="class",
                                        dynamic_ncols=True, disable=jax.process_index() != 0)):
@@ -236,14 +247,27 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
                 for lv in levels]
       for k, lv in enumerate(levels):
         bank[k][ci * len(view_names) + vi] = np.asarray(lv)
+      paths[ci * len(view_names) + vi] = [r.image_path for r in chosen]
   if bank is None:
     raise ValueError("the pretraining set has no normal image to take references from")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     run_layout.atomic_write(os.path.join(workdir, REFERENCES_FILE), lambda f: np.savez(
         f, class_names=np.asarray(class_names), view_names=np.asarray(view_names),
-        **{f"l{k + 1}": b for k, b in enumerate(bank)}))
-  return {"levels": bank, "class_names": class_names, "view_names": view_names}
+        paths=paths.astype(str), **{f"l{k + 1}": b for k, b in enumerate(bank)}))
+  return {"levels": bank, "class_names": class_names, "view_names": view_names,
+          "paths": paths.astype(str)}
+
+
+def bank_slots(image_paths: Sequence[str], groups: np.ndarray,
+               bank_paths: np.ndarray) -> np.ndarray:
+  """(B,) int32: the slot of each image in its group of the reference bank, -1 if absent."""
+  slots = np.full(len(image_paths), -1, np.int32)
+  for b, (path, group) in enumerate(zip(image_paths, groups)):
+    hits = np.flatnonzero(bank_paths[int(group)] == path)
+    if hits.size:
+      slots[b] = hits[0]
+  return slots
 
 
 def load_references(workdir: str) -> Optional[dict[str, Any]]:
@@ -251,9 +275,13 @@ def load_references(workdir: str) -> Optional[dict[str, Any]]:
   if not os.path.isfile(path):
     return None
   with np.load(path) as data:
-    levels = [data[f"l{k + 1}"] for k in range(len(data.files) - 2)]
+    if "paths" not in data.files:
+      raise UserError(f"{path} was made by an older adjax (no image paths, and no spare "
+                      "image per group to keep an image from being its own reference); delete "
+                      "it, or run `adjax refs` again")
+    levels = [data[f"l{k + 1}"] for k in range(len(data.files) - 3)]
     return {"levels": levels, "class_names": list(data["class_names"]),
-            "view_names": list(data["view_names"])}
+            "view_names": list(data["view_names"]), "paths": data["paths"]}
 
 
 # ------------------------------------------------------------------------ the run
@@ -409,7 +437,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
     num_views = len(references["view_names"])
     frozen["ref_bank"] = [b.reshape(b.shape[0], b.shape[1], -1, b.shape[-1])
                           for b in references["levels"]]
-    batch_keys = ("view1", "view2", "masks", "ref_valid", "ref_group")
+    batch_keys = ("view1", "view2", "masks", "ref_valid", "ref_group", "ref_skip")
+    record_paths = np.asarray([r.image_path for r in loader.plan.records])
   frozen = sharding.replicate(frozen, mesh)
   step_fn = sharding.jit_data_parallel(
       make_train_step(settings, optimizer, backbone.extract), mesh)
@@ -435,6 +464,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
     while step < total_steps:
       local = next(iterator)
       local["ref_group"] = local["class_id"] * num_views + local["view_id"]
+      if precomputed:
+        local["ref_skip"] = bank_slots(record_paths[local["record"]], local["ref_group"],
+                                       references["paths"])
       batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
       state, metrics = step_fn(state, batch, frozen)
       step += 1

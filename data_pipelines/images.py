@@ -213,8 +213,11 @@ def read_record_bytes(record: Record) -> tuple[bytes, bytes | None]:
   if record.packed is not None:
     builder_dir, split, index = record.packed
     ex = _packed_source(builder_dir, split)[index]
-    mask = ex["mask_bytes"]
-    return bytes(ex["image_bytes"]), (bytes(mask) if len(mask) else None)
+    # The record says whether it has a mask; the stored bytes cannot (an empty mask file
+    # and "no mask" both pack as zero bytes), and an empty mask must fail to decode, as it
+    # does from the folder, not pass as an all-normal mask.
+    mask = bytes(ex["mask_bytes"]) if record.mask_path else None
+    return bytes(ex["image_bytes"]), mask
   image = _read_file(record.image_path)
   mask = _read_file(record.mask_path) if record.mask_path else None
   return image, mask

@@ -11,7 +11,10 @@ What a step holds:
 - Exactly `n_anomalous = max(1, round(anomaly_share * batch_size))` anomalous images per batch
   (anomaly_share None: the index's own share), placed at random slots. Anomalous and normal
   images come from two seeded streams over the shard, each reshuffled every time it wraps, so a
-  batch never lacks an anomaly and nothing is dropped.
+  batch never lacks an anomaly and each stream shows all its images before repeating one. An
+  epoch is a number of batches (below): when the per-batch split of anomalous and normal
+  images does not match the shard's own share, one stream wraps within an epoch while the
+  other has not finished, so an epoch need not show every image exactly once.
 - One n_shot per step, drawn from `shots` (the same on every host, since it depends only on
   seed and step); each image gets n_shot distinct random normal images of its own (dataset,
   class, view), the image itself excluded, drawn from the whole index (not only the shard, so
@@ -230,7 +233,7 @@ class PretrainExample:
         "angle_labels": angle[0], "norm_labels": norm[0],
         "refs": refs, "ref_valid": ref_valid,
         "class_id": np.int32(plan.class_id(index)), "view_id": np.int32(plan.view_id(index)),
-        "label": np.int32(plan.records[index].label),
+        "label": np.int32(plan.records[index].label), "record": np.int64(index),
     }
 
 

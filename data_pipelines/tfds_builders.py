@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -26,6 +27,10 @@ from data_pipelines import images as images_lib
 from data_pipelines.records import FORMATS, Record, read_dataset
 
 INDEX_FILE = "adjax_index.jsonl"
+# What a pack was made from (and what it skipped): a finished pack is reused only for the same.
+SETTINGS_FILE = "adjax_pack.json"
+
+log = logging.getLogger("adjax.data")
 
 
 def tfds_split(split: str) -> str:
@@ -130,6 +135,10 @@ def pack_dataset(fmt: str, manual_dir: str, data_dir: str, *,
                           skip_bad=skip_bad, max_skip_share=max_skip_share, verify=verify)
   builder_dir = os.fspath(builder.data_dir)
   index_path = os.path.join(builder_dir, INDEX_FILE)
+  settings = {"format": fmt, "root": os.path.abspath(manual_dir),
+              "classes": sorted(classes) if classes else None, "skip_bad": bool(skip_bad),
+              "max_skip_share": float(max_skip_share), "verify": bool(verify)}
+  _check_reuse(builder_dir, settings)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   if builder.records and not os.path.exists(index_path):  # Freshly built: write the index.
@@ -145,7 +154,44 @@ def pack_dataset(fmt: str, manual_dir: str, data_dir: str, *,
         d["packed"] = [d["packed"][1], d["packed"][2]]  # The dir is taken at read time.
         f.write(json.dumps(d) + "\n")
     os.replace(tmp, index_path)
+    report = builder.scan_report
+    skipped = [{"file": f, "reason": why} for f, why in (report.skipped if report else [])]
+    if skipped:
+      log.warning("packed %d of %d %s records: skipped %d unreadable (%s); the list is in %s",
+                  len(builder.records), report.checked, fmt, len(skipped),
+                  "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]),
+                  os.path.join(builder_dir, SETTINGS_FILE))
+    from adjax import run_layout  # light: json and numpy
+    run_layout.write_json(os.path.join(builder_dir, SETTINGS_FILE),
+                          {**settings, "records": len(builder.records), "skipped": skipped})
   return builder_dir
+
+
+def pack_summary(builder_dir: str) -> dict[str, Any]:
+  """What a pack holds: its settings, the record count and the skipped files (if recorded)."""
+  path = os.path.join(builder_dir, SETTINGS_FILE)
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _check_reuse(builder_dir: str, settings: dict[str, Any]) -> None:
+  """Refuses to hand back a finished pack made from another folder, classes or options: the
+  builder directory depends only on the format, so TFDS would reuse it silently."""
+  if not os.path.isfile(os.path.join(builder_dir, "dataset_info.json")):
+    return
+  done = pack_summary(builder_dir)
+  if not done:
+    log.warning("%s was packed by an older adjax without %s: reusing it unchecked",
+                builder_dir, SETTINGS_FILE)
+    return
+  differ = [f"{k} ({done.get(k)!r} there, {v!r} asked)" for k, v in settings.items()
+            if done.get(k) != v]
+  if differ:
+    raise ValueError(f"{builder_dir} already holds a pack made with other settings: "
+                     f"{'; '.join(differ)}. Pack into another --out folder, or delete "
+                     f"{builder_dir} to repack")
 
 
 def packed_records(builder_dir: str) -> list[Record]:

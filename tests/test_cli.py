@@ -164,11 +164,13 @@ def test_demo_and_data_dispatch(tmp_path, monkeypatch):
   (_, (out,), kwargs), = data_calls
   assert out == str(tmp_path) and kwargs["image_size"] == 64
 
-  pack_calls = _fake_module(monkeypatch, "data_pipelines.tfds_builders", pack_dataset="/b")
+  pack_calls = _fake_module(monkeypatch, "data_pipelines.tfds_builders", pack_dataset="/b",
+                            pack_summary={"records": 3, "skipped": [{"file": "x"}]})
   assert main(["data", "pack", "--format", "mvtec", "--root", "r", "--out", "o",
                "--classes", "a,b"]) == 0
-  (_, args, kwargs), = pack_calls
+  (_, args, kwargs), (_, summary_args, _) = pack_calls
   assert args == ("mvtec", "r", "o") and kwargs["classes"] == ["a", "b"]
+  assert summary_args == ("/b",)
 
 
 def test_bench_runs_the_script_with_the_remaining_args(tmp_path, capsys):

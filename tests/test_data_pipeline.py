@@ -57,7 +57,7 @@ def test_shapes_labels_and_references(data):
         "masks": ((6, S, S), "uint8"), "angle_labels": ((6, 4, 4), "float32"),
         "norm_labels": ((6, 4, 4), "float32"), "refs": ((6, 3, S, S, 3), "uint8"),
         "ref_valid": ((6, 3), "bool"), "class_id": ((6,), "int32"),
-        "view_id": ((6,), "int32"), "label": ((6,), "int32")}
+        "view_id": ((6,), "int32"), "label": ((6,), "int32"), "record": ((6,), "int64")}
     n_shot = int(b["ref_valid"][0].sum())
     assert n_shot in (1, 3)
     assert (b["ref_valid"] == (np.arange(3) < n_shot)).all()
@@ -68,6 +68,7 @@ def test_shapes_labels_and_references(data):
       np.testing.assert_array_equal(b["view2"][k], b["view1"][k])
       np.testing.assert_array_equal(b["masks"][k], decoded[idx][1])
       assert b["label"][k] == rec.label and (b["masks"][k].any() == bool(rec.label))
+      assert loader.plan.records[b["record"][k]] == rec   # the index of the plan's record
       assert loader.class_names[b["class_id"][k]] == rec.class_name
       assert loader.view_names[b["view_id"][k]] == rec.view
       angle, norm = _brute_labels(b["masks"][k], P, 20)

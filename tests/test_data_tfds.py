@@ -40,3 +40,66 @@ def test_round_trip(tmp_path):
                            **kw).batch_at(1)
   assert all(np.array_equal(a[k], b[k]) for k in a)
   assert "tensorflow" not in sys.modules
+
+
+def test_a_pack_is_reused_only_for_the_same_settings_and_reports_what_it_skipped(tmp_path,
+                                                                                caplog):
+  import json
+  import logging
+  import os
+  import pytest
+  from data_pipelines.tfds_builders import pack_summary
+  summary = generate_embedded_dataset(str(tmp_path / "emb"), image_size=28,
+                                      pretrain_classes=2, eval_classes=1, images_per_class=4,
+                                      seed=5)
+  root = summary["pretrain_root"]
+  classes = sorted({r.class_name for r in build_index([("realiad", root)])})
+  out = str(tmp_path / "tfds")
+  builder_dir = pack_dataset("realiad", root, out, classes=classes[:1])
+  assert pack_summary(builder_dir)["classes"] == classes[:1]
+  # The builder folder depends only on the format: asking for every class must not get the
+  # one-class pack back.
+  with pytest.raises(ValueError, match=r"other settings: classes \(\['" + classes[0]):
+    pack_dataset("realiad", root, out)
+  assert pack_dataset("realiad", root, out, classes=classes[:1]) == builder_dir
+
+  # Training on a class the pack lacks is an error, as with the folder.
+  from adjax.configs import default_config
+  from adjax.errors import UserError
+  from adjax.train import pretrain_records
+  config = default_config()
+  config.data.pretrain_tfds_dir = builder_dir
+  config.data.pretrain_classes = ",".join(classes)
+  with pytest.raises(UserError, match=rf"names \['{classes[1]}'\], which .* does not hold"):
+    pretrain_records(config)
+  config.data.pretrain_classes = classes[0]
+  assert {r.class_name for r in pretrain_records(config)} == {classes[0]}
+
+  # A corrupt image with --skip-bad: packed without it, said, and recorded.
+  folder = build_index([("realiad", root)])
+  with open(folder[0].image_path, "wb") as f:
+    f.write(b"not an image")
+  with caplog.at_level(logging.WARNING, logger="adjax.data"):
+    skipping = pack_dataset("realiad", root, str(tmp_path / "tfds2"), skip_bad=True,
+                            max_skip_share=0.2)
+  done = pack_summary(skipping)
+  assert done["records"] == len(folder) - 1
+  assert [s["file"] for s in done["skipped"]] == [folder[0].image_path]
+  assert "skipped 1 unreadable" in caplog.text
+  assert len(packed_records(skipping)) == len(folder) - 1
+
+
+def test_an_empty_mask_fails_from_the_pack_as_from_the_folder(tmp_path):
+  import pytest
+  summary = generate_embedded_dataset(str(tmp_path / "emb"), image_size=28,
+                                      pretrain_classes=1, eval_classes=1, images_per_class=4,
+                                      seed=5)
+  root = summary["pretrain_root"]
+  anomalous = [r for r in build_index([("realiad", root)]) if r.mask_path][0]
+  open(anomalous.mask_path, "wb").close()
+  with pytest.raises(images.ImageDecodeError):
+    images.load_record(anomalous, 28)
+  packed = {r.image_path: r for r in packed_records(
+      pack_dataset("realiad", root, str(tmp_path / "tfds"), verify=False))}
+  with pytest.raises(images.ImageDecodeError):
+    images.load_record(packed[anomalous.image_path], 28)

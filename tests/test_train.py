@@ -342,6 +342,7 @@ def test_final_selection_is_replaced_when_a_finished_run_is_extended(tmp_path):
 # --------------------------------------------------------------------- precomputed references
 def test_precomputed_reference_bank_equals_reference_images():
   from adjax.models.backbones import get_backbone
+  from adjax.train import bank_slots
   from adjax.train_step import batch_residuals
   backbone = get_backbone("tiny-vit", depth=2, taps=(1, 2))
   backbone_params = backbone.init(jax.random.PRNGKey(0))
@@ -349,15 +350,22 @@ def test_precomputed_reference_bank_equals_reference_images():
                           compute_dtype=jnp.float32)
   rng = np.random.default_rng(0)
   shots, size = 3, 28
-  group_images = rng.integers(0, 256, (2, shots, size, size, 3), dtype=np.uint8)  # 2 groups
+  # 2 groups of shots + 1 bank images (one spare, for an image that is itself in the bank).
+  group_images = rng.integers(0, 256, (2, shots + 1, size, size, 3), dtype=np.uint8)
+  bank_paths = np.array([[f"g{g}_{i}.png" for i in range(shots + 1)] for g in range(2)])
   groups = np.array([1, 0, 1], np.int32)
+  # Image 0 is bank slot 1 of its group, image 2 slot 3; image 1 is not in the bank.
+  skip = bank_slots(["g1_1.png", "elsewhere.png", "g1_3.png"], groups, bank_paths)
+  np.testing.assert_array_equal(skip, [1, -1, 3])
   ref_valid = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1]], bool)
+  others = [[0, 2, 3], [0, 1, 2], [0, 1, 2]]     # the group's first 3 slots but the image's
+  refs = np.stack([group_images[g][o] for g, o in zip(groups, others)])
   batch = {"view1": rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8),
            "view2": rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8),
-           "refs": group_images[groups], "ref_valid": ref_valid, "ref_group": groups}
+           "refs": refs, "ref_valid": ref_valid, "ref_group": groups, "ref_skip": skip}
   frozen = {"backbone": backbone_params}
   from_images = batch_residuals(batch, frozen, settings, backbone.extract)
-  bank = [np.asarray(lv).reshape(2, shots, -1, lv.shape[-1]) for lv in backbone.extract(
+  bank = [np.asarray(lv).reshape(2, shots + 1, -1, lv.shape[-1]) for lv in backbone.extract(
       backbone_params, group_images.reshape(-1, size, size, 3) / np.float32(255))]
   from_bank = batch_residuals(batch, dict(frozen, ref_bank=bank), settings, backbone.extract)
   for view_a, view_b in zip(from_images, from_bank):
@@ -376,7 +384,8 @@ def test_pretrain_with_precomputed_references(dataset, tmp_path):
   assert summary["steps"] == 2 and summary["skipped"] == 0
   refs = load_references(workdir)
   assert len(refs["class_names"]) == 2 and refs["view_names"] == ["C1", "C2"]
-  assert [lv.shape for lv in refs["levels"]] == [(4, 2, 4, 4, 64)] * 4
+  assert [lv.shape for lv in refs["levels"]] == [(4, 3, 4, 4, 64)] * 4   # max_shots + 1
+  assert refs["paths"].shape == (4, 3) and all(p for p in refs["paths"].ravel())
   assert np.isfinite(summary["last"]["loss"])
 
 
