@@ -84,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.noisy_share = 0.0             # share of anomalous images mixed into training
   c.eval.checkpoint = "auto"           # auto: the reference's rule (angle for PatchCore/PaDiM,
                                        # norm for the rest), or angle | norm for every method
+  c.eval.resize = 0                    # short side before the centre crop (0: image_size)
+  c.eval.aligned_references = ""       # folder of the reference's per-test-image reference
+                                       # tables (<class>.json), for FeatureNorm; "" = shots
   c.eval.batch_size = 16
   c.eval.tsne = True
   c.eval.method_settings = ml_collections.ConfigDict()   # e.g. {"patchcore": {"coreset_ratio": 0.1}}

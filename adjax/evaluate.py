@@ -79,6 +79,19 @@ class FeatureMaker:
         self.backbone_params, jnp.asarray(chunks[0], jnp.float32) / 255.0, self.dtype),
         [images], self.batch_size)
 
+  def aligned_residual_levels(self, levels: Sequence[np.ndarray],
+                              train_levels: Sequence[np.ndarray],
+                              references: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Residuals of image i against every token of its own reference images references[i]
+    (indices into train_levels), one image at a time."""
+    out = []
+    for level, train in zip(levels, train_levels):
+      rows = [np.asarray(residual_features(
+          jnp.asarray(level[i:i + 1]), jnp.asarray(train[list(refs)].reshape(-1, train.shape[-1])),
+          max_similarities=self.max_similarities)[0]) for i, refs in enumerate(references)]
+      out.append(np.concatenate(rows))
+    return out
+
   def residual_levels(self, levels: Sequence[np.ndarray],
                       refs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Residuals against shared references refs[k] (N_k, C_k)."""
@@ -114,6 +127,52 @@ class FeatureMaker:
     return out
 
 
+# Methods that take each test image's own references when config.eval.aligned_references is
+# set: the reference's FeatureNorm evaluation (val_norm.py) does, its other methods do not.
+ALIGNED_METHODS = ("featurenorm",)
+
+
+def _within_class(path: str, class_name: str) -> str:
+  """The part of an image path after its class folder ('test/ko/0000.bmp'), so that paths of
+  the reference's machine and of this one can be matched."""
+  parts = path.replace("\\", "/").split("/")
+  if class_name not in parts[:-1]:
+    return "/".join(parts[-3:])
+  last = len(parts) - 2 - parts[:-1][::-1].index(class_name)
+  return "/".join(parts[last + 1:])
+
+
+def aligned_reference_indices(table_path: str, class_name: str, test_paths: Sequence[str],
+                              train_paths: Sequence[str]) -> list[list[int]]:
+  """Each test image's own reference images, as indices into the training images.
+
+  table_path: the reference's `aligned/references/<dataset>/<class>.json`: {test image path:
+  [normal training image paths]}, paths of the machine that made it; they are matched by
+  their part below the class folder.
+  """
+  import json
+  try:
+    with open(table_path) as f:
+      table = json.load(f)
+  except (OSError, json.JSONDecodeError) as err:
+    raise ValueError(f"aligned references {table_path}: not a readable JSON table ({err})")
+  by_test = {_within_class(k, class_name): v for k, v in table.items()}
+  train_index = {_within_class(p, class_name): i for i, p in enumerate(train_paths)}
+  out = []
+  for path in test_paths:
+    key = _within_class(path, class_name)
+    if key not in by_test:
+      raise ValueError(f"aligned references {table_path} list nothing for test image {path} "
+                       f"(looked for '{key}')")
+    missing = [r for r in by_test[key] if _within_class(r, class_name) not in train_index]
+    if missing:
+      raise ValueError(f"aligned references {table_path}: {missing[0]} (for {path}) is not "
+                       "among the class's training images (k_shot or noisy settings drop "
+                       "images; aligned references need the full training set)")
+    out.append([train_index[_within_class(r, class_name)] for r in by_test[key]])
+  return out
+
+
 def reference_features(levels: Sequence[np.ndarray], shots: int,
                        normal: Optional[np.ndarray] = None,
                        class_name: str = "") -> list[np.ndarray]:
@@ -143,8 +202,9 @@ def score_method(name: str, settings: dict, train_levels, test_levels, image_siz
   from adjax import metrics as metrics_lib
   from adjax.methods import get_method
   method = get_method(name, **settings)
-  if state is None:
-    state = method.fit([jnp.asarray(x) for x in train_levels], jax.random.PRNGKey(seed))
+  if state is None:  # (no training features: a method that fits nothing, e.g. FeatureNorm)
+    state = method.fit(None if train_levels is None else [jnp.asarray(x) for x in train_levels],
+                       jax.random.PRNGKey(seed))
   scores, maps = method.score(state, [jnp.asarray(x) for x in test_levels], image_size)
   scores, maps = np.asarray(scores, np.float64), np.asarray(maps, np.float32)
   if len(np.unique(test_labels)) < 2:
@@ -228,18 +288,33 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   bar = tqdm(total=len(class_names) * len(methods), desc="evaluate", disable=not progress,
              dynamic_ncols=True)
   tsne_done = False
+  aligned_dir = ev.get("aligned_references", "")
+
   def prepare(class_name: str):
     data = load_eval_class(records, class_name, image_size=config.image_size,
                            k_shot=ev.k_shot or None, noisy_share=ev.noisy_share,
-                           seed=config.seed)
+                           seed=config.seed, resize=int(ev.get("resize", 0)) or None)
     train_levels = maker.backbone_levels(data["train_images"])
     test_levels = maker.backbone_levels(data["test_images"])
     refs = reference_features(train_levels, int(ev.shots), ~data["train_noisy"], class_name)
-    return data, maker.kinds(kinds, train_levels, test_levels, refs, projector)
+    features = maker.kinds(kinds, train_levels, test_levels, refs, projector)
+    if aligned_dir and any(m in ALIGNED_METHODS for m in methods):
+      table = os.path.join(aligned_dir, f"{class_name}.json")
+      references = aligned_reference_indices(table, class_name, data["test_paths"],
+                                             data["train_paths"])
+      test = maker.aligned_residual_levels(test_levels, train_levels, references)
+      if "residual" in kinds:
+        features["residual:aligned"] = (None, test)
+      for ckpt, params in projector.items():
+        features[f"pretrained:{ckpt}:aligned"] = (None, maker.projected_levels(params, test))
+    return data, features
 
   def feature_key(method: str, kind: str) -> str:
-    return kind if kind != "pretrained" else \
+    key = kind if kind != "pretrained" else \
         f"pretrained:{checkpoint_kind_for(method, checkpoint_choice)}"
+    if aligned_dir and method in ALIGNED_METHODS and kind != "original":
+      key += ":aligned"
+    return key
 
   # UniAD is one model for all classes of a dataset: its training features are gathered while
   # the per-class methods run, and its test features are kept for scoring once it is fitted

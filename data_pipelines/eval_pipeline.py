@@ -16,12 +16,12 @@ from data_pipelines import images as images_lib
 from data_pipelines.records import Record
 
 
-def _load_all(records: Sequence[Record], size: int, num_threads: int
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _load_all(records: Sequence[Record], size: int, num_threads: int,
+              resize: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   if not records:
     return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.uint8)
   with ThreadPoolExecutor(max(1, num_threads)) as pool:
-    pairs = list(pool.map(lambda r: images_lib.load_record(r, size), records))
+    pairs = list(pool.map(lambda r: images_lib.load_record(r, size, resize), records))
   return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
@@ -33,7 +33,7 @@ def eval_classes(records: Sequence[Record]) -> list[str]:
 def load_eval_class(records: Sequence[Record], class_name: str, *, image_size: int,
                     k_shot: int | None = None, noisy_share: float = 0.0, seed: int = 0,
                     dataset: str | None = None, view: str | None = None,
-                    num_threads: int = 4) -> dict[str, Any]:
+                    num_threads: int = 4, resize: int | None = None) -> dict[str, Any]:
   """Loads one evaluation class.
 
   Args:
@@ -48,6 +48,7 @@ def load_eval_class(records: Sequence[Record], class_name: str, *, image_size: i
     dataset: restrict to one dataset when class names repeat across datasets.
     view: restrict to one camera view (RealIAD-style multi-view data).
     num_threads: decoding threads.
+    resize: short side before the centre crop to image_size (None: image_size).
 
   Returns:
     dict with train_images (N, S, S, 3) uint8, test_images (M, S, S, 3) uint8, test_masks
@@ -89,8 +90,8 @@ def load_eval_class(records: Sequence[Record], class_name: str, *, image_size: i
     noisy = [test[i] for i in sorted(moved)]
     test = [r for i, r in enumerate(test) if i not in moved]
   train_all = train + noisy
-  train_images, _ = _load_all(train_all, image_size, num_threads)
-  test_images, test_masks = _load_all(test, image_size, num_threads)
+  train_images, _ = _load_all(train_all, image_size, num_threads, resize)
+  test_images, test_masks = _load_all(test, image_size, num_threads, resize)
   return {
       "train_images": train_images,
       "test_images": test_images,

@@ -129,22 +129,28 @@ def _crop_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
   return left, top, left + size, top + size
 
 
-def resize_center_crop(image: np.ndarray, size: int, *, resample: int = Image.BICUBIC
-                       ) -> np.ndarray:
-  """Resizes the short side to `size` and centre-crops a `size` x `size` square.
+def resize_center_crop(image: np.ndarray, size: int, *, resample: int = Image.BICUBIC,
+                       resize: int | None = None) -> np.ndarray:
+  """Resizes the short side to `resize` (default `size`) and centre-crops a `size` x `size`
+  square.
 
   Args:
     image: (H, W, 3) or (H, W) uint8.
     size: output side in pixels.
     resample: PIL filter; bicubic for images, nearest for masks.
+    resize: short side before the crop (e.g. 256 for the reference's Resize(256) +
+      CenterCrop(224) of PatchCore and PaDiM on MVTec AD); None: `size` (SPEC section 1).
 
   Returns:
     (size, size, 3) or (size, size) uint8.
   """
   if size <= 0:
     raise ValueError(f"image_size must be positive, got {size}")
+  resize = size if resize is None else resize
+  if resize < size:
+    raise ValueError(f"resize {resize} must be at least the crop size {size}")
   h, w = image.shape[:2]
-  nh, nw = resized_shape(h, w, size)
+  nh, nw = resized_shape(h, w, resize)
   pil = Image.fromarray(image)
   if (nh, nw) != (h, w):
     pil = pil.resize((nw, nh), resample=resample)
@@ -154,8 +160,8 @@ def resize_center_crop(image: np.ndarray, size: int, *, resample: int = Image.BI
 
 
 def preprocess_pair(image_bytes: bytes, mask_bytes: bytes | None, size: int, *,
-                    image_path: str = "<bytes>", mask_path: str = "<bytes>"
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    image_path: str = "<bytes>", mask_path: str = "<bytes>",
+                    resize: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Decodes, checks and resizes an image and its mask.
 
   Args:
@@ -163,6 +169,7 @@ def preprocess_pair(image_bytes: bytes, mask_bytes: bytes | None, size: int, *,
     mask_bytes: encoded mask, or None for a normal image (an all-zero mask).
     size: output side (SPEC section 1: 224).
     image_path, mask_path: names for error messages.
+    resize: short side before the centre crop (None: `size`; see resize_center_crop).
 
   Returns:
     image (size, size, 3) uint8 and mask (size, size) uint8 in {0, 1}.
@@ -172,14 +179,15 @@ def preprocess_pair(image_bytes: bytes, mask_bytes: bytes | None, size: int, *,
   """
   image = decode_image(image_bytes, image_path)
   if mask_bytes is None:
-    return resize_center_crop(image, size), np.zeros((size, size), np.uint8)
+    return resize_center_crop(image, size, resize=resize), np.zeros((size, size), np.uint8)
   mask = decode_mask(mask_bytes, mask_path)
   if mask.shape != image.shape[:2]:
     raise ImageDecodeError(
         f"mask {mask_path!r} is {mask.shape[1]} x {mask.shape[0]} (W x H) but its image "
         f"{image_path!r} is {image.shape[1]} x {image.shape[0]}")
-  mask = resize_center_crop(mask.astype(np.uint8) * 255, size, resample=Image.NEAREST)
-  return resize_center_crop(image, size), (mask > 127).astype(np.uint8)
+  mask = resize_center_crop(mask.astype(np.uint8) * 255, size, resample=Image.NEAREST,
+                            resize=resize)
+  return resize_center_crop(image, size, resize=resize), (mask > 127).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +231,12 @@ def read_record_bytes(record: Record) -> tuple[bytes, bytes | None]:
   return image, mask
 
 
-def load_record(record: Record, size: int) -> tuple[np.ndarray, np.ndarray]:
+def load_record(record: Record, size: int, resize: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
   """Reads, decodes and resizes a record's image and mask (see `preprocess_pair`)."""
   image_bytes, mask_bytes = read_record_bytes(record)
   return preprocess_pair(image_bytes, mask_bytes, size, image_path=record.image_path,
-                         mask_path=record.mask_path or "")
+                         mask_path=record.mask_path or "", resize=resize)
 
 
 @dataclasses.dataclass

@@ -59,6 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.shots = 8                   # reference images per class for the residuals
   c.eval.k_shot = 0                  # the full normal training set
   c.eval.checkpoint = checkpoint
+  # The reference evaluates PatchCore and PaDiM on MVTec AD at Resize(256) + CenterCrop(224).
+  c.eval.resize = 256 if method in ("patchcore", "padim") and dataset == "mvtec" else 0
   if args["runlocal"]:
     common.apply_runlocal(c, args["data"] or None)
   return c

@@ -293,3 +293,15 @@ def test_resize_and_center_crop_geometry():
   ys = ((np.arange(20) + 0.5) * 40 / 20).astype(int)
   xs = ((np.arange(30) + 0.5) * 60 / 30).astype(int)
   np.testing.assert_array_equal(mk, mask[ys][:, xs][:, 5:25])
+  # Resize(13) then CenterCrop(10) (the reference's 256 -> 224 for PatchCore and PaDiM on
+  # MVTec): short side 13 by PIL bicubic, then the centre 10 x 10, offsets round(3 / 2) = 2 and
+  # round((22 - 10) / 2) = 6.
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (10, 17, 3), dtype=np.uint8)
+  want = np.asarray(Image.fromarray(img).resize((22, 13), Image.BICUBIC))[2:12, 6:16]
+  np.testing.assert_array_equal(images.resize_center_crop(img, 10, resize=13), want)
+  im, mk = images.preprocess_pair(data_img, data_mask, 20, resize=30)
+  resized = np.asarray(Image.fromarray(mask * 255).resize((45, 30), Image.NEAREST)) > 127
+  np.testing.assert_array_equal(mk, resized[5:25, 12:32])   # offsets 5 and round(25 / 2) = 12
+  with pytest.raises(ValueError, match="resize 8 must be at least the crop size 10"):
+    images.resize_center_crop(img, 10, resize=8)

@@ -94,3 +94,38 @@ def test_tsne_uses_whichever_projector_was_loaded(tmp_path, monkeypatch):
                      "bottle", config)
   np.testing.assert_array_equal(drawn["panels"]["pretrained"][0],
                                 features["pretrained:norm"][1][0].reshape(-1, 8))
+
+
+def test_aligned_references_match_paths_across_machines():
+  train = [f"/here/btad/01/train/ok/{i:04d}.bmp" for i in range(4)]
+  test = ["/here/btad/01/test/ko/0000.bmp", "/here/btad/01/test/ok/0000.bmp"]
+  table = {"/data/yxc/btad/01/test/ko/0000.bmp": ["/data/yxc/btad/01/train/ok/0003.bmp",
+                                                  "/data/yxc/btad/01/train/ok/0001.bmp"],
+           "/data/yxc/btad/01/test/ok/0000.bmp": ["/data/yxc/btad/01/train/ok/0000.bmp"]}
+  import json
+  import tempfile
+  with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+    json.dump(table, f)
+  assert evaluate_lib.aligned_reference_indices(f.name, "01", test, train) == [[3, 1], [0]]
+  with pytest.raises(ValueError, match="list nothing for test image /here/btad/01/test/x.bmp"):
+    evaluate_lib.aligned_reference_indices(f.name, "01", ["/here/btad/01/test/x.bmp"], train)
+  with pytest.raises(ValueError, match="0003.bmp .* is not among the class's training images"):
+    evaluate_lib.aligned_reference_indices(f.name, "01", test, train[:3])
+
+
+def test_aligned_residuals_use_each_images_own_references():
+  # Each test token minus its most cosine-similar token among its own references' tokens
+  # (computed here by brute force).
+  rng = np.random.default_rng(0)
+  train = [rng.standard_normal((5, 2, 3, 8)).astype(np.float32)]
+  test = [rng.standard_normal((3, 2, 3, 8)).astype(np.float32)]
+  references = [[0, 4], [2], [1, 3, 4]]
+  maker = evaluate_lib.FeatureMaker(None, None)
+  (got,) = maker.aligned_residual_levels(test, train, references)
+  for i, refs in enumerate(references):
+    bank = train[0][refs].reshape(-1, 8)
+    tokens = test[0][i].reshape(-1, 8)
+    cos = (tokens / np.linalg.norm(tokens, axis=1, keepdims=True)) @ \
+        (bank / np.linalg.norm(bank, axis=1, keepdims=True)).T
+    want = tokens - bank[cos.argmax(1)]
+    np.testing.assert_allclose(got[i].reshape(-1, 8), want, rtol=1e-5, atol=1e-5)

@@ -91,6 +91,9 @@ def test_downstream_variants(method):
     assert c.eval.methods == (method,) and c.eval.format == dataset
     assert c.eval.features == ("original", "pretrained") and c.eval.shots == 8
     assert c.eval.checkpoint == expected_checkpoint
+    # The reference's Resize(256) + CenterCrop(224) of PatchCore and PaDiM on MVTec AD.
+    assert c.eval.resize == (256 if method in ("patchcore", "padim") and dataset == "mvtec"
+                             else 0)
   other = "norm" if expected_checkpoint == "angle" else "angle"
   c = _load("downstream.py", f"method={method},checkpoint={other},backbone=clip-base")
   assert c.eval.checkpoint == other and c.backbone.name == "clip-base"

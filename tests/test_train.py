@@ -432,3 +432,35 @@ def test_evaluate_compares_feature_kinds(dataset, uninterrupted, tmp_path, monke
   # on the same data, the residual kind must differ from it (the residual really is applied).
   fn = results["featurenorm"][class_name]
   assert fn["original"] != fn["residual"]
+
+
+def test_featurenorm_with_the_references_own_aligned_tables(dataset, tmp_path):
+  # The reference's FeatureNorm evaluation gives each test image its own reference images
+  # (aligned/references/<dataset>/<class>.json, paths of the authors' machine).
+  from adjax.evaluate import evaluate
+  from data_pipelines.records import read_dataset
+  config = tiny_config(dataset)
+  config.eval.format = "mvtec"
+  config.eval.root = os.path.join(os.path.dirname(dataset), "eval")
+  config.eval.methods = ("featurenorm",)
+  config.eval.features = ("original", "residual")
+  config.eval.shots = 2
+  config.eval.tsne = False
+  plain = evaluate(config, None, str(tmp_path / "plain"), progress=False)
+  records = read_dataset("mvtec", config.eval.root)
+  (class_name,) = plain["classes"]
+  # The same file below the class folder, on the authors' machine.
+  elsewhere = lambda r: (f"/data/authors/mvtec/{class_name}/"
+                         + r.image_path.split(f"/{class_name}/")[1])
+  train = [r for r in records if r.split == "train" and r.label == 0]
+  table = {elsewhere(r): [elsewhere(t) for t in train[-2:]]
+           for r in records if r.split == "test"}
+  tables = tmp_path / "aligned"
+  tables.mkdir()
+  (tables / f"{class_name}.json").write_text(json.dumps(table))
+  config.eval.aligned_references = str(tables)
+  aligned = evaluate(config, None, str(tmp_path / "aligned_out"), progress=False)
+  got, want = (r["results"]["featurenorm"][class_name] for r in (aligned, plain))
+  assert got["original"] == want["original"]        # the raw features take no references
+  assert got["residual"] != want["residual"]        # other references: other residuals
+  assert 0.0 <= got["residual"]["image_auroc"] <= 1.0
