@@ -127,6 +127,18 @@ class FeatureMaker:
     return out
 
 
+# Settings the reference's scripts give a method for residual features (residual and
+# pretrained kinds), under the user's eval.method_settings: its GLASS runs with no adapter
+# and a smaller noise there ("residual features don't need adapter and need smaller noise").
+RESIDUAL_KIND_SETTINGS = {"glass": {"projection": False, "noise_std": 0.005}}
+
+
+def method_settings_for(method: str, kind: str, user: dict) -> dict:
+  """A method's settings for a feature kind: the reference's per-kind ones, then the user's."""
+  base = RESIDUAL_KIND_SETTINGS.get(method, {}) if kind in ("residual", "pretrained") else {}
+  return {**base, **dict(user.get(method, {}) or {})}
+
+
 # Methods that take each test image's own references when config.eval.aligned_references is
 # set: the reference's FeatureNorm evaluation (val_norm.py) does, its other methods do not.
 ALIGNED_METHODS = ("featurenorm",)
@@ -325,7 +337,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
 
   def score(method: str, kind: str, class_name: str, data: dict, train_f, test_f,
             state=None) -> None:
-    settings = dict(method_settings.get(method, {}))
+    settings = method_settings_for(method, kind, method_settings)
     metrics, scores, maps, _ = score_method(method, settings, train_f, test_f,
                                             config.image_size, config.seed,
                                             data["test_labels"], data["test_masks"], state=state)
@@ -366,7 +378,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     from adjax.methods import get_method
     for method in per_dataset:
       for kind in kinds:
-        model = get_method(method, **dict(method_settings.get(method, {})))
+        model = get_method(method, **method_settings_for(method, kind, method_settings))
         state = model.fit([[jnp.asarray(x) for x in levels]
                            for levels in gathered.pop((method, kind))],
                           jax.random.PRNGKey(config.seed))

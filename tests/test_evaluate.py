@@ -129,3 +129,16 @@ def test_aligned_residuals_use_each_images_own_references():
         (bank / np.linalg.norm(bank, axis=1, keepdims=True)).T
     want = tokens - bank[cos.argmax(1)]
     np.testing.assert_allclose(got[i].reshape(-1, 8), want, rtol=1e-5, atol=1e-5)
+
+
+def test_glass_on_residual_features_runs_as_the_reference_runs_it():
+  user = {"glass": {"epochs": 3}, "patchcore": {"coreset_ratio": 0.5}}
+  assert evaluate_lib.method_settings_for("glass", "original", user) == {"epochs": 3}
+  for kind in ("residual", "pretrained"):
+    assert evaluate_lib.method_settings_for("glass", kind, user) == {
+        "projection": False, "noise_std": 0.005, "epochs": 3}
+  # The user's own settings win.
+  assert evaluate_lib.method_settings_for("glass", "pretrained", {"glass": {"noise_std": 0.01}})[
+      "noise_std"] == 0.01
+  assert evaluate_lib.method_settings_for("patchcore", "pretrained", user) == {
+      "coreset_ratio": 0.5}

@@ -1,34 +1,72 @@
 """GLASS: a patch discriminator trained against synthesized anomalies (SPEC section 6).
 
-Features: PatchCore's locally aware aggregation (3 x 3 neighbourhood, adaptive pooling) of the
-last 2 levels to 1536 dimensions, then a trainable linear pre-projection. A discriminator
-Linear(1536, 1024) - BatchNorm - LeakyReLU(0.2) - Linear(1024, 1) - sigmoid gives each token the
-probability of being anomalous. Each training step uses three kinds of tokens:
-  * true: the projected normal features (target 0);
-  * Gaussian anomalies: true + N(0, noise_std^2), moved `ascent_steps` times by normalised
-    gradient ascent (step `ascent_lr`) on their loss BCE(D, 1) (towards the normal data, making
-    them hard), and every 5 steps projected into the annulus r <= |g - c| <= 4 r around the
-    normal centre c (the batch's mean true feature; r its `radius_quantile` distance quantile)
-    (target 1);
-  * texture anomalies: Perlin-masked mixtures (target: the mask), scored with a focal loss.
-Loss = BCE(true, 0) + BCE(gaussian, 1) + focal(texture, mask); Adam, lr 1e-4 for the projection
-and 2e-4 for the discriminator. Score: the discriminator's output per token; the image score is
-the largest token score; the map is upsampled bilinearly (align corners False) and smoothed
-with a Gaussian of sigma 4.
+This follows the reference (ADPretrain's ad_models/glass, itself GLASS's public code) in its
+"hypersphere" mode (distribution=3, which the reference's evaluation selects for every class).
 
-Texture anomalies. GLASS makes them in image space (DTD textures blended into the image under
-a Perlin mask, then the backbone). The methods here see features only, so `fit` takes them
-as optional `synthetic_levels` (features of such images, any count) with `synthetic_masks`
-(N_s, h, w) on the first used level's grid. Without them it makes a feature-space surrogate:
-under a Perlin mask on the token grid, a token becomes beta * itself + (1 - beta) * "texture",
-the texture being the tokens of another training image at shuffled positions plus Gaussian
-noise of the features' per-channel scale, beta ~ U(0.2, 0.8).
+Features: PatchCore's locally aware aggregation (3 x 3 neighbourhood, adaptive pooling) of the
+last 2 levels to 1536 dimensions, then, with `projection=True`, a trainable linear
+pre-projection (for original features; the reference uses none, and a smaller noise, for
+residual / pretrained features: `projection=False, noise_std=0.005`). A discriminator
+Linear(1536, 1024) - BatchNorm - LeakyReLU(0.2) - Linear(1024, 1, no bias) - sigmoid gives each
+token the probability of being anomalous; linear weights are Xavier-normal, biases torch's
+default.
+
+At the start of each epoch the normal centre c is computed per grid position: the mean
+projected feature of the whole training set at that position, (h w, D). Each step takes a
+batch of normal images and their texture-augmented versions (Perlin mask m on the token grid)
+and makes three kinds of tokens:
+  * true: the projected normal features (target 0);
+  * texture anomalies: the projected augmented features (target m). The radius r is the
+    `radius_quantile` quantile of the distances to c of the true tokens together with the
+    augmented tokens outside the mask; augmented tokens inside the mask are moved radially into
+    the shell 2 r <= |f - c| <= 4 r (`texture_annulus`);
+  * Gaussian anomalies: true + N(0, noise_std^2), moved `ascent_steps` times by normalised
+    gradient ascent (step `ascent_lr`) on their BCE(D, 1) loss (the discriminator seeing true
+    and Gaussian tokens in one batch, so in one BatchNorm), and after every 5th step moved
+    radially into the shell r <= |g - c| <= 2 r (`annulus_factor`) (target 1). The ascent steps
+    are constants, but the noise is added to, and the shell projections are functions of, the
+    projected features, so gradients reach the projection through them as in the reference.
+Loss = BCE(true, 0) + BCE(gaussian, 1) + focal(texture, m) (gamma 2, label smoothing 1e-5),
+the focal term over the hardest half of the texture tokens only (those whose squared error
+(D - m)^2 is at least its `mining_quantile` quantile). Optimisers: AdamW (lr 2e-4, weight decay
+0.01) for the discriminator; Adam with an L2 term (lr 1e-4, weight decay 1e-5) for the
+projection. An epoch is a fresh permutation of the training images, capped, as the
+reference's `limit=392`, at the first step whose running image count exceeds `limit` (50 steps
+of 8). BatchNorm running statistics (momentum 0.1, unbiased variance) are updated at every
+discriminator pass in training, as torch does: per step, the `ascent_steps` ascent passes,
+the final true + Gaussian pass and the texture pass. Score: the discriminator's output per
+token (running statistics); the image score is the largest token score; the map is upsampled
+bilinearly (align corners False) and smoothed with a Gaussian of sigma 4.
+
+Deliberate differences from the reference:
+  * Texture anomalies. The reference makes them in image space: a DTD texture (randomly
+    augmented) blended into the image, weight beta ~ N(0.5, 0.1) clipped to [0.2, 0.8], under
+    a mask made at image resolution (one or two rotated Perlin masks, united or intersected,
+    times a foreground mask on MVTec AD and VisA) and max-pooled to the token grid, then the
+    backbone. The methods here see features only, so `fit` takes them as optional
+    `synthetic_levels` (features of such images) with `synthetic_masks` (N_s, h, w) on the
+    first used level's grid, binarised at 0.5. Without them it makes a feature-space surrogate:
+    under a Perlin mask drawn on the token grid (common.perlin_mask), a token becomes
+    beta * itself + (1 - beta) * texture, beta drawn as the reference's; the texture is the
+    tokens of another training image at shuffled positions plus Gaussian noise of the
+    features' per-channel scale (`texture_noise`). The annulus move, the radius and the
+    mining above apply to either kind.
+  * Batches are full (static shapes): each epoch uses floor(N / batch) batches of a
+    permutation (the reference's last, smaller batch is dropped), and the centre is the exact
+    mean over the training images (the reference averages batch means).
+  * The reference evaluates on the test set after every epoch and reports each metric's best
+    value over the 640 epochs; `fit` returns the final state.
+  * Only the hypersphere mode is implemented (not the "manifold" mode, svd=0, whose annulus is
+    around each true feature with fixed radii).
+  * BCE is computed from the logit (log-sigmoid), where torch clamps log(p) at -100: the same
+    except for |logit| > 100.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -38,23 +76,38 @@ import optax
 
 from adjax.methods import common
 
+# The reference's texture blending weight: beta ~ N(0.5, 0.1), clipped to [0.2, 0.8].
+_BETA_MEAN, _BETA_STD, _BETA_RANGE = 0.5, 0.1, (0.2, 0.8)
+# The Gaussian anomalies are moved into their shell after every this many ascent steps.
+_PROJECT_EVERY = 5
+
 
 @dataclasses.dataclass(frozen=True)
 class Glass:
-  """Settings of GLASS (defaults: the GLASS paper's MVTec configuration).
+  """Settings of GLASS (defaults: the reference for original features).
 
   Attributes:
     num_levels: use the last this many levels.
     embed_dim, target_dim: aggregation dimensions.
     hidden: discriminator width.
-    lr, dsc_lr: Adam learning rates of the projection and of the discriminator.
-    noise_std: std of the Gaussian anomalies.
+    projection: train a linear pre-projection of the features (reference: yes for original
+      features, no for residual / pretrained ones).
+    lr, proj_weight_decay: Adam learning rate and L2 weight decay of the projection.
+    dsc_lr, dsc_weight_decay: AdamW learning rate and decoupled weight decay of the
+      discriminator.
+    noise_std: std of the Gaussian anomalies (reference: 0.015 for original features, 0.005
+      for residual / pretrained ones).
     ascent_steps, ascent_lr: gradient ascent on the Gaussian anomalies.
-    radius_quantile: the annulus's inner radius is this quantile of normal distances.
-    annulus_factor: outer radius = annulus_factor * inner radius.
-    focal_gamma: focusing parameter of the focal loss.
+    radius_quantile: r is this quantile of the normal tokens' distances to the centre.
+    annulus_factor: the Gaussian anomalies' shell is [r, annulus_factor * r].
+    texture_annulus: the masked texture anomalies' shell is [a * r, b * r] for (a, b).
+    mining_quantile: the focal loss keeps the texture tokens whose squared error is at least
+      this quantile (0: all tokens).
+    focal_gamma, focal_smooth: focusing parameter and label smoothing of the focal loss.
     texture_noise: std of the surrogate texture's noise, relative to the feature std.
     epochs, batch_size: passes over the training images, images per step.
+    limit: an epoch ends after the first step at which more than `limit` images have been
+      seen (None: no cap).
     score_batch: images per block when scoring.
     sigma: Gaussian smoothing of the map, pixels.
   """
@@ -62,17 +115,24 @@ class Glass:
   embed_dim: int = 1536
   target_dim: int = 1536
   hidden: int = 1024
+  projection: bool = True
   lr: float = 1e-4
+  proj_weight_decay: float = 1e-5
   dsc_lr: float = 2e-4
+  dsc_weight_decay: float = 0.01
   noise_std: float = 0.015
   ascent_steps: int = 20
   ascent_lr: float = 1e-3
   radius_quantile: float = 0.75
-  annulus_factor: float = 4.0
+  annulus_factor: float = 2.0
+  texture_annulus: tuple[float, float] = (2.0, 4.0)
+  mining_quantile: float = 0.5
   focal_gamma: float = 2.0
+  focal_smooth: float = 1e-5
   texture_noise: float = 1.0
   epochs: int = 640
   batch_size: int = 8
+  limit: int | None = 392
   score_batch: int = 32
   sigma: float = 4.0
 
@@ -84,8 +144,16 @@ class Glass:
     return _embed(self, tuple(levels))
 
   def init(self, rng: jax.Array) -> dict:
-    """Initial projection and discriminator parameters and BatchNorm statistics."""
+    """Initial projection (if any) and discriminator parameters and BatchNorm statistics."""
     return _init(self, common.host_rng(rng))
+
+  def epoch_steps(self, num_images: int) -> int:
+    """Steps per epoch for `num_images` training images (full batches, capped by `limit`)."""
+    bs = min(self.batch_size, num_images)
+    steps = common.epoch_steps(num_images, bs)
+    if self.limit is not None:
+      steps = min(steps, self.limit // bs + 1)
+    return steps
 
   def fit(self, train_levels: Any, rng: jax.Array, *, synthetic_levels: Any = None,
           synthetic_masks: Any = None) -> dict:
@@ -111,13 +179,13 @@ class Glass:
       if masks.shape != syn.shape[:3]:
         raise ValueError(f"glass: synthetic_masks must be {tuple(syn.shape[:3])}, got "
                          f"{tuple(masks.shape)}")
+      masks = (masks > 0.5).astype(jnp.float32)
     else:
       syn = masks = None
     k_init, k_train = jax.random.split(rng)
     state = self.init(k_init)
-    steps = self.epochs * common.epoch_steps(x.shape[0], self.batch_size)
     params, stats, loss = _train(self, x, syn, masks, state["params"], state["stats"],
-                                 k_train, steps)
+                                 k_train)
     return {"params": params, "stats": stats, "loss": loss}
 
   def score(self, state: dict, test_levels: Any, image_size: Any):
@@ -135,19 +203,26 @@ class Glass:
     return _score(self, state["params"], state["stats"], x, common.image_hw(image_size))
 
 
+def _xavier_linear(gen, fan_in: int, fan_out: int, *, bias: bool = True) -> dict:
+  """A dense layer as the reference's init_weight: Xavier-normal weight, torch default bias."""
+  p = common.torch_linear_init(gen, fan_in, fan_out, bias=bias)
+  std = math.sqrt(2.0 / (fan_in + fan_out))
+  p["w"] = jnp.asarray(gen.normal(0.0, std, (fan_in, fan_out)), jnp.float32)
+  return p
+
+
 def _init(cfg: Glass, gen) -> dict:
   d = cfg.target_dim
-  return {
-      "params": {
-          "proj": common.torch_linear_init(gen, d, d),
-          "dsc": {"fc": common.torch_linear_init(gen, d, cfg.hidden),
-                  "bn": {"scale": jnp.asarray(np.ones(cfg.hidden, np.float32)),
-                         "bias": jnp.asarray(np.zeros(cfg.hidden, np.float32))},
-                  "out": common.torch_linear_init(gen, cfg.hidden, 1, bias=False)},
-      },
-      "stats": {"mean": jnp.asarray(np.zeros(cfg.hidden, np.float32)),
-                "var": jnp.asarray(np.ones(cfg.hidden, np.float32))},
-  }
+  params = {}
+  if cfg.projection:
+    params["proj"] = _xavier_linear(gen, d, d)
+  params["dsc"] = {"fc": _xavier_linear(gen, d, cfg.hidden),
+                   "bn": {"scale": jnp.asarray(np.ones(cfg.hidden, np.float32)),
+                          "bias": jnp.asarray(np.zeros(cfg.hidden, np.float32))},
+                   "out": _xavier_linear(gen, cfg.hidden, 1, bias=False)}
+  return {"params": params,
+          "stats": {"mean": jnp.asarray(np.zeros(cfg.hidden, np.float32)),
+                    "var": jnp.asarray(np.ones(cfg.hidden, np.float32))}}
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -157,8 +232,27 @@ def _embed(cfg: Glass, levels: tuple) -> jax.Array:
   return jax.lax.map(per_image, levels, batch_size=min(cfg.score_batch, levels[0].shape[0]))
 
 
-def discriminator(p: dict, stats: dict, f: jax.Array, train: bool):
-  """D(f) in (0, 1) per row of f (T, D); returns (scores (T,), batch statistics)."""
+def _project(cfg: Glass, params: dict, f: jax.Array) -> jax.Array:
+  """The trainable pre-projection of features (..., D), or the features themselves."""
+  return common.dense(params["proj"], f) if cfg.projection else f
+
+
+def _centre(cfg: Glass, params: dict, x: jax.Array) -> jax.Array:
+  """Per-position normal centre (h w, D): the mean projected feature of the images x.
+
+  The projection is affine, so the mean of the projected features is the projection of the
+  mean feature: one (h w, D) product instead of N.
+  """
+  n, h, w, d = x.shape
+  return _project(cfg, params, x.mean(0).reshape(h * w, d))
+
+
+def discriminator_logits(p: dict, stats: dict, f: jax.Array, train: bool):
+  """Logit of D(f) per row of f (T, D); returns (logits (T,), (batch mean, unbiased var)).
+
+  In training, BatchNorm normalises with the batch's biased variance and reports the unbiased
+  one for the running statistics, as torch's BatchNorm1d.
+  """
   h = common.dense(p["fc"], f)
   if train:
     mean, var = h.mean(0), h.var(0)
@@ -167,17 +261,136 @@ def discriminator(p: dict, stats: dict, f: jax.Array, train: bool):
   h = (h - mean) / jnp.sqrt(var + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
   h = jax.nn.leaky_relu(h, 0.2)
   n = f.shape[0]
-  return jax.nn.sigmoid(common.dense(p["out"], h)[:, 0]), (mean, var * n / max(n - 1, 1))
+  return common.dense(p["out"], h)[:, 0], (mean, var * n / max(n - 1, 1))
 
 
-def _bce(p: jax.Array, target: float) -> jax.Array:
-  p = jnp.clip(p, 1e-7, 1 - 1e-7)
-  return -jnp.mean(target * jnp.log(p) + (1 - target) * jnp.log(1 - p))
+def discriminator(p: dict, stats: dict, f: jax.Array, train: bool):
+  """D(f) in (0, 1) per row of f (T, D); returns (scores (T,), batch statistics)."""
+  logits, batch_stats = discriminator_logits(p, stats, f, train)
+  return jax.nn.sigmoid(logits), batch_stats
 
 
-def _focal(p: jax.Array, y: jax.Array, gamma: float) -> jax.Array:
-  pt = jnp.clip(jnp.where(y > 0.5, p, 1 - p), 1e-7, 1.0)
-  return -jnp.mean((1 - pt) ** gamma * jnp.log(pt))
+def _update_stats(stats: dict, batch_stats) -> dict:
+  """BatchNorm running statistics after one training pass (momentum 0.1, as torch)."""
+  mean, var = batch_stats
+  return {"mean": 0.9 * stats["mean"] + 0.1 * mean, "var": 0.9 * stats["var"] + 0.1 * var}
+
+
+def _bce(logits: jax.Array, target: float) -> jax.Array:
+  """torch's BCELoss of sigmoid(logits) against a constant target, from the logits."""
+  return -jnp.mean(target * jax.nn.log_sigmoid(logits)
+                   + (1 - target) * jax.nn.log_sigmoid(-logits))
+
+
+def _focal_terms(cfg: Glass, logits: jax.Array, y: jax.Array):
+  """Per-token focal loss and squared error (D - y)^2 for binary targets y (T,).
+
+  The reference's FocalLoss on [1 - D, D]: the one-hot target is clamped to
+  [smooth, 1 - smooth], pt = target . [1 - D, D] + smooth, loss -(1 - pt)^gamma log pt.
+  """
+  p = jax.nn.sigmoid(logits)
+  s = cfg.focal_smooth
+  weight = jnp.where(y > 0.5, 1.0 - s, s)  # the smoothed target's weight on D
+  pt = weight * p + (1.0 - weight) * (1.0 - p) + s
+  # pt <= 1 exactly; the clamp keeps a rounding excess from meeting a fractional gamma.
+  return -jnp.maximum(1.0 - pt, 0.0) ** cfg.focal_gamma * jnp.log(pt), (p - y) ** 2
+
+
+def _mined_focal(cfg: Glass, logits: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean focal loss over the hard texture tokens: squared error >= its mining quantile."""
+  loss, err = _focal_terms(cfg, logits, y)
+  if cfg.mining_quantile <= 0:
+    return loss.mean()
+  keep = jax.lax.stop_gradient(err >= jnp.quantile(err, cfg.mining_quantile))
+  keep = keep.astype(loss.dtype)
+  return jnp.sum(keep * loss) / jnp.sum(keep)
+
+
+def _masked_quantile(values: jax.Array, valid: jax.Array, q: float) -> jax.Array:
+  """torch.quantile (linear interpolation) of values[valid], with a static shape."""
+  s = jnp.sort(jnp.where(valid, values, jnp.inf))
+  m = jnp.sum(valid)
+  pos = q * (m - 1).astype(values.dtype)
+  lo = jnp.floor(pos).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, m - 1)
+  return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _to_shell(f: jax.Array, c: jax.Array, lo, hi) -> jax.Array:
+  """Moves each row of f along its ray from c so that lo <= |f - c| <= hi."""
+  v = f - c
+  norm = jnp.linalg.norm(v, axis=1, keepdims=True)
+  return c + v * (jnp.clip(norm, lo, hi) / (norm + 1e-10))
+
+
+def _synthesize(cfg: Glass, dsc: dict, stats: dict, true: jax.Array, fake: jax.Array,
+                mask: jax.Array, centre: jax.Array, key: jax.Array):
+  """The step's anomalies from projected tokens (T, D).
+
+  Args:
+    cfg: settings.
+    dsc: discriminator parameters (the ascent's gradients do not reach them).
+    stats: BatchNorm running statistics before the step.
+    true: projected normal tokens.
+    fake: projected texture-augmented tokens.
+    mask: (T,) bool, the augmented tokens inside the texture mask.
+    centre: (T, D) each token's per-position normal centre.
+    key: PRNG key of the Gaussian noise.
+
+  Returns:
+    (gaussian anomalies (T, D), texture tokens with the masked ones in their shell (T, D),
+    radius r, running statistics after the ascent's discriminator passes).
+  """
+  # The radius from the normal tokens: true ones and the augmented ones outside the mask.
+  dist = jnp.linalg.norm(jnp.concatenate([fake, true]) - jnp.concatenate([centre, centre]),
+                         axis=1)
+  valid = jnp.concatenate([~mask, jnp.ones(true.shape[0], bool)])
+  r = jax.lax.stop_gradient(_masked_quantile(dist, valid, cfg.radius_quantile))
+
+  t = true.shape[0]
+  dsc_c, true_c = jax.lax.stop_gradient(dsc), jax.lax.stop_gradient(true)
+
+  def gaus_loss(g):
+    # D sees true and Gaussian tokens in one batch (one BatchNorm), as in the reference.
+    logits, batch_stats = discriminator_logits(dsc_c, None, jnp.concatenate([true_c, g]), True)
+    return _bce(logits[t:], 1.0), batch_stats
+
+  def body(s, carry):
+    g, stats = carry
+    grad, batch_stats = jax.grad(gaus_loss, has_aux=True)(jax.lax.stop_gradient(g))
+    stats = _update_stats(stats, batch_stats)
+    # The ascent step is a constant shift: gradients of the loss reach `true` through g itself.
+    g = g + cfg.ascent_lr * grad / (jnp.linalg.norm(grad, axis=1, keepdims=True) + 1e-10)
+    g = jax.lax.cond((s + 1) % _PROJECT_EVERY == 0,
+                     lambda g: _to_shell(g, centre, r, cfg.annulus_factor * r),
+                     lambda g: g, g)
+    return g, stats
+
+  gaus = true + cfg.noise_std * jax.random.normal(key, true.shape)
+  gaus, stats = jax.lax.fori_loop(0, cfg.ascent_steps, body, (gaus, stats))
+  a, b = cfg.texture_annulus
+  fake = jnp.where(mask[:, None], _to_shell(fake, centre, a * r, b * r), fake)
+  return gaus, fake, r, stats
+
+
+def _loss(cfg: Glass, p: dict, stats: dict, batch: jax.Array, fake_in: jax.Array,
+          fake_mask: jax.Array, centre: jax.Array, key: jax.Array):
+  """One step's loss and the running statistics after its discriminator passes."""
+  b, h, w, d = batch.shape
+  true = _project(cfg, p, batch.reshape(-1, d))
+  fake = _project(cfg, p, fake_in.reshape(-1, d))
+  mask = fake_mask.reshape(-1) > 0.5
+  c = jnp.tile(centre, (b, 1))  # tokens are image-major: token i sits at position i % (h w)
+  gaus, fake, _, stats = _synthesize(cfg, p["dsc"], stats, true, fake, mask, c, key)
+  t = true.shape[0]
+  logits, batch_stats = discriminator_logits(p["dsc"], None, jnp.concatenate([true, gaus]),
+                                             True)
+  stats = _update_stats(stats, batch_stats)
+  fake_logits, batch_stats = discriminator_logits(p["dsc"], None, fake, True)
+  stats = _update_stats(stats, batch_stats)
+  loss = (_bce(logits[:t], 0.0) + _bce(logits[t:], 1.0)
+          + _mined_focal(cfg, fake_logits, mask.astype(jnp.float32)))
+  return loss, stats
 
 
 def _surrogate_textures(cfg: Glass, rng: jax.Array, batch: jax.Array, pool: jax.Array):
@@ -190,77 +403,61 @@ def _surrogate_textures(cfg: Glass, rng: jax.Array, batch: jax.Array, pool: jax.
   scale = jnp.std(pool.reshape(-1, d), axis=0)
   texture = (other[:, perm].reshape(b, h, w, d)
              + cfg.texture_noise * scale * jax.random.normal(k_noise, (b, h, w, d)))
-  beta = jax.random.uniform(k_beta, (b, 1, 1, 1), minval=0.2, maxval=0.8)
+  beta = jnp.clip(_BETA_MEAN + _BETA_STD * jax.random.normal(k_beta, (b, 1, 1, 1)),
+                  *_BETA_RANGE)
   m = masks[..., None]
   return batch * (1 - m) + m * (beta * batch + (1 - beta) * texture), masks
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _train(cfg: Glass, x, syn, syn_masks, params, stats, rng, steps):
-  n, h, w, d = x.shape
+def _optimizer(cfg: Glass, params: dict) -> optax.GradientTransformation:
+  """AdamW for the discriminator, Adam with an L2 term for the projection (as the reference).
+
+  torch.optim.Adam's weight_decay adds wd * param to the gradient before the moments
+  (add_decayed_weights ahead of adam); AdamW's decays the parameter itself (optax.adamw).
+  """
+  tx = {"dsc": optax.adamw(cfg.dsc_lr, weight_decay=cfg.dsc_weight_decay)}
+  if "proj" in params:
+    tx["proj"] = optax.chain(optax.add_decayed_weights(cfg.proj_weight_decay),
+                             optax.adam(cfg.lr))
+  labels = {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
+  return optax.multi_transform(tx, labels)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _train(cfg: Glass, x, syn, syn_masks, params, stats, rng):
+  n = x.shape[0]
   bs = min(cfg.batch_size, n)
-  per_epoch = common.epoch_steps(n, bs)
-  labels = {"proj": jax.tree.map(lambda _: "proj", params["proj"]),
-            "dsc": jax.tree.map(lambda _: "dsc", params["dsc"])}
-  opt = optax.multi_transform({"proj": optax.adam(cfg.lr), "dsc": optax.adam(cfg.dsc_lr)},
-                              labels)
+  per_epoch = cfg.epoch_steps(n)
+  opt = _optimizer(cfg, params)
+  k_perm, k_step = jax.random.split(rng)
 
-  def ascend(p, stats, true, gaus):
-    centre = true.mean(0)
-    dist = jnp.linalg.norm(true - centre, axis=1)
-    r = jnp.quantile(dist, cfg.radius_quantile)
-    gaus_loss = lambda g: _bce(discriminator(p["dsc"], stats, g, True)[0], 1.0)
-
-    def body(s, g):
-      grad = jax.grad(gaus_loss)(g)
-      g = g + cfg.ascent_lr * grad / (jnp.linalg.norm(grad, axis=1, keepdims=True) + 1e-10)
-
-      def project(g):
-        v = g - centre
-        norm = jnp.linalg.norm(v, axis=1, keepdims=True)
-        target = jnp.clip(norm, r, cfg.annulus_factor * r)
-        return centre + v * target / (norm + 1e-10)
-
-      return jax.lax.cond((s + 1) % 5 == 0, project, lambda g: g, g)
-
-    return jax.lax.fori_loop(0, cfg.ascent_steps, body, gaus)
-
-  def loss_fn(p, stats, batch, fake_in, fake_mask, key):
-    true = common.dense(p["proj"], batch.reshape(-1, d))
-    fake = common.dense(p["proj"], fake_in.reshape(-1, d))
-    noise = cfg.noise_std * jax.random.normal(key, true.shape)
-    gaus0 = jax.lax.stop_gradient(true) + noise
-    gaus = jax.lax.stop_gradient(ascend(jax.lax.stop_gradient(p), stats,
-                                        jax.lax.stop_gradient(true), gaus0))
-    both, (mean, var) = discriminator(p["dsc"], stats, jnp.concatenate([true, gaus]), True)
-    t = true.shape[0]
-    fake_scores, _ = discriminator(p["dsc"], stats, fake, True)
-    loss = (_bce(both[:t], 0.0) + _bce(both[t:], 1.0)
-            + _focal(fake_scores, fake_mask.reshape(-1), cfg.focal_gamma))
-    return loss, (mean, var)
-
-  def step(carry, i):
+  def epoch(carry, e):
     p, opt_state, stats = carry
-    epoch, j = i // per_epoch, i % per_epoch
-    key = jax.random.fold_in(rng, i)
-    perm = jax.random.permutation(jax.random.fold_in(rng, steps + epoch), n)
-    idx = jax.lax.dynamic_slice(perm, (j * bs,), (bs,))
-    batch = x[idx]
-    k_fake, k_syn, k_noise = jax.random.split(key, 3)
-    if syn is None:
-      fake_in, fake_mask = _surrogate_textures(cfg, k_fake, batch, x)
-    else:
-      sidx = jax.random.randint(k_syn, (bs,), 0, syn.shape[0])
-      fake_in, fake_mask = syn[sidx], syn_masks[sidx]
-    (loss, (mean, var)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        p, stats, batch, fake_in, fake_mask, k_noise)
-    updates, opt_state = opt.update(grads, opt_state, p)
-    # BatchNorm running statistics, momentum 0.1 as torch.
-    stats = {"mean": 0.9 * stats["mean"] + 0.1 * mean, "var": 0.9 * stats["var"] + 0.1 * var}
-    return (optax.apply_updates(p, updates), opt_state, stats), loss
+    # The centre is fixed for the epoch, from the projection as it stands at its start.
+    centre = jax.lax.stop_gradient(_centre(cfg, p, x))
+    perm = jax.random.permutation(jax.random.fold_in(k_perm, e), n)
 
-  (params, _, stats), losses = jax.lax.scan(step, (params, opt.init(params), stats),
-                                            jnp.arange(steps))
+    def step(carry, j):
+      p, opt_state, stats = carry
+      idx = jax.lax.dynamic_slice(perm, (j * bs,), (bs,))
+      batch = x[idx]
+      key = jax.random.fold_in(k_step, e * per_epoch + j)
+      k_fake, k_syn, k_noise = jax.random.split(key, 3)
+      if syn is None:
+        fake_in, fake_mask = _surrogate_textures(cfg, k_fake, batch, x)
+      else:
+        sidx = jax.random.randint(k_syn, (bs,), 0, syn.shape[0])
+        fake_in, fake_mask = syn[sidx], syn_masks[sidx]
+      (loss, stats), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
+          cfg, p, stats, batch, fake_in, fake_mask, centre, k_noise)
+      updates, opt_state = opt.update(grads, opt_state, p)
+      return (optax.apply_updates(p, updates), opt_state, stats), loss
+
+    carry, losses = jax.lax.scan(step, (p, opt_state, stats), jnp.arange(per_epoch))
+    return carry, losses[-1]
+
+  (params, _, stats), losses = jax.lax.scan(epoch, (params, opt.init(params), stats),
+                                            jnp.arange(cfg.epochs))
   return params, stats, losses[-1]
 
 
@@ -269,7 +466,7 @@ def _score(cfg: Glass, params: dict, stats: dict, x: jax.Array, hw: tuple[int, i
   m, h, w, d = x.shape
 
   def one(f):
-    proj = common.dense(params["proj"], f.reshape(-1, d))
+    proj = _project(cfg, params, f.reshape(-1, d))
     return discriminator(params["dsc"], stats, proj, False)[0].reshape(h, w)
 
   tokens = jax.lax.map(one, x, batch_size=min(cfg.score_batch, m))
