@@ -78,20 +78,29 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(eight_device_results, tmp_path):
-  one, _ = eight_device_results
+def _run_two_processes(argv: list[str], timeout: int) -> list[str]:
+  """Runs argv as the two processes of a jax.distributed job on localhost (CPU); returns
+  their outputs after checking that both succeeded."""
   port = _free_port()
   procs = []
   for pid in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
     env.pop("XLA_FLAGS", None)
-    procs.append(subprocess.Popen([sys.executable, str(HERE / "multidevice_step.py"),
-                                   str(tmp_path / "dist"), "--devices", "0"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT))
+  outputs = []
   for p in procs:
-    out, _ = p.communicate(timeout=600)
+    out, _ = p.communicate(timeout=timeout)
     assert p.returncode == 0, out.decode()[-3000:]
+    outputs.append(out.decode())
+  return outputs
+
+
+def test_two_processes_match_one(eight_device_results, tmp_path):
+  one, _ = eight_device_results
+  _run_two_processes([str(HERE / "multidevice_step.py"), str(tmp_path / "dist"),
+                      "--devices", "0"], timeout=600)
   two = np.load(tmp_path / "dist_0.npz")
   assert int(two["devices"]) == 2
   np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
@@ -102,20 +111,9 @@ def test_two_processes_match_one(eight_device_results, tmp_path):
 
 def test_preemption_of_one_host_stops_every_host_at_the_same_step():
   # A host that stopped alone would leave the others waiting in the next step's collectives.
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    env.pop("XLA_FLAGS", None)
-    procs.append(subprocess.Popen([sys.executable, str(HERE / "multiprocess_preemption.py")],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-  stops = []
-  for p in procs:
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out.decode()[-3000:]
-    stops.append([line for line in out.decode().splitlines()
-                  if line.startswith(("STOP", "NEVER"))])
+  outputs = _run_two_processes([str(HERE / "multiprocess_preemption.py")], timeout=300)
+  stops = [[line for line in out.splitlines() if line.startswith(("STOP", "NEVER"))]
+           for out in outputs]
   assert stops[0] == stops[1] and len(stops[0]) == 1 and stops[0][0].startswith("STOP"), stops
   assert int(stops[0][0].split()[1]) >= 3
 
