@@ -118,9 +118,22 @@ def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = True
     raise
 
 
+def _without_non_finite(obj: Any) -> Any:
+  if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy / jax values
+    obj = obj.tolist()
+  if isinstance(obj, Mapping):
+    return {k: _without_non_finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_without_non_finite(v) for v in obj]
+  return _finite_or_none(obj)
+
+
 def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as indented JSON, atomically."""
-  atomic_write(path, lambda f: json.dump(obj, f, indent=1, sort_keys=False, default=_json_default),
+  """Writes `obj` as indented JSON, atomically; NaN and inf become null (bare NaN is not
+  JSON: jq, browsers and strict parsers reject the file)."""
+  clean = _without_non_finite(obj)
+  atomic_write(path, lambda f: json.dump(clean, f, indent=1, sort_keys=False,
+                                         default=_json_default, allow_nan=False),
                binary=False)
 
 
@@ -250,15 +263,22 @@ def save_config(workdir: str, config: Any) -> None:
 
 
 # Settings a run may change when it resumes: where things are (paths move between machines),
-# how long it runs, how often it logs and saves, memory caps that leave the math unchanged and
-# everything about downstream evaluation. Any other difference would make a resumed run a
-# different run than its checkpoints, centres and reference bank. (data.num_workers is not
+# how long it runs, how often it logs and saves, memory caps that leave the math unchanged,
+# everything about downstream evaluation and the demo's own switches. Any other difference
+# would make a resumed run a different run than its checkpoints. (data.num_workers is not
 # here: grain's saved iterator state has the worker count's structure.)
 RESUMABLE_CHANGES = ("backbone.weights", "backbone.cache_dir", "data.pretrain_root",
                      "data.pretrain_tfds_dir", "data.val_root", "optim.max_steps",
                      "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.eval_every_epochs",
-                     "train.max_similarities", "loss.angle_block_size", "eval.")
+                     "train.max_similarities", "loss.angle_block_size")
+RESUMABLE_SECTIONS = ("eval.", "demo.")
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the run has a finished orbax checkpoint (a step folder) to resume from."""
+  folder = checkpoints_dir(workdir)
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
 def _flat_settings(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -284,7 +304,7 @@ def config_changes(workdir: str, config: Any) -> list[str]:
   old = _flat_settings(read_json(config_path(workdir)))
   changes = []
   for key in sorted(set(old) | set(new)):
-    if key.startswith(RESUMABLE_CHANGES[-1]) or key in RESUMABLE_CHANGES:
+    if key.startswith(RESUMABLE_SECTIONS) or key in RESUMABLE_CHANGES:
       continue
     if key not in old:  # a setting added by a later adjax, with the run's behaviour as default
       continue

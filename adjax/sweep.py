@@ -229,8 +229,7 @@ def _run_point(point: Point, config: Any, workdir: str, job: Callable, tag: str,
   for stale in (results_file, os.path.join(workdir, ERROR_FILE)):
     if os.path.exists(stale):  # a failed attempt's record; the job may write its own
       os.remove(stale)
-  if not (os.path.isdir(run_layout.checkpoints_dir(workdir))
-          and run_layout.config_changes(workdir, config)):
+  if not (run_layout.has_checkpoint(workdir) and run_layout.config_changes(workdir, config)):
     # Else the point's checkpoints came from other settings: config.json keeps those, and the
     # pretraining refuses to resume them under these (a failed point, naming the differences).
     run_layout.save_config(workdir, config)

@@ -213,7 +213,7 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
 
   With `train.precomputed_refs`, every step takes its images' references from this bank
   (the first n_shot of the group's shots other than the image itself: the bank holds
-  max_shots + 1 images per group for that) instead of running the backbone on reference
+  max_shots + 1 images per group for that, distinct as far as the group has images) instead of running the backbone on reference
   images: a fixed reference set, the same for every step of the run (each sweep point computes
   its own, from the same seed: the same images when the points share data settings). Written
   to `<workdir>/references.npz`: l{k} of shape (G, max_shots + 1, h, w, C_k) with G = classes x
@@ -239,7 +239,11 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
               r.view == view]
       if not pool:
         continue
-      chosen = [pool[i] for i in rng.choice(len(pool), size=shots, replace=len(pool) < shots)]
+      # Distinct images as far as the pool goes; repeats only beyond it.
+      order = rng.permutation(len(pool))[:shots]
+      if len(order) < shots:
+        order = np.concatenate([order, rng.choice(len(pool), size=shots - len(order))])
+      chosen = [pool[i] for i in order]
       images = np.stack([load_record(r, config.image_size)[0] for r in chosen])
       levels = backbone.extract(backbone_params, images / np.float32(255), dtype)
       if bank is None:
@@ -261,13 +265,10 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
 
 def bank_slots(image_paths: Sequence[str], groups: np.ndarray,
                bank_paths: np.ndarray) -> np.ndarray:
-  """(B,) int32: the slot of each image in its group of the reference bank, -1 if absent."""
-  slots = np.full(len(image_paths), -1, np.int32)
-  for b, (path, group) in enumerate(zip(image_paths, groups)):
-    hits = np.flatnonzero(bank_paths[int(group)] == path)
-    if hits.size:
-      slots[b] = hits[0]
-  return slots
+  """(B, S_max + 1) bool: the slots of each image's group in the reference bank that hold the
+  image itself (several when a small group's bank repeats images)."""
+  return np.stack([bank_paths[int(group)] == path
+                   for path, group in zip(image_paths, groups)]).astype(bool)
 
 
 def load_references(workdir: str) -> Optional[dict[str, Any]]:
@@ -391,7 +392,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   from adjax.checkpointing import RunCheckpointer, abstract_like
 
   sharding.maybe_initialize_distributed()
-  _check_run_settings(config, workdir)
+  stale_derived = _check_run_settings(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.data_mesh()
   backbone, backbone_params = build_backbone(config, workdir)
@@ -409,7 +410,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
 
   centers = None
   if config.loss.center and config.loss.angle:
-    centers = load_centers(workdir)
+    centers = None if stale_derived else load_centers(workdir)
     if centers is None:
       centers = compute_centers(config, workdir, backbone=backbone,
                                 backbone_params=backbone_params, records=records)
@@ -428,7 +429,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   batch_keys = ("view1", "view2", "masks", "refs", "ref_valid")
   num_views = 1
   if precomputed:
-    references = load_references(workdir) or reference_bank(
+    references = (None if stale_derived else load_references(workdir)) or reference_bank(
         config, workdir, backbone=backbone, backbone_params=backbone_params, records=records)
     if (references["class_names"] != list(loader.class_names) or
         references["view_names"] != list(loader.view_names)):
@@ -437,7 +438,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
     num_views = len(references["view_names"])
     frozen["ref_bank"] = [b.reshape(b.shape[0], b.shape[1], -1, b.shape[-1])
                           for b in references["levels"]]
-    batch_keys = ("view1", "view2", "masks", "ref_valid", "ref_group", "ref_skip")
+    batch_keys = ("view1", "view2", "masks", "ref_valid", "ref_group", "ref_self")
     record_paths = np.asarray([r.image_path for r in loader.plan.records])
   frozen = sharding.replicate(frozen, mesh)
   step_fn = sharding.jit_data_parallel(
@@ -465,7 +466,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
       local = next(iterator)
       local["ref_group"] = local["class_id"] * num_views + local["view_id"]
       if precomputed:
-        local["ref_skip"] = bank_slots(record_paths[local["record"]], local["ref_group"],
+        local["ref_self"] = bank_slots(record_paths[local["record"]], local["ref_group"],
                                        references["paths"])
       batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
       state, metrics = step_fn(state, batch, frozen)
@@ -500,7 +501,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
              "skipped": int(jax.device_get(state["skipped"])), "seconds": seconds,
              "images_per_s": steps_done * images_per_step / max(seconds, 1e-9),
              "preempted": step < total_steps, "last": last_metrics}
-  if not best.evaluated and jax.process_index() == 0 and step == total_steps:
+  if (not best.evaluated and jax.process_index() == 0 and step == total_steps
+      and steps_done > 0):  # (a rerun of a finished run trains nothing and keeps them)
     # No evaluator: the final parameters serve as both selections.
     for kind in run_layout.KINDS:
       run_layout.save_best(workdir, kind, jax.device_get(state["params"]),
@@ -508,9 +510,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   return summary
 
 
-def _check_run_settings(config: ml_collections.ConfigDict, workdir: str) -> None:
+def _check_run_settings(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Refuses, before anything is computed or written, settings that cannot work and a config
-  that would turn the run in `workdir` into another one."""
+  that would turn the run in `workdir` into another one. Returns True when the workdir's
+  derived files (centres, reference bank) come from other settings and must be recomputed."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file, not a run folder")
   for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -518,10 +521,20 @@ def _check_run_settings(config: ml_collections.ConfigDict, workdir: str) -> None
     if not isinstance(value, int) or value < 1:
       raise UserError(f"config.train.{key} must be an integer >= 1, got {value!r}")
   changes = run_layout.config_changes(workdir, config)
-  if changes:
+  if not changes:
+    return False
+  if run_layout.has_checkpoint(workdir):
+    resumable = run_layout.RESUMABLE_CHANGES + tuple(f"{s}*" for s in
+                                                     run_layout.RESUMABLE_SECTIONS)
     raise UserError(f"{workdir} holds a run with other settings: {'; '.join(changes)}. Resume "
-                    f"it with its own settings (only {', '.join(run_layout.RESUMABLE_CHANGES)}"
-                    "* may change) or start the new one in another --workdir")
+                    f"it with its own settings (only {', '.join(resumable)} may change) or "
+                    "start the new one in another --workdir")
+  # No checkpoint yet (an attempt that failed before its first save, e.g. out of memory):
+  # nothing to resume, so the new settings start afresh, and what the attempt derived from
+  # its own settings (centres, reference bank) is computed again (the caller skips them).
+  log.warning("%s: no checkpoint yet; starting afresh with changed settings (%s)", workdir,
+              "; ".join(changes))
+  return True
 
 
 def final_params(workdir: str) -> Any:

@@ -99,31 +99,31 @@ def reference_levels(extract: ExtractFn, backbone_params: Any, refs: Array,
 
 
 def bank_references(bank: Sequence[Array], groups: Array, ref_valid: Array,
-                    skip: Array | None = None) -> tuple[Levels, list[Array]]:
+                    own_slots: Array | None = None) -> tuple[Levels, list[Array]]:
   """Precomputed reference features: each image takes its (class, view) group's shots.
 
   Args:
     bank: per level (G, S_max + 1, h * w, C), the features of S_max + 1 normal images per
       group.
     groups: (B,) group index of each image; ref_valid: (B, S_max) bool (the step's n_shot).
-    skip: (B,) the bank slot holding the image itself, -1 when it is not in the bank: an
-      image is never its own reference (its residual would be ~0), as with references drawn
-      per image. Each image takes the group's first S_max slots other than `skip` (None: the
-      first S_max).
+    own_slots: (B, S_max + 1) bool, the bank slots that hold the image itself: an image is
+      never its own reference (its residual would be ~0), as with references drawn per image.
+      Each image takes the group's first S_max slots that are not its own, in order (None:
+      the first S_max); should fewer be left (a tiny group repeating the image), its own
+      slots that remain are masked out of ref_valid.
   """
   shots = ref_valid.shape[1]
-  slots = jnp.arange(shots)[None, :]
-  if skip is None:
-    skip = jnp.full(groups.shape, -1, jnp.int32)
-  # Slots 0..S-1, shifted by one from the skipped slot on (slot S when nothing is skipped).
-  first = jnp.where(skip < 0, shots, skip)[:, None]
-  take = slots + (slots >= first).astype(slots.dtype)                       # (B, S)
+  if own_slots is None:
+    own_slots = jnp.zeros((groups.shape[0], shots + 1), bool)
+  # A stable sort puts the other images' slots first, in their order, and the own ones last.
+  take = jnp.argsort(own_slots.astype(jnp.int32), axis=1, stable=True)[:, :shots]   # (B, S)
+  valid_slots = ref_valid & ~jnp.take_along_axis(own_slots, take, axis=1)
   levels, valid = [], []
   for level in bank:
     _, _, tokens, c = level.shape
     chosen = level[groups[:, None], take]                                   # (B, S, T, C)
     levels.append(chosen.reshape(groups.shape[0], shots * tokens, c))
-    valid.append(jnp.repeat(ref_valid, tokens, axis=1))
+    valid.append(jnp.repeat(valid_slots, tokens, axis=1))
   return levels, valid
 
 
@@ -251,8 +251,8 @@ def make_train_step(settings: StepSettings, optimizer: optax.GradientTransformat
   batch (numpy or global jax arrays, leading axis = images):
     view1, view2 (B, S, S, 3) uint8; masks (B, S, S); ref_valid (B, S_max) bool; and either
     refs (B, S_max, S, S, 3) uint8 (references through the backbone inside the step), or
-    ref_group (B,) int32 and ref_skip (B,) int32 with frozen["ref_bank"] (precomputed
-    reference features; see bank_references).
+    ref_group (B,) int32 and ref_self (B, S_max + 1) bool with frozen["ref_bank"]
+    (precomputed reference features; see bank_references).
   frozen: {"backbone": backbone params, "centers": list of (C_k,) or None,
     optionally "ref_bank": per level (G, S_max + 1, h * w, C_k)}.
   """
@@ -275,7 +275,7 @@ def batch_residuals(batch: dict[str, Array], frozen: dict[str, Any], settings: S
     ref_feats, ref_valid = [None] * len(feats1), [None] * len(feats1)
   elif frozen.get("ref_bank") is not None:
     ref_feats, ref_valid = bank_references(frozen["ref_bank"], batch["ref_group"],
-                                           batch["ref_valid"], batch.get("ref_skip"))
+                                           batch["ref_valid"], batch.get("ref_self"))
   else:
     ref_feats, ref_valid = reference_levels(extract, backbone_params, batch["refs"],
                                             batch["ref_valid"])

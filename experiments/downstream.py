@@ -59,8 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.shots = 8                   # reference images per class for the residuals
   c.eval.k_shot = 0                  # the full normal training set
   c.eval.checkpoint = checkpoint
-  # The reference evaluates PatchCore and PaDiM on MVTec AD at Resize(256) + CenterCrop(224).
-  c.eval.resize = 256 if method in ("patchcore", "padim") and dataset == "mvtec" else 0
   if args["runlocal"]:
-    common.apply_runlocal(c, args["data"] or None)
+    common.apply_runlocal(c, args["data"] or None)   # the embedded set, at its own size
+  elif method in ("patchcore", "padim") and dataset == "mvtec":
+    # The reference evaluates PatchCore and PaDiM on MVTec AD at Resize(256) + CenterCrop(224).
+    c.eval.resize = round(c.image_size * 256 / 224)
   return c

@@ -102,6 +102,7 @@ def test_downstream_variants(method):
     _load("downstream.py", f"method={method},checkpoint=latest")
   small = _load("downstream.py", f"method={method},runlocal,data=/tmp/emb")
   _assert_runlocal_small(small)
+  assert small.eval.resize == 0     # the embedded set at its own size: no 256/224 zoom
   assert small.eval.root == "/tmp/emb/eval"
 
 

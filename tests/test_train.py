@@ -289,8 +289,7 @@ def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted
   from adjax.errors import UserError
   from adjax.train import _check_run_settings, pretrain
   workdir = str(tmp_path / "run")
-  os.makedirs(workdir)
-  shutil.copy(run_layout.config_path(uninterrupted[0]), workdir)
+  shutil.copytree(uninterrupted[0], workdir)   # a finished run: config.json and checkpoints
   stored = open(run_layout.config_path(workdir)).read()
   config = tiny_config(dataset)
   config.optim.lr = 0.5
@@ -309,9 +308,27 @@ def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted
   config.train.checkpoint_every = 0
   with pytest.raises(UserError, match="config.train.checkpoint_every must be an integer >= 1"):
     _check_run_settings(config, workdir)
+  config.train.checkpoint_every = 2
+  assert _check_run_settings(config, workdir) is False
+  # The demo's own switches (adjax demo --config.demo.fresh=False resumes) may change too.
+  demo_run = str(tmp_path / "demo")
+  run_layout.save_config(demo_run, {"demo": {"fresh": True}, "optim": {"lr": 1e-4}})
+  assert run_layout.config_changes(demo_run, {"demo": {"fresh": False},
+                                              "optim": {"lr": 1e-4}}) == []
+  assert run_layout.config_changes(demo_run, {"demo": {"fresh": False}, "optim": {"lr": 1.0}}
+                                   ) == ["optim.lr (0.0001 there, 1.0 here)"]
   open(tmp_path / "a_file", "w").close()
   with pytest.raises(UserError, match="is a file, not a run folder"):
     _check_run_settings(tiny_config(dataset), str(tmp_path / "a_file"))
+  # An attempt that failed before its first checkpoint (e.g. out of memory) has nothing to
+  # resume: other settings start afresh, and its centres and reference bank are recomputed.
+  attempt = str(tmp_path / "attempt")
+  os.makedirs(os.path.join(attempt, "checkpoints"))   # orbax makes the folder up front
+  shutil.copy(run_layout.config_path(uninterrupted[0]), attempt)
+  config = tiny_config(dataset)
+  config.data.batch_size = 2
+  assert _check_run_settings(config, attempt) is True
+  assert _check_run_settings(tiny_config(dataset), attempt) is False
 
 
 def test_metrics_log_drops_steps_a_resume_repeats_and_writes_nan_as_null(tmp_path):
@@ -325,9 +342,18 @@ def test_metrics_log_drops_steps_a_resume_repeats_and_writes_nan_as_null(tmp_pat
   assert rows[-1] == {"step": 6, "loss": None, "x": None}
   run_layout.truncate_jsonl(path, 3)
   assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3]
+  # Results files too (a class with one test label has NaN image metrics).
+  results = str(tmp_path / "results.json")
+  run_layout.write_json(results, {"a": {"auroc": float("nan"), "ap": np.float32(0.5)},
+                                  "b": [np.float64("inf"), 1.0], "c": np.array([np.nan, 2.0])})
+  text = open(results).read()
+  assert "NaN" not in text and "Infinity" not in text
+  assert json.loads(text) == {"a": {"auroc": None, "ap": 0.5}, "b": [None, 1.0],
+                              "c": [None, 2.0]}
 
 
 def test_final_selection_is_replaced_when_a_finished_run_is_extended(tmp_path):
+  # (pretrain rewrites it only when it trained: a rerun of a finished run keeps it.)
   from adjax.train import _BestTracker
   workdir = str(tmp_path / "run")
   params = {"w": np.zeros(2, np.float32)}
@@ -353,18 +379,25 @@ def test_precomputed_reference_bank_equals_reference_images():
   # 2 groups of shots + 1 bank images (one spare, for an image that is itself in the bank).
   group_images = rng.integers(0, 256, (2, shots + 1, size, size, 3), dtype=np.uint8)
   bank_paths = np.array([[f"g{g}_{i}.png" for i in range(shots + 1)] for g in range(2)])
-  groups = np.array([1, 0, 1], np.int32)
-  # Image 0 is bank slot 1 of its group, image 2 slot 3; image 1 is not in the bank.
-  skip = bank_slots(["g1_1.png", "elsewhere.png", "g1_3.png"], groups, bank_paths)
-  np.testing.assert_array_equal(skip, [1, -1, 3])
-  ref_valid = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1]], bool)
-  others = [[0, 2, 3], [0, 1, 2], [0, 1, 2]]     # the group's first 3 slots but the image's
+  bank_paths[0, 3] = "g0_0.png"    # a small group's bank repeats an image
+  groups = np.array([1, 0, 1, 0], np.int32)
+  # Image 0 is slot 1 of its group, image 2 slot 3, image 3 slots 0 and 3 (repeated); image 1
+  # is not in the bank.
+  own = bank_slots(["g1_1.png", "elsewhere.png", "g1_3.png", "g0_0.png"], groups, bank_paths)
+  np.testing.assert_array_equal(own, [[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 1]])
+  ref_valid = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]], bool)
+  # The group's first 3 slots but the image's own; image 3 has 2 others left: its third
+  # reference (its own slot) is masked out.
+  others = [[0, 2, 3], [0, 1, 2], [0, 1, 2], [1, 2, 0]]
   refs = np.stack([group_images[g][o] for g, o in zip(groups, others)])
-  batch = {"view1": rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8),
-           "view2": rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8),
-           "refs": refs, "ref_valid": ref_valid, "ref_group": groups, "ref_skip": skip}
+  ref_valid_images = ref_valid.copy()
+  ref_valid_images[3, 2] = False
+  batch = {"view1": rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8),
+           "view2": rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8),
+           "refs": refs, "ref_valid": ref_valid, "ref_group": groups, "ref_self": own}
   frozen = {"backbone": backbone_params}
-  from_images = batch_residuals(batch, frozen, settings, backbone.extract)
+  from_images = batch_residuals(dict(batch, ref_valid=ref_valid_images), frozen, settings,
+                                backbone.extract)
   bank = [np.asarray(lv).reshape(2, shots + 1, -1, lv.shape[-1]) for lv in backbone.extract(
       backbone_params, group_images.reshape(-1, size, size, 3) / np.float32(255))]
   from_bank = batch_residuals(batch, dict(frozen, ref_bank=bank), settings, backbone.extract)

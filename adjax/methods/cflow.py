@@ -240,11 +240,11 @@ def _maps_from_log_likelihood(log_likelihoods: Sequence[jax.Array], hw: tuple[in
     prob = np.exp(lp - lp.max())  # the reference normalises over the whole test set
     mh = common.bilinear_matrix(lp.shape[1], hw[0], True).astype(np.float64)
     mw = common.bilinear_matrix(lp.shape[2], hw[1], True).astype(np.float64)
-    up = np.einsum("Hh,mhw,Ww->mHW", mh, prob, mw)
+    up = np.einsum("Hh,mhw,Ww->mHW", mh, prob, mw, optimize=True)   # two matmuls
     total = up if total is None else total + up
   maps = total.max() - total
   if sigma:
     gh = common.gaussian_matrix(hw[0], float(sigma)).astype(np.float64)
     gw = common.gaussian_matrix(hw[1], float(sigma)).astype(np.float64)
-    maps = np.einsum("Hh,mhw,Ww->mHW", gh, maps, gw)
+    maps = np.einsum("Hh,mhw,Ww->mHW", gh, maps, gw, optimize=True)
   return maps.reshape(maps.shape[0], -1).max(axis=1), maps.astype(np.float32)
