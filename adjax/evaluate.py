@@ -176,12 +176,13 @@ def aligned_reference_indices(table_path: str, class_name: str, test_paths: Sequ
     if key not in by_test:
       raise ValueError(f"aligned references {table_path} list nothing for test image {path} "
                        f"(looked for '{key}')")
-    missing = [r for r in by_test[key] if _within_class(r, class_name) not in train_index]
+    refs = [(r, _within_class(r, class_name)) for r in by_test[key]]
+    missing = [r for r, within in refs if within not in train_index]
     if missing:
       raise ValueError(f"aligned references {table_path}: {missing[0]} (for {path}) is not "
                        "among the class's training images (k_shot or noisy settings drop "
                        "images; aligned references need the full training set)")
-    out.append([train_index[_within_class(r, class_name)] for r in by_test[key]])
+    out.append([train_index[within] for _, within in refs])
   return out
 
 

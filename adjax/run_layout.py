@@ -168,7 +168,7 @@ def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
   """Appends one JSON line (metrics logs; an append of one short line needs no rename).
   Non-finite numbers are written as null."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  record = {k: _finite_or_none(v) for k, v in record.items()}
+  record = _without_non_finite(dict(record))
   with open(path, "a") as f:
     f.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")
 

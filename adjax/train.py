@@ -213,9 +213,10 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
 
   With `train.precomputed_refs`, every step takes its images' references from this bank
   (the first n_shot of the group's shots other than the image itself: the bank holds
-  max_shots + 1 images per group for that, distinct as far as the group has images) instead of running the backbone on reference
-  images: a fixed reference set, the same for every step of the run (each sweep point computes
-  its own, from the same seed: the same images when the points share data settings). Written
+  max_shots + 1 images per group for that, distinct as far as the group has images) instead
+  of running the backbone on reference images: a fixed reference set, the same for every step
+  of the run (each sweep point computes its own, from the same seed: the same images when the
+  points share data settings). Written
   to `<workdir>/references.npz`: l{k} of shape (G, max_shots + 1, h, w, C_k) with G = classes x
   views (the loader's class_id * len(views) + view_id), `paths` (G, max_shots + 1) of the
   images, and the class and view names.
@@ -254,13 +255,14 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
       paths[ci * len(view_names) + vi] = [r.image_path for r in chosen]
   if bank is None:
     raise ValueError("the pretraining set has no normal image to take references from")
+  paths = paths.astype(str)   # a plain string array: .npz files load without pickle
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     run_layout.atomic_write(os.path.join(workdir, REFERENCES_FILE), lambda f: np.savez(
         f, class_names=np.asarray(class_names), view_names=np.asarray(view_names),
-        paths=paths.astype(str), **{f"l{k + 1}": b for k, b in enumerate(bank)}))
+        paths=paths, **{f"l{k + 1}": b for k, b in enumerate(bank)}))
   return {"levels": bank, "class_names": class_names, "view_names": view_names,
-          "paths": paths.astype(str)}
+          "paths": paths}
 
 
 def bank_slots(image_paths: Sequence[str], groups: np.ndarray,

@@ -147,13 +147,15 @@ def pack_dataset(fmt: str, manual_dir: str, data_dir: str, *,
       in_split = [r for r in builder.records if r.split == split]
       packed += [dataclasses.replace(r, packed=(builder_dir, tfds_split(split), i))
                  for i, r in enumerate(in_split)]
-    tmp = f"{index_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    from adjax import run_layout  # light: json and numpy
+
+    def write_index(f):
       for r in packed:
         d = r.to_json()
         d["packed"] = [d["packed"][1], d["packed"][2]]  # The dir is taken at read time.
         f.write(json.dumps(d) + "\n")
-    os.replace(tmp, index_path)
+
+    run_layout.atomic_write(index_path, write_index, binary=False)
     report = builder.scan_report
     skipped = [{"file": f, "reason": why} for f, why in (report.skipped if report else [])]
     if skipped:
@@ -161,7 +163,6 @@ def pack_dataset(fmt: str, manual_dir: str, data_dir: str, *,
                   len(builder.records), report.checked, fmt, len(skipped),
                   "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]),
                   os.path.join(builder_dir, SETTINGS_FILE))
-    from adjax import run_layout  # light: json and numpy
     run_layout.write_json(os.path.join(builder_dir, SETTINGS_FILE),
                           {**settings, "records": len(builder.records), "skipped": skipped})
   return builder_dir
