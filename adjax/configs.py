@@ -23,10 +23,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.image_size = 224
 
   c.data = ml_collections.ConfigDict()
-  c.data.pretrain_format = "realiad"   # a reader of data_pipelines (realiad, mvtec, visa, ...)
-  c.data.pretrain_root = ""
-  c.data.pretrain_classes = ""         # comma-separated; "" = every class found
-  c.data.pretrain_tfds_dir = ""        # packed ArrayRecord shards instead of the folder
+  c.data.pretrain_format = "realiad"   # a reader of data_pipelines (realiad, mvtec, visa, ...);
+                                       # one per folder when they differ (comma-separated)
+  c.data.pretrain_root = ""            # a dataset folder; several (comma-separated) merge
+  c.data.pretrain_classes = ""         # comma-separated "class" or "dataset/class"; "" = all
+  c.data.pretrain_tfds_dir = ""        # packed ArrayRecord shards instead (several merge)
   c.data.val_format = "mvtec"          # held-out validation classes, for checkpoint selection
   c.data.val_root = ""
   c.data.val_classes = ""
@@ -87,6 +88,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.resize = 0                    # short side before the centre crop (0: image_size)
   c.eval.aligned_references = ""       # folder of the reference's per-test-image reference
                                        # tables (<class>.json), for FeatureNorm; "" = shots
+  c.eval.glass_textures = ""           # folder of texture photographs (e.g. DTD's dtd/images):
+                                       # GLASS's texture anomalies made in image space, as the
+                                       # reference; "" = its feature-space stand-in
+  c.eval.glass_texture_rounds = 4      # texture-augmented copies of each training image
+  c.eval.glass_foreground = ""         # GLASS's foreground masks (<class>/<image name>): the
+                                       # textures only on the object; "" = anywhere
   c.eval.batch_size = 16
   c.eval.tsne = True
   c.eval.method_settings = ml_collections.ConfigDict()   # e.g. {"patchcore": {"coreset_ratio": 0.1}}

@@ -108,23 +108,27 @@ class FeatureMaker:
     return _in_batches(lambda chunks: self._project(params, [jnp.asarray(c) for c in chunks]),
                        list(levels), self.batch_size)
 
+  def features_of(self, kinds: Sequence[str], levels, refs,
+                  projector: dict[str, Any]) -> dict[str, list]:
+    """{kind: levels} of one image set; pretrained kinds as "pretrained:<checkpoint kind>"."""
+    out: dict[str, list] = {}
+    if "original" in kinds:
+      out["original"] = levels
+    if any(k in ("residual", "pretrained") for k in kinds):
+      residual = self.residual_levels(levels, refs)
+      if "residual" in kinds:
+        out["residual"] = residual
+      if "pretrained" in kinds:
+        for ckpt, params in projector.items():
+          out[f"pretrained:{ckpt}"] = self.projected_levels(params, residual)
+    return out
+
   def kinds(self, kinds: Sequence[str], train_levels, test_levels, refs,
             projector: dict[str, Any]) -> dict[str, tuple[list, list]]:
     """{kind: (train levels, test levels)}; projector maps checkpoint kind -> params."""
-    out: dict[str, tuple[list, list]] = {}
-    need_residual = any(k in ("residual", "pretrained") for k in kinds)
-    if "original" in kinds:
-      out["original"] = (train_levels, test_levels)
-    if need_residual:
-      res_train = self.residual_levels(train_levels, refs)
-      res_test = self.residual_levels(test_levels, refs)
-      if "residual" in kinds:
-        out["residual"] = (res_train, res_test)
-      if "pretrained" in kinds:
-        for ckpt, params in projector.items():
-          out[f"pretrained:{ckpt}"] = (self.projected_levels(params, res_train),
-                                       self.projected_levels(params, res_test))
-    return out
+    train = self.features_of(kinds, train_levels, refs, projector)
+    test = self.features_of(kinds, test_levels, refs, projector)
+    return {key: (train[key], test[key]) for key in train}
 
 
 # Settings the reference's scripts give a method for residual features (residual and
@@ -208,16 +212,54 @@ def reference_features(levels: Sequence[np.ndarray], shots: int,
   return [lv[rows].reshape(-1, lv.shape[-1]) for lv in levels]
 
 
+def glass_texture_features(config: ml_collections.ConfigDict, maker: FeatureMaker, data: dict,
+                           class_name: str, train_levels, refs, projector: dict[str, Any],
+                           kinds: Sequence[str], textures: Sequence[str],
+                           method_settings: dict) -> tuple[dict[str, list], np.ndarray]:
+  """GLASS's image-space texture anomalies of a class's training images, featurised.
+
+  `eval.glass_texture_rounds` texture-augmented copies of each training image (textures from
+  `eval.glass_textures`, only on the object with `eval.glass_foreground`), seeded by the run's
+  seed and the class, then every feature kind of them as of the real images (the class's
+  references, the projector).
+
+  Returns:
+    ({kind key: levels}, (N_s, h, w) token masks on GLASS's grid).
+  """
+  import zlib
+  from adjax.methods import get_method
+  from data_pipelines import texture_anomalies
+  ev = config.eval
+  grid = get_method("glass", **method_settings_for("glass", "original", method_settings)
+                    ).token_grid(train_levels)
+  foregrounds = None
+  if ev.get("glass_foreground", ""):
+    resize = int(ev.get("resize", 0)) or None
+    foregrounds = [texture_anomalies.read_foreground(ev.glass_foreground, class_name, path,
+                                                     config.image_size, resize)
+                   for path in data["train_paths"]]
+  rng = np.random.default_rng([int(config.seed), zlib.crc32(class_name.encode())])
+  images, masks = texture_anomalies.synthesize(
+      data["train_images"], textures, grid, rng,
+      rounds=int(ev.get("glass_texture_rounds", 4)), foregrounds=foregrounds)
+  levels = maker.backbone_levels(images)
+  return maker.features_of(kinds, levels, refs, projector), masks
+
+
 def score_method(name: str, settings: dict, train_levels, test_levels, image_size: int,
                  seed: int, test_labels: np.ndarray, test_masks: np.ndarray,
-                 state: Any = None) -> tuple[dict[str, float], np.ndarray, np.ndarray, Any]:
-  """Fits (unless `state` is given) and scores one method; returns metrics, scores, maps."""
+                 state: Any = None, fit_extras: Optional[dict] = None
+                 ) -> tuple[dict[str, float], np.ndarray, np.ndarray, Any]:
+  """Fits (unless `state` is given) and scores one method; returns metrics, scores, maps.
+
+  fit_extras: further keyword arguments of the method's `fit` (GLASS's synthetic anomalies).
+  """
   from adjax import metrics as metrics_lib
   from adjax.methods import get_method
   method = get_method(name, **settings)
   if state is None:  # (no training features: a method that fits nothing, e.g. FeatureNorm)
     state = method.fit(None if train_levels is None else [jnp.asarray(x) for x in train_levels],
-                       jax.random.PRNGKey(seed))
+                       jax.random.PRNGKey(seed), **(fit_extras or {}))
   scores, maps = method.score(state, [jnp.asarray(x) for x in test_levels], image_size)
   scores, maps = np.asarray(scores, np.float64), np.asarray(maps, np.float32)
   if len(np.unique(test_labels)) < 2:
@@ -282,6 +324,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   checkpoint_choice = ev.get("checkpoint", "auto")
   for method in methods:  # config errors before the backbone's weights are read
     checkpoint_kind_for(method, checkpoint_choice)
+  textures = None
+  if ev.get("glass_textures", "") and "glass" in methods:
+    from data_pipelines.texture_anomalies import list_textures
+    textures = list_textures(ev.glass_textures)
   if backbone is None:
     backbone, backbone_params = build_backbone(config, workdir)
   projector = {}
@@ -320,7 +366,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
         features["residual:aligned"] = (None, test)
       for ckpt, params in projector.items():
         features[f"pretrained:{ckpt}:aligned"] = (None, maker.projected_levels(params, test))
-    return data, features
+    synthetic = None
+    if textures is not None:
+      glass_projector = {k: v for k, v in projector.items()
+                         if k == checkpoint_kind_for("glass", checkpoint_choice)}
+      synthetic = glass_texture_features(config, maker, data, class_name, train_levels, refs,
+                                         glass_projector, kinds, textures, method_settings)
+    return data, features, synthetic
 
   def feature_key(method: str, kind: str) -> str:
     key = kind if kind != "pretrained" else \
@@ -337,11 +389,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   held: list[tuple[str, dict, dict]] = []   # (class, what scoring needs, test features)
 
   def score(method: str, kind: str, class_name: str, data: dict, train_f, test_f,
-            state=None) -> None:
+            state=None, synthetic=None) -> None:
     settings = method_settings_for(method, kind, method_settings)
+    extras = None
+    if method == "glass" and synthetic is not None:
+      levels, masks = synthetic
+      extras = {"synthetic_levels": [jnp.asarray(x) for x in levels[feature_key(method, kind)]],
+                "synthetic_masks": masks}
     metrics, scores, maps, _ = score_method(method, settings, train_f, test_f,
                                             config.image_size, config.seed,
-                                            data["test_labels"], data["test_masks"], state=state)
+                                            data["test_labels"], data["test_masks"], state=state,
+                                            fit_extras=extras)
     results[method].setdefault(class_name, {})[kind] = metrics
     if kind == kinds[-1] and method == methods[0]:
       reporting.save_overlays(data["test_images"], maps, scores,
@@ -354,12 +412,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
                           {"results": results, "classes_done": list(classes_done)})
 
   for index, class_name in enumerate(class_names):
-    data, features = prepare(class_name)
+    data, features, synthetic = prepare(class_name)
     for method in methods:
       if method in per_dataset:
         continue
       for kind in kinds:
-        score(method, kind, class_name, data, *features[feature_key(method, kind)])
+        score(method, kind, class_name, data, *features[feature_key(method, kind)],
+              synthetic=synthetic)
       bar.update(1)
     if per_dataset:
       keys = {feature_key(m, k) for m in per_dataset for k in kinds}
@@ -372,7 +431,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     if not tsne_done and ev.get("tsne", True):
       _tsne(features, kinds, data["test_masks"], backbone, out_dir, class_name, config)
       tsne_done = True
-    del data, features
+    del data, features, synthetic
     save_partial(class_names[:index + 1] if not per_dataset else [])
 
   if per_dataset:

@@ -72,31 +72,56 @@ def split_classes(value: str) -> Optional[list[str]]:
 
 
 def pretrain_records(config: ml_collections.ConfigDict) -> list:
-  """The pretraining index: packed ArrayRecord shards or the dataset folder."""
+  """The pretraining index: packed ArrayRecord shards or dataset folders.
+
+  Several datasets merge into one index: comma-separated `data.pretrain_root` folders (with
+  one `data.pretrain_format`, or one per folder) or `data.pretrain_tfds_dir` packs. Reference
+  images are drawn within (dataset, class, view), so datasets that share a class name stay
+  apart; with several datasets, `data.pretrain_classes` may name a class as "dataset/class".
+  """
   from data_pipelines import records as records_lib
   classes = split_classes(config.data.pretrain_classes)
   if config.data.get("pretrain_tfds_dir"):
     from data_pipelines.tfds_builders import packed_records
-    records = packed_records(config.data.pretrain_tfds_dir)
+    packs = split_classes(config.data.pretrain_tfds_dir)
+    records = sorted(r for pack in packs for r in packed_records(pack))
     if classes:
       # As the folder readers do: a requested class that is not there is an error, not a
       # silently smaller pretraining set.
-      packed = {r.class_name for r in records}
-      missing = [c for c in classes if c not in packed]
-      if missing:
-        raise UserError(f"config.data.pretrain_classes names {missing}, which "
-                        f"{config.data.pretrain_tfds_dir} does not hold; it has "
-                        f"{sorted(packed)}")
-      records = [r for r in records if r.class_name in classes]
+      records = _only_classes(records, classes, config.data.pretrain_tfds_dir)
   else:
-    if not config.data.pretrain_root:
+    roots = split_classes(config.data.pretrain_root)
+    if not roots:
       raise ValueError("config.data.pretrain_root is empty: give the pretraining dataset's "
                        "folder (--config.data.pretrain_root=DIR)")
-    records = records_lib.read_dataset(config.data.pretrain_format, config.data.pretrain_root,
-                                       classes)
+    formats = split_classes(config.data.pretrain_format) or []
+    if len(formats) == 1:
+      formats = formats * len(roots)
+    if len(formats) != len(roots):
+      raise UserError(f"config.data.pretrain_format names {len(formats)} formats for "
+                      f"{len(roots)} folders in config.data.pretrain_root: give one format, "
+                      "or one per folder (comma-separated, in the same order)")
+    if len(roots) == 1:
+      records = records_lib.read_dataset(formats[0], roots[0], classes)
+    else:
+      records = records_lib.build_index(list(zip(formats, roots)))
+      if classes:
+        records = _only_classes(records, classes, config.data.pretrain_root)
   if not records:
     raise ValueError(f"no pretraining images found in {config.data.pretrain_root!r}")
   return records
+
+
+def _only_classes(records: list, classes: list[str], where: str) -> list:
+  """The records of the named classes ("class" or "dataset/class"); naming one that is not
+  there is an error."""
+  kept = [r for r in records if r.class_name in classes or r.class_key in classes]
+  found = {r.class_name for r in kept} | {r.class_key for r in kept}
+  missing = [c for c in classes if c not in found]
+  if missing:
+    raise UserError(f"config.data.pretrain_classes names {missing}, which {where} does not "
+                    f"hold; it has {sorted({r.class_key for r in records})}")
+  return kept
 
 
 def step_settings(config: ml_collections.ConfigDict, backbone,
@@ -209,7 +234,8 @@ def precompute_references(config: ml_collections.ConfigDict, workdir: str) -> di
 
 def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=None,
                    backbone_params=None, records=None) -> dict[str, Any]:
-  """Backbone features of `data.max_shots` normal images per (class, view), computed once.
+  """Backbone features of `data.max_shots` normal images per (dataset, class, view), computed
+  once.
 
   With `train.precomputed_refs`, every step takes its images' references from this bank
   (the first n_shot of the group's shots other than the image itself: the bank holds
@@ -225,7 +251,7 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
   if backbone is None:
     backbone, backbone_params = build_backbone(config, workdir)
   records = pretrain_records(config) if records is None else records
-  class_names = sorted({r.class_name for r in records})
+  class_names = sorted({r.class_key for r in records})   # "dataset/class", as the loader
   view_names = sorted({r.view for r in records})
   shots = int(config.data.max_shots) + 1   # one spare: an image is never its own reference
   rng = np.random.default_rng([config.seed, 7])
@@ -236,7 +262,7 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
   for ci, class_name in enumerate(tqdm(class_names, desc="references", unit="class",
                                        dynamic_ncols=True, disable=jax.process_index() != 0)):
     for vi, view in enumerate(view_names):
-      pool = [r for r in records if r.label == 0 and r.class_name == class_name and
+      pool = [r for r in records if r.label == 0 and r.class_key == class_name and
               r.view == view]
       if not pool:
         continue
@@ -271,6 +297,16 @@ def bank_slots(image_paths: Sequence[str], groups: np.ndarray,
   image itself (several when a small group's bank repeats images)."""
   return np.stack([bank_paths[int(group)] == path
                    for path, group in zip(image_paths, groups)]).astype(bool)
+
+
+def _same_classes(bank_names: list[str], loader_names: list[str]) -> bool:
+  """Whether a reference bank's groups are the loader's: the same "dataset/class" names, or a
+  bank from before the names carried the dataset whose bare names map one to one (a run
+  resumed across that change keeps its bank)."""
+  if list(bank_names) == list(loader_names):
+    return True
+  bare = [name.split("/", 1)[-1] for name in loader_names]
+  return len(set(bare)) == len(bare) and list(bank_names) == bare
 
 
 def load_references(workdir: str) -> Optional[dict[str, Any]]:
@@ -433,7 +469,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   if precomputed:
     references = (None if stale_derived else load_references(workdir)) or reference_bank(
         config, workdir, backbone=backbone, backbone_params=backbone_params, records=records)
-    if (references["class_names"] != list(loader.class_names) or
+    if (not _same_classes(references["class_names"], loader.class_names) or
         references["view_names"] != list(loader.view_names)):
       raise ValueError(f"{os.path.join(workdir, REFERENCES_FILE)} was made for other classes or"
                        " views than the pretraining set; delete it or run `adjax refs` again")

@@ -94,7 +94,7 @@ class PretrainPlan:
       raise ValueError(f"{len(self.records)} records over {shard_count} shards do not fill one "
                        f"batch of {batch_size}")
 
-    self.class_names = sorted({r.class_name for r in self.records})
+    self.class_names = sorted({r.class_key for r in self.records})
     self.view_names = sorted({r.view for r in self.records})
     self._class_id = {c: i for i, c in enumerate(self.class_names)}
     self._view_id = {v: i for i, v in enumerate(self.view_names)}
@@ -158,7 +158,7 @@ class PretrainPlan:
     return rng.choice(others, size=n_shot, replace=len(others) < n_shot)
 
   def class_id(self, record_index: int) -> int:
-    return self._class_id[self.records[record_index].class_name]
+    return self._class_id[self.records[record_index].class_key]
 
   def view_id(self, record_index: int) -> int:
     return self._view_id[self.records[record_index].view]
@@ -244,7 +244,7 @@ class PretrainLoader:
     steps_per_epoch: batches in one epoch (equal on every host); also `len(loader)`.
     num_steps: batches the iterator yields in all (num_epochs * steps_per_epoch, or a very
       large number when num_epochs is None).
-    class_names, view_names: what class_id / view_id index.
+    class_names, view_names: what class_id / view_id index (class names as "dataset/class").
     plan: the PretrainPlan (record choice per step), for inspection.
   """
 

@@ -55,6 +55,12 @@ class Record:
   sample_id: str = ""
   packed: tuple[str, str, int] | None = None
 
+  @property
+  def class_key(self) -> str:
+    """The class as the reference groups know it: "dataset/class", since merged datasets may
+    share a class name (MVTec AD's and Real-IAD's "zipper" are different objects)."""
+    return f"{self.dataset}/{self.class_name}"
+
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["packed"] = list(self.packed) if self.packed else None

@@ -69,7 +69,7 @@ def test_shapes_labels_and_references(data):
       np.testing.assert_array_equal(b["masks"][k], decoded[idx][1])
       assert b["label"][k] == rec.label and (b["masks"][k].any() == bool(rec.label))
       assert loader.plan.records[b["record"][k]] == rec   # the index of the plan's record
-      assert loader.class_names[b["class_id"][k]] == rec.class_name
+      assert loader.class_names[b["class_id"][k]] == f"{rec.dataset}/{rec.class_name}"
       assert loader.view_names[b["view_id"][k]] == rec.view
       angle, norm = _brute_labels(b["masks"][k], P, 20)
       np.testing.assert_array_equal(b["angle_labels"][k], angle)

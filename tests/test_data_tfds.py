@@ -74,6 +74,15 @@ def test_a_pack_is_reused_only_for_the_same_settings_and_reports_what_it_skipped
     pretrain_records(config)
   config.data.pretrain_classes = classes[0]
   assert {r.class_name for r in pretrain_records(config)} == {classes[0]}
+  # Packs of several datasets merge into one index, as folders do.
+  mvtec_pack = pack_dataset("mvtec", summary["eval_root"], str(tmp_path / "tfds_mvtec"))
+  config.data.pretrain_tfds_dir = f"{builder_dir},{mvtec_pack}"
+  config.data.pretrain_classes = ""
+  merged = pretrain_records(config)
+  assert {r.class_key for r in merged} == (
+      {f"realiad/{classes[0]}"} | {r.class_key for r in packed_records(mvtec_pack)})
+  assert len(merged) == len(packed_records(builder_dir)) + len(packed_records(mvtec_pack))
+  config.data.pretrain_tfds_dir = builder_dir
 
   # A corrupt image with --skip-bad: packed without it, said, and recorded.
   folder = build_index([("realiad", root)])

@@ -45,7 +45,11 @@ Deliberate differences from the reference:
     times a foreground mask on MVTec AD and VisA) and max-pooled to the token grid, then the
     backbone. The methods here see features only, so `fit` takes them as optional
     `synthetic_levels` (features of such images) with `synthetic_masks` (N_s, h, w) on the
-    first used level's grid, binarised at 0.5. Without them it makes a feature-space surrogate:
+    first used level's grid (`token_grid`), binarised at 0.5: `adjax evaluate` makes them with
+    data_pipelines/texture_anomalies.py from a texture folder (`eval.glass_textures`), a fixed
+    `eval.glass_texture_rounds` copies of each training image where the reference draws anew
+    in every epoch; each step draws its batch of them at random. Without them `fit` makes a
+    feature-space surrogate:
     under a Perlin mask drawn on the token grid (common.perlin_mask), a token becomes
     beta * itself + (1 - beta) * texture, beta drawn as the reference's; the texture is the
     tokens of another training image at shuffled positions plus Gaussian noise of the
@@ -142,6 +146,11 @@ class Glass:
     """Aggregated features (N, h, w, target_dim) of the last `num_levels` levels."""
     levels = common.last_levels(common.check_levels(levels, what), self.num_levels)
     return _embed(self, tuple(levels))
+
+  def token_grid(self, levels: Any) -> tuple[int, int]:
+    """The (h, w) token grid the discriminator works on (that of `synthetic_masks`): the grid
+    of the first of the levels it uses."""
+    return tuple(common.last_levels(list(levels), self.num_levels)[0].shape[1:3])
 
   def init(self, rng: jax.Array) -> dict:
     """Initial projection (if any) and discriminator parameters and BatchNorm statistics."""
