@@ -7,6 +7,8 @@ checked against PyTorch / scipy / brute force.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -298,9 +300,14 @@ def test_uniad_neighbour_mask_hides_the_window():
     neighbour_mask(4, 4, 7)
 
 
-def _torch_uniad_transformer(params, heads, mask):
+def _torch_uniad_transformer(params, heads, mask, drop=None):
   """UniAD's transformer written with torch.nn (sequence-first, post-norm), from the paper's
-  and its code's architecture, loaded with adjax's parameters."""
+  and its code's architecture, loaded with adjax's parameters.
+
+  drop: None (eval) or a function applied where UniAD's layers apply dropout (attention weights
+  (B, heads, L_q, L_k) inside every attention, then dropout1/2/3 and the FFN's), in its order;
+  with it the attention is written out, as torch.nn.MultiheadAttention takes no mask function.
+  """
   t = lambda a: torch.from_numpy(np.array(a, np.float32))
 
   def mha(p):
@@ -311,7 +318,19 @@ def _torch_uniad_transformer(params, heads, mask):
       m.in_proj_bias.copy_(torch.cat([t(p[k]["b"]) for k in "qkv"]))
       m.out_proj.weight.copy_(t(p["o"]["w"]).T)
       m.out_proj.bias.copy_(t(p["o"]["b"]))
-    return m
+    if drop is None:
+      return m
+
+    def attend(q, k, v, attn_mask):          # (L, B, C) each
+      length, batch, d = q.shape
+      heads_of = lambda x, j: (x @ m.in_proj_weight[j * d:(j + 1) * d].T
+                               + m.in_proj_bias[j * d:(j + 1) * d]).reshape(
+                                   x.shape[0], batch, heads, d // heads).permute(1, 2, 0, 3)
+      logits = heads_of(q, 0) @ heads_of(k, 1).transpose(-1, -2) / math.sqrt(d // heads)
+      weights = drop(torch.softmax(logits + attn_mask, -1))
+      out = (weights @ heads_of(v, 2)).permute(2, 0, 1, 3).reshape(length, batch, d)
+      return (m.out_proj(out),)
+    return attend
 
   def norm(p):
     return lambda x: F.layer_norm(x, x.shape[-1:], t(p["scale"]), t(p["bias"]))
@@ -325,21 +344,24 @@ def _torch_uniad_transformer(params, heads, mask):
   pos = pos.reshape(h * w, 1, -1)
   attn_mask = torch.zeros(mask.shape).masked_fill(torch.from_numpy(~mask), float("-inf"))
 
+  d = (lambda x: x) if drop is None else drop
+
   def forward(tokens):                       # (L, B, C)
     src = linear(params["in_proj"])(tokens)
     for p in params["encoder"]:
       q = src + pos
-      src = norm(p["n1"])(src + mha(p["attn"])(q, q, src, attn_mask=attn_mask)[0])
-      ff = linear(p["ff2"])(torch.relu(linear(p["ff1"])(src)))
-      src = norm(p["n2"])(src + ff)
+      src = norm(p["n1"])(src + d(mha(p["attn"])(q, q, src, attn_mask=attn_mask)[0]))
+      ff = linear(p["ff2"])(d(torch.relu(linear(p["ff1"])(src))))
+      src = norm(p["n2"])(src + d(ff))
     memory, out = src, src
     for p in params["decoder"]:
       tgt = t(p["queries"])[:, None].repeat(1, tokens.shape[1], 1)
-      tgt = norm(p["n1"])(tgt + mha(p["memory_attn"])(tgt + pos, memory + pos, memory,
-                                                        attn_mask=attn_mask)[0])
-      tgt = norm(p["n2"])(tgt + mha(p["previous_attn"])(tgt + pos, out + pos, out,
-                                                          attn_mask=attn_mask)[0])
-      out = norm(p["n3"])(tgt + linear(p["ff2"])(torch.relu(linear(p["ff1"])(tgt))))
+      tgt = norm(p["n1"])(tgt + d(mha(p["memory_attn"])(tgt + pos, memory + pos, memory,
+                                                          attn_mask=attn_mask)[0]))
+      tgt = norm(p["n2"])(tgt + d(mha(p["previous_attn"])(tgt + pos, out + pos, out,
+                                                            attn_mask=attn_mask)[0]))
+      ff = linear(p["ff2"])(d(torch.relu(linear(p["ff1"])(tgt))))
+      out = norm(p["n3"])(tgt + d(ff))
     return linear(params["out_proj"])(norm(params["decoder_norm"])(out))
 
   return forward
@@ -361,6 +383,46 @@ def test_uniad_transformer_matches_torch():
   with torch.no_grad():
     want = forward(torch.from_numpy(tokens).transpose(0, 1)).transpose(0, 1).numpy()
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+  # Dropout where UniAD has it: the same fixed masks at the same sites, in the same order.
+  def masks(layout_of):
+    shapes = []
+    def apply(x):
+      shape = layout_of(tuple(x.shape))
+      keep = np.random.default_rng(len(shapes)).uniform(size=shape) > 0.3
+      shapes.append(shape)
+      scale = (keep / 0.7).astype(np.float32)
+      if isinstance(x, torch.Tensor):
+        return x * (torch.from_numpy(scale).transpose(0, 1) if x.dim() == 3
+                    else torch.from_numpy(scale))
+      return x * scale
+    return apply, shapes
+  jax_drop, jax_sites = masks(lambda s: s)
+  torch_drop, torch_sites = masks(lambda s: (s[1], s[0], s[2]) if len(s) == 3 else s)
+  got = np.asarray(_forward(method, params, jnp.asarray(tokens), jax_drop))
+  forward = _torch_uniad_transformer(params, 2, neighbour_mask(h, w, 3), torch_drop)
+  with torch.no_grad():
+    want = forward(torch.from_numpy(tokens).transpose(0, 1)).transpose(0, 1).numpy()
+  assert jax_sites == torch_sites and len(jax_sites) == 2 * 4 + 2 * 6
+  assert not np.allclose(got, np.asarray(_forward(method, params, jnp.asarray(tokens))))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_uniad_dropout_trains_only():
+  from adjax.methods.uniad import _Dropout
+  x = jnp.ones((200, 50))
+  dropped = np.asarray(_Dropout(jax.random.key(0), 0.1)(x))
+  assert set(np.unique(dropped)) == {0.0, np.float32(1 / 0.9)}
+  assert abs((dropped == 0).mean() - 0.1) < 0.01
+  # Scoring is deterministic; training with dropout differs from training without.
+  gen = np.random.default_rng(0)
+  train = [jnp.asarray(gen.standard_normal((8, 4, 4, 6)), jnp.float32)]
+  settings = dict(hidden_dim=8, ffn_dim=16, num_heads=2, encoder_layers=1, decoder_layers=1,
+                  epochs=2, batch_size=4, neighbour_size=3)
+  with_drop = get_method("uniad", **settings).fit(train, jax.random.key(1))
+  without = get_method("uniad", dropout=0.0, **settings).fit(train, jax.random.key(1))
+  a, b = (np.asarray(s["params"]["out_proj"]["w"]) for s in (with_drop, without))
+  assert not np.allclose(a, b)
 
 
 def test_glass_trains_and_ranks_defects(data):

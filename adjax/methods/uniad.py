@@ -22,7 +22,12 @@ Gaussian); the image score is the map's maximum.
 
 Multi-class: `fit` accepts either one list of levels (the training images of every class
 concatenated along N) or a list of such lists, one per class, which it concatenates (the
-classes must share grids and channels). Dropout (0.1 in UniAD) is not implemented.
+classes must share grids and channels).
+
+Dropout (`dropout`, 0.1 as UniAD) in training, where UniAD's layers have it: on the attention
+weights of every attention, on each attention's output before its residual sum, after the FFN's
+ReLU, and on the FFN's output before its residual sum. UniAD draws the feature jitter once per
+batch; here each image draws its own (the same with jitter_prob 1, UniAD's MVTec setting).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +57,7 @@ class UniAD:
     neighbour_size: side of the window hidden from each query (0: full attention); it must
       leave every query some key, i.e. be smaller than the grid.
     jitter_scale, jitter_prob: feature jitter.
+    dropout: dropout rate in training (attention weights, residual branches, FFN).
     lr, weight_decay: AdamW.
     lr_drop_ratio: share of the steps after which the lr is multiplied by 0.1.
     clip_norm: global gradient-norm clipping (0: none).
@@ -68,6 +74,7 @@ class UniAD:
   neighbour_size: int = 7
   jitter_scale: float = 20.0
   jitter_prob: float = 1.0
+  dropout: float = 0.1
   lr: float = 1e-4
   weight_decay: float = 1e-4
   lr_drop_ratio: float = 0.8
@@ -200,7 +207,24 @@ def _layer_norm(p, x):
   return (x - mu) / jnp.sqrt(var + 1e-5) * p["scale"] + p["bias"]
 
 
-def _attention(p, q_in, k_in, v_in, mask, heads):
+def _no_dropout(x: jax.Array) -> jax.Array:
+  return x
+
+
+class _Dropout:
+  """Inverted dropout with a fresh key at every call (one call per dropout site, in order)."""
+
+  def __init__(self, rng: jax.Array, rate: float):
+    self.rng, self.rate, self.calls = rng, rate, 0
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    key = jax.random.fold_in(self.rng, self.calls)
+    self.calls += 1
+    keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+    return jnp.where(keep, x / (1.0 - self.rate), 0.0)
+
+
+def _attention(p, q_in, k_in, v_in, mask, heads, drop: Callable = _no_dropout):
   b, lq, d = q_in.shape
   hd = d // heads
   split = lambda t: t.reshape(b, -1, heads, hd)
@@ -209,12 +233,16 @@ def _attention(p, q_in, k_in, v_in, mask, heads):
   v = split(common.dense(p["v"], v_in))
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
   logits = jnp.where(mask[None, None], logits, -jnp.inf)
-  out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v).reshape(b, lq, d)
+  weights = drop(jax.nn.softmax(logits, -1))     # (B, heads, L_q, L_k)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, lq, d)
   return common.dense(p["o"], out)
 
 
-def _forward(cfg: UniAD, params: dict, tokens: jax.Array) -> jax.Array:
-  """(B, L, C) input tokens -> (B, L, C) reconstruction."""
+def _forward(cfg: UniAD, params: dict, tokens: jax.Array,
+             drop: Callable = _no_dropout) -> jax.Array:
+  """(B, L, C) input tokens -> (B, L, C) reconstruction.
+
+  drop: applied at every dropout site, in UniAD's order (identity when scoring)."""
   h, w = params["row_embed"].shape[0], params["col_embed"].shape[0]
   half = params["row_embed"].shape[1]
   pos = jnp.concatenate([jnp.broadcast_to(params["col_embed"][None], (h, w, half)),
@@ -223,21 +251,20 @@ def _forward(cfg: UniAD, params: dict, tokens: jax.Array) -> jax.Array:
   mask = jnp.asarray(neighbour_mask(h, w, cfg.neighbour_size))
   heads = cfg.num_heads
   src = common.dense(params["in_proj"], tokens)
+  ffn = lambda p, x: common.dense(p["ff2"], drop(jax.nn.relu(common.dense(p["ff1"], x))))
   for p in params["encoder"]:
     q = src + pos
-    src = _layer_norm(p["n1"], src + _attention(p["attn"], q, q, src, mask, heads))
-    ff = common.dense(p["ff2"], jax.nn.relu(common.dense(p["ff1"], src)))
-    src = _layer_norm(p["n2"], src + ff)
+    src = _layer_norm(p["n1"], src + drop(_attention(p["attn"], q, q, src, mask, heads, drop)))
+    src = _layer_norm(p["n2"], src + drop(ffn(p, src)))
   memory = src
   out = memory
   for p in params["decoder"]:
     tgt = jnp.broadcast_to(p["queries"][None], memory.shape)
-    tgt = _layer_norm(p["n1"], tgt + _attention(p["memory_attn"], tgt + pos, memory + pos,
-                                                memory, mask, heads))
-    tgt = _layer_norm(p["n2"], tgt + _attention(p["previous_attn"], tgt + pos, out + pos, out,
-                                                mask, heads))
-    ff = common.dense(p["ff2"], jax.nn.relu(common.dense(p["ff1"], tgt)))
-    out = _layer_norm(p["n3"], tgt + ff)
+    tgt = _layer_norm(p["n1"], tgt + drop(_attention(p["memory_attn"], tgt + pos, memory + pos,
+                                                     memory, mask, heads, drop)))
+    tgt = _layer_norm(p["n2"], tgt + drop(_attention(p["previous_attn"], tgt + pos, out + pos,
+                                                     out, mask, heads, drop)))
+    out = _layer_norm(p["n3"], tgt + drop(ffn(p, tgt)))
   return common.dense(params["out_proj"], _layer_norm(params["decoder_norm"], out))
 
 
@@ -262,7 +289,9 @@ def _train(cfg: UniAD, x: jax.Array, params: dict, rng: jax.Array, steps: int):
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
 
   def loss_fn(params, batch, key):
-    rec = _forward(cfg, params, _jitter(cfg, key, batch))
+    k_jitter, k_drop = jax.random.split(key)
+    drop = _Dropout(k_drop, cfg.dropout) if cfg.dropout > 0 else _no_dropout
+    rec = _forward(cfg, params, _jitter(cfg, k_jitter, batch), drop)
     return jnp.mean((rec - batch) ** 2)
 
   def step(carry, i):
