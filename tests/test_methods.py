@@ -408,6 +408,26 @@ def test_uniad_transformer_matches_torch():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_uniad_feature_jitter_is_drawn_per_batch():
+  from adjax.methods.uniad import _jitter
+  gen = np.random.default_rng(0)
+  tokens = jnp.asarray(gen.standard_normal((4, 30, 64)) * gen.uniform(1, 5, (4, 30, 1)),
+                       jnp.float32)
+  method = get_method("uniad", jitter_scale=20.0, jitter_prob=0.5)
+  applied = []
+  for seed in range(40):
+    changed = np.asarray(jnp.any(_jitter(method, jax.random.key(seed), tokens) != tokens,
+                                 axis=(1, 2)))
+    assert changed.all() or not changed.any()      # the whole batch or none of it
+    applied.append(changed.all())
+  assert 10 < sum(applied) < 30
+  # Noise of scale |f| / C * jitter_scale, per token.
+  always = get_method("uniad", jitter_scale=20.0, jitter_prob=1.0)
+  noise = np.asarray(_jitter(always, jax.random.key(0), tokens) - tokens)
+  scale = np.linalg.norm(np.asarray(tokens), axis=-1, keepdims=True) / 64 * 20.0
+  assert abs((noise / scale).std() - 1.0) < 0.05
+
+
 def test_uniad_dropout_trains_only():
   from adjax.methods.uniad import _Dropout
   x = jnp.ones((200, 50))

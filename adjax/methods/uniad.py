@@ -12,7 +12,8 @@ identity and reconstructing anomalies too. 8 heads, FFN 2048 with ReLU, learned 
 position embeddings added to queries and keys. A linear layer maps back to the input channels.
 Linear layers start Xavier-uniform with zero biases, as UniAD's config initialises them. In
 training, feature jitter adds Gaussian noise of scale |f| / C * jitter_scale to the input
-tokens with probability jitter_prob per image; the loss is the MSE to the clean features.
+tokens of a whole batch with probability jitter_prob (one draw a batch, as UniAD); the loss is
+the MSE to the clean features.
 AdamW (lr 1e-4, weight decay 1e-4), lr x 0.1 after 80 % of the steps, global-norm clipping
 0.1, as UniAD's MVTec config.
 
@@ -26,8 +27,7 @@ classes must share grids and channels).
 
 Dropout (`dropout`, 0.1 as UniAD) in training, where UniAD's layers have it: on the attention
 weights of every attention, on each attention's output before its residual sum, after the FFN's
-ReLU, and on the FFN's output before its residual sum. UniAD draws the feature jitter once per
-batch; here each image draws its own (the same with jitter_prob 1, UniAD's MVTec setting).
+ReLU, and on the FFN's output before its residual sum.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def _jitter(cfg: UniAD, rng: jax.Array, tokens: jax.Array) -> jax.Array:
   k_noise, k_apply = jax.random.split(rng)
   norms = jnp.linalg.norm(tokens, axis=-1, keepdims=True) / tokens.shape[-1]
   noise = jax.random.normal(k_noise, tokens.shape) * norms * cfg.jitter_scale
-  apply = jax.random.uniform(k_apply, (tokens.shape[0], 1, 1)) <= cfg.jitter_prob
+  apply = jax.random.uniform(k_apply, ()) <= cfg.jitter_prob   # one draw a batch, as UniAD
   return tokens + jnp.where(apply, noise, 0.0)
 
 
