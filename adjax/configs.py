@@ -94,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.glass_texture_rounds = 4      # texture-augmented copies of each training image
   c.eval.glass_foreground = ""         # GLASS's foreground masks (<class>/<image name>): the
                                        # textures only on the object; "" = anywhere
+  c.eval.best_over_test = False        # CFLOW, GLASS: test every test_every epochs and report
+                                       # each metric's best, as the reference's scripts do
+                                       # (selection on the test set; to reproduce its tables)
   c.eval.batch_size = 16
   c.eval.tsne = True
   c.eval.method_settings = ml_collections.ConfigDict()   # e.g. {"patchcore": {"coreset_ratio": 0.1}}

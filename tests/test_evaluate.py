@@ -142,3 +142,37 @@ def test_glass_on_residual_features_runs_as_the_reference_runs_it():
       "noise_std"] == 0.01
   assert evaluate_lib.method_settings_for("patchcore", "pretrained", user) == {
       "coreset_ratio": 0.5}
+
+
+def test_best_over_test_checks_is_each_metrics_best(monkeypatch):
+  """eval.best_over_test: the reference's protocol for CFLOW and GLASS, each metric's best over
+  the test-set checks made every test_every epochs (recomputed here check by check)."""
+  from adjax import metrics as metrics_lib
+  from adjax.methods import get_method
+  rng = np.random.default_rng(0)
+  train = [rng.standard_normal((6, 4, 4, 8)).astype(np.float32) for _ in range(3)]
+  test = [rng.standard_normal((6, 4, 4, 8)).astype(np.float32) for _ in range(3)]
+  labels = np.array([0, 0, 0, 1, 1, 1], np.int32)
+  test[0][3:, 1:3, 1:3] += 2.0
+  masks = np.zeros((6, 16, 16), np.uint8)
+  masks[3:, 4:12, 4:12] = 1
+  settings = dict(coupling_blocks=2, cond_dim=8, epochs=6, fiber_batch=32, test_every=2)
+  best, scores, maps, state = evaluate_lib.score_method(
+      "cflow", settings, train, test, 16, 0, labels, masks, best_over_test=True)
+  method = get_method("cflow", **settings)
+  import jax
+  checks = []
+  for s in method.fit_in_rounds(train, jax.random.PRNGKey(0)):
+    sc, mp = method.score(s, test, 16)
+    row = {f"image_{k}": v for k, v in metrics_lib.image_metrics(labels, np.asarray(sc)).items()}
+    row.update({f"pixel_{k}": v for k, v in metrics_lib.pixel_metrics(masks, np.asarray(mp)
+                                                                      ).items()})
+    checks.append(row)
+  assert len(checks) == 3 and state["epochs"] == 6
+  for key, value in best.items():
+    assert value == pytest.approx(max(row[key] for row in checks), abs=1e-9), key
+  # The default is one evaluation after training: the last check.
+  last, *_ = evaluate_lib.score_method("cflow", settings, train, test, 16, 0, labels, masks)
+  for key, value in last.items():
+    assert value == pytest.approx(checks[-1][key], abs=1e-9), key
+    assert best[key] >= value

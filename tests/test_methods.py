@@ -272,6 +272,27 @@ def test_cflow_scores_keep_double_precision():
   np.testing.assert_allclose(scores[1:], 1.0 - np.exp([-20.0, -27.0]), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("name,settings,every,checks", [
+    ("cflow", dict(coupling_blocks=2, cond_dim=8, epochs=5, fiber_batch=512), 2, [2, 4, 5]),
+    ("glass", dict(embed_dim=12, target_dim=12, hidden=16, epochs=4, batch_size=8,
+                   ascent_steps=2), 2, [2, 4]),
+])
+def test_training_in_rounds_is_training_at_once(data, name, settings, every, checks):
+  """The states yielded on the way (for the reference's test-every-epoch protocol) continue
+  one another: the last equals one uninterrupted fit."""
+  train = data[0]
+  method = get_method(name, **settings)
+  rounds = list(method.fit_in_rounds(train, jax.random.key(3), every=every))
+  assert [r["epochs"] for r in rounds] == checks
+  whole = method.fit(train, jax.random.key(3))
+  for got, want in zip(jax.tree.leaves(rounds[-1]["params"]), jax.tree.leaves(whole["params"])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  first = jax.tree.leaves(rounds[0]["params"])[0]
+  assert not np.allclose(np.asarray(first), np.asarray(jax.tree.leaves(whole["params"])[0]))
+  with pytest.raises(ValueError, match="every must be >= 1"):
+    next(method.fit_in_rounds(train, jax.random.key(3), every=0))
+
+
 def test_uniad_trains_on_several_classes_and_ranks_defects(data):
   train, test, labels, masks = data
   method = get_method("uniad", hidden_dim=16, ffn_dim=32, num_heads=2, encoder_layers=1,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,8 @@ class CFlow:
     warmup_ratio: share of the steps with linear warm-up from lr / 10.
     final_lr_ratio: the cosine decays to lr * this.
     fiber_batch: tokens per step and level (the reference's N = 4096).
+    test_every: epochs between the states `fit_in_rounds` yields by default (the reference
+      tests after every meta-epoch of 8 sub-epochs).
     score_block: tokens per block when scoring.
     sigma: Gaussian smoothing of the final map (the reference does none).
   """
@@ -64,6 +66,7 @@ class CFlow:
   warmup_ratio: float = 2.0 / 25.0
   final_lr_ratio: float = 1e-3
   fiber_batch: int = 4096
+  test_every: int = 8
   score_block: int = 8192
   sigma: float = 0.0
 
@@ -85,23 +88,43 @@ class CFlow:
     return {"params": params, "perms": perms}
 
   def fit(self, train_levels: Any, rng: jax.Array) -> dict:
-    """Trains one flow per level.
+    """Trains one flow per level (see `fit_in_rounds` for the arguments)."""
+    state = None
+    for state in self.fit_in_rounds(train_levels, rng, every=self.epochs):
+      pass
+    return state
+
+  def fit_in_rounds(self, train_levels: Any, rng: jax.Array, *,
+                    every: int | None = None) -> Iterator[dict]:
+    """Trains one flow per level, yielding the state every `every` epochs (default
+    `test_every`) and after the last; the last is `fit`'s result, whatever `every`.
 
     Args:
       train_levels: list of (N, h_k, w_k, C_k) normal training features.
       rng: PRNG key.
+      every: epochs (passes over the tokens) between yields.
 
-    Returns:
-      {"params", "perms", "loss"}: the trained flows and the loss of the last step.
+    Yields:
+      {"params", "perms", "loss" (last step), "epochs" (done so far)}.
     """
+    every = self.test_every if every is None else int(every)
+    if every < 1:
+      raise ValueError(f"cflow: every must be >= 1 epoch, got {every}")
     levels = common.last_levels(common.check_levels(train_levels, "train_levels"),
                                 self.num_levels)
     k_init, k_train = jax.random.split(rng)
     state = self.init(k_init, [x.shape[-1] for x in levels])
     n_tok = levels[0].shape[0] * levels[0].shape[1] * levels[0].shape[2]
-    params, loss = _train(self, tuple(levels), state["params"], state["perms"], k_train,
-                          self.num_steps(n_tok))
-    return {"params": params, "perms": state["perms"], "loss": loss}
+    total = self.num_steps(n_tok)
+    per_epoch = max(1, math.ceil(n_tok / self.fiber_batch))
+    params = state["params"]
+    carry = (params, _optimizer(self, total).init(params))
+    for start in range(0, total, every * per_epoch):
+      count = min(every * per_epoch, total - start)
+      carry, loss = _train(self, tuple(levels), carry, state["perms"], k_train, start, count,
+                           total)
+      yield {"params": carry[0], "perms": state["perms"], "loss": loss,
+             "epochs": min(self.epochs, (start + count) // per_epoch)}
 
   def log_likelihood(self, state: dict, levels: Any) -> list[jax.Array]:
     """log p / C of every token: list of (M, h_k, w_k) for the method's levels."""
@@ -183,13 +206,21 @@ def _tokens_and_positions(cfg: CFlow, x: jax.Array):
   return x.reshape(n * h * w, c), pos
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _train(cfg: CFlow, levels: tuple, params: list, perms: list, rng: jax.Array, steps: int):
+def _optimizer(cfg: CFlow, steps: int) -> optax.GradientTransformation:
+  """Adam with linear warm-up from lr / 10 and cosine decay over all `steps`."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=cfg.lr / 10.0, peak_value=cfg.lr,
       warmup_steps=max(1, int(round(cfg.warmup_ratio * steps))),
       decay_steps=max(2, steps), end_value=cfg.lr * cfg.final_lr_ratio)
-  opt = optax.adam(schedule)
+  return optax.adam(schedule)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _train(cfg: CFlow, levels: tuple, carry: tuple, perms: list, rng: jax.Array, start,
+           count: int, steps: int):
+  """Steps start .. start + count - 1 of `steps` from carry = (params, optimiser state); each
+  step's draw depends on its index only, so any split into calls gives the same flows."""
+  opt = _optimizer(cfg, steps)
   data = [_tokens_and_positions(cfg, x) for x in levels]
   hw = [x.shape[1] * x.shape[2] for x in levels]
 
@@ -208,8 +239,8 @@ def _train(cfg: CFlow, levels: tuple, params: list, perms: list, rng: jax.Array,
     updates, opt_state = opt.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
-  (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(steps))
-  return params, losses[-1]
+  carry, losses = jax.lax.scan(step, carry, start + jnp.arange(count))
+  return carry, losses[-1]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

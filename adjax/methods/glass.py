@@ -71,7 +71,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +112,8 @@ class Glass:
     epochs, batch_size: passes over the training images, images per step.
     limit: an epoch ends after the first step at which more than `limit` images have been
       seen (None: no cap).
+    test_every: epochs between the states `fit_in_rounds` yields by default (the reference
+      tests after every epoch).
     score_batch: images per block when scoring.
     sigma: Gaussian smoothing of the map, pixels.
   """
@@ -137,6 +139,7 @@ class Glass:
   epochs: int = 640
   batch_size: int = 8
   limit: int | None = 392
+  test_every: int = 1
   score_batch: int = 32
   sigma: float = 4.0
 
@@ -166,7 +169,19 @@ class Glass:
 
   def fit(self, train_levels: Any, rng: jax.Array, *, synthetic_levels: Any = None,
           synthetic_masks: Any = None) -> dict:
-    """Trains the projection and the discriminator.
+    """Trains the projection and the discriminator (see `fit_in_rounds` for the arguments)."""
+    state = None
+    for state in self.fit_in_rounds(train_levels, rng, every=self.epochs,
+                                    synthetic_levels=synthetic_levels,
+                                    synthetic_masks=synthetic_masks):
+      pass
+    return state
+
+  def fit_in_rounds(self, train_levels: Any, rng: jax.Array, *, every: int | None = None,
+                    synthetic_levels: Any = None, synthetic_masks: Any = None
+                    ) -> Iterator[dict]:
+    """Trains the projection and the discriminator, yielding the state every `every` epochs
+    (default `test_every`) and after the last; the last is `fit`'s result, whatever `every`.
 
     Args:
       train_levels: list of (N, h_k, w_k, C_k) normal training features (one class, or
@@ -176,9 +191,12 @@ class Glass:
         (N_s, h_k, w_k, C_k).
       synthetic_masks: (N_s, h, w) token masks of those images (required with them).
 
-    Returns:
-      {"params", "stats", "loss" (last step)}.
+    Yields:
+      {"params", "stats", "loss" (last step), "epochs" (done so far)}.
     """
+    every = self.test_every if every is None else int(every)
+    if every < 1:
+      raise ValueError(f"glass: every must be >= 1 epoch, got {every}")
     x = self.embed(train_levels, "train_levels")
     if (synthetic_levels is None) != (synthetic_masks is None):
       raise ValueError("glass: pass synthetic_levels and synthetic_masks together")
@@ -193,9 +211,12 @@ class Glass:
       syn = masks = None
     k_init, k_train = jax.random.split(rng)
     state = self.init(k_init)
-    params, stats, loss = _train(self, x, syn, masks, state["params"], state["stats"],
-                                 k_train)
-    return {"params": params, "stats": stats, "loss": loss}
+    carry = (state["params"], _optimizer(self, state["params"]).init(state["params"]),
+             state["stats"])
+    for start in range(0, self.epochs, every):
+      count = min(every, self.epochs - start)
+      carry, loss = _train(self, x, syn, masks, carry, k_train, start, count)
+      yield {"params": carry[0], "stats": carry[2], "loss": loss, "epochs": start + count}
 
   def score(self, state: dict, test_levels: Any, image_size: Any):
     """Scores test images.
@@ -432,12 +453,14 @@ def _optimizer(cfg: Glass, params: dict) -> optax.GradientTransformation:
   return optax.multi_transform(tx, labels)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _train(cfg: Glass, x, syn, syn_masks, params, stats, rng):
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _train(cfg: Glass, x, syn, syn_masks, carry, rng, start, count: int):
+  """Epochs start .. start + count - 1 from carry = (params, optimiser state, statistics);
+  each epoch's draws depend on its index only, so any split into calls gives the same state."""
   n = x.shape[0]
   bs = min(cfg.batch_size, n)
   per_epoch = cfg.epoch_steps(n)
-  opt = _optimizer(cfg, params)
+  opt = _optimizer(cfg, carry[0])
   k_perm, k_step = jax.random.split(rng)
 
   def epoch(carry, e):
@@ -465,9 +488,8 @@ def _train(cfg: Glass, x, syn, syn_masks, params, stats, rng):
     carry, losses = jax.lax.scan(step, (p, opt_state, stats), jnp.arange(per_epoch))
     return carry, losses[-1]
 
-  (params, _, stats), losses = jax.lax.scan(epoch, (params, opt.init(params), stats),
-                                            jnp.arange(cfg.epochs))
-  return params, stats, losses[-1]
+  carry, losses = jax.lax.scan(epoch, carry, start + jnp.arange(count))
+  return carry, losses[-1]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
