@@ -488,6 +488,18 @@ def test_reference_groups_keep_datasets_apart(dataset, tmp_path):
 
 
 # --------------------------------------------------------------------- evaluation
+def _eval_config(dataset, methods, features, tsne=False):
+  """tiny_config evaluating `methods` on `features` of the embedded set's held-out class."""
+  config = tiny_config(dataset)
+  config.eval.format = "mvtec"
+  config.eval.root = os.path.join(os.path.dirname(dataset), "eval")
+  config.eval.methods = methods
+  config.eval.features = features
+  config.eval.shots = 2
+  config.eval.tsne = tsne
+  return config
+
+
 def test_evaluate_compares_feature_kinds(dataset, uninterrupted, tmp_path, monkeypatch):
   from adjax.evaluate import FeatureMaker, evaluate
   workdir, _ = uninterrupted
@@ -497,12 +509,8 @@ def test_evaluate_compares_feature_kinds(dataset, uninterrupted, tmp_path, monke
   monkeypatch.setattr(FeatureMaker, "backbone_levels",
                       lambda self, images: backbone_calls.append(len(images))
                       or original(self, images))
-  config = tiny_config(dataset)
-  config.eval.format = "mvtec"
-  config.eval.root = os.path.join(os.path.dirname(dataset), "eval")
-  config.eval.methods = ("featurenorm", "patchcore", "uniad")
-  config.eval.features = ("original", "residual", "pretrained")
-  config.eval.shots = 2
+  config = _eval_config(dataset, ("featurenorm", "patchcore", "uniad"),
+                        ("original", "residual", "pretrained"), tsne=True)
   config.eval.method_settings = {"uniad": {"epochs": 2, "hidden_dim": 32, "ffn_dim": 64,
                                            "neighbour_size": 3,   # the grid is 4 x 4
                                            "encoder_layers": 1, "decoder_layers": 1,
@@ -537,13 +545,7 @@ def test_featurenorm_with_the_references_own_aligned_tables(dataset, tmp_path):
   # (aligned/references/<dataset>/<class>.json, paths of the authors' machine).
   from adjax.evaluate import evaluate
   from data_pipelines.records import read_dataset
-  config = tiny_config(dataset)
-  config.eval.format = "mvtec"
-  config.eval.root = os.path.join(os.path.dirname(dataset), "eval")
-  config.eval.methods = ("featurenorm",)
-  config.eval.features = ("original", "residual")
-  config.eval.shots = 2
-  config.eval.tsne = False
+  config = _eval_config(dataset, ("featurenorm",), ("original", "residual"))
   plain = evaluate(config, None, str(tmp_path / "plain"), progress=False)
   records = read_dataset("mvtec", config.eval.root)
   (class_name,) = plain["classes"]
@@ -581,13 +583,7 @@ def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch):
       (self, train, kw)) or fit(self, train, rng, **kw))
   monkeypatch.setattr(FeatureMaker, "backbone_levels", lambda self, images: backbone_calls.append(
       len(images)) or levels_of(self, images))
-  config = tiny_config(dataset)
-  config.eval.format = "mvtec"
-  config.eval.root = os.path.join(os.path.dirname(dataset), "eval")
-  config.eval.methods = ("glass",)
-  config.eval.features = ("original", "residual")
-  config.eval.shots = 2
-  config.eval.tsne = False
+  config = _eval_config(dataset, ("glass",), ("original", "residual"))
   config.eval.glass_textures = str(tmp_path / "dtd")
   config.eval.glass_texture_rounds = 2
   config.eval.method_settings = {"glass": {"embed_dim": 16, "target_dim": 16, "hidden": 16,
