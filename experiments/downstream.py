@@ -9,6 +9,9 @@ paper's five (default dinov2-base; it must be the pretraining run's), `checkpoin
 
 Every method runs on both feature kinds ("original": the backbone's; "pretrained":
 projector(residual(features))) with 8 reference shots per class, so one run compares them.
+To reproduce the paper's CFLOW and GLASS tables, which report each metric's best over test-set
+checks during training, add `--config.eval.best_over_test=true`; for GLASS's texture anomalies
+as the reference makes them, `--config.eval.glass_textures=/data/dtd/images`.
 
 On a pretraining run (or on a released checkpoint imported with `adjax import`):
 
