@@ -232,16 +232,21 @@ def glass_texture_features(config: ml_collections.ConfigDict, maker: FeatureMake
   ev = config.eval
   grid = get_method("glass", **method_settings_for("glass", "original", method_settings)
                     ).token_grid(train_levels)
+  resize = int(ev.get("resize", 0)) or None
   foregrounds = None
   if ev.get("glass_foreground", ""):
-    resize = int(ev.get("resize", 0)) or None
-    foregrounds = [texture_anomalies.read_foreground(ev.glass_foreground, class_name, path,
-                                                     config.image_size, resize)
-                   for path in data["train_paths"]]
+    # GLASS's masks are for the class's normal training images; an anomalous image mixed
+    # into training (eval.noisy_share) has none, and a class without a folder has none.
+    foregrounds = [None if noisy else texture_anomalies.read_foreground(
+        ev.glass_foreground, class_name, path, config.image_size, resize)
+        for path, noisy in zip(data["train_paths"], data["train_noisy"])]
+    if all(f is None for f in foregrounds):
+      log.info("class %r: no foreground masks under %s; texture anomalies go anywhere",
+               class_name, ev.glass_foreground)
   rng = np.random.default_rng([int(config.seed), zlib.crc32(class_name.encode())])
   images, masks = texture_anomalies.synthesize(
       data["train_images"], textures, grid, rng,
-      rounds=int(ev.get("glass_texture_rounds", 4)), foregrounds=foregrounds)
+      rounds=int(ev.get("glass_texture_rounds", 4)), foregrounds=foregrounds, resize=resize)
   levels = maker.backbone_levels(images)
   return maker.features_of(kinds, levels, refs, projector), masks
 
@@ -354,6 +359,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   if ev.get("glass_textures", "") and "glass" in methods:
     from data_pipelines.texture_anomalies import list_textures
     textures = list_textures(ev.glass_textures)
+    if ev.get("glass_foreground", "") and not os.path.isdir(ev.glass_foreground):
+      raise FileNotFoundError(f"eval.glass_foreground {ev.glass_foreground!r} is not a folder; "
+                              "expected GLASS's foreground masks, <class>/<image name>")
+  elif ev.get("glass_foreground", "") and "glass" in methods:
+    log.warning("eval.glass_foreground is set but eval.glass_textures is not: foreground "
+                "masks only apply to image-space texture anomalies; ignored")
   if backbone is None:
     backbone, backbone_params = build_backbone(config, workdir)
   projector = {}

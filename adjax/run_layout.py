@@ -273,6 +273,9 @@ RESUMABLE_CHANGES = ("backbone.weights", "backbone.cache_dir", "data.pretrain_ro
                      "train.keep_checkpoints", "train.eval_every_epochs",
                      "train.max_similarities", "loss.angle_block_size")
 RESUMABLE_SECTIONS = ("eval.", "demo.")
+# Of those paths, lists of datasets (comma-separated): a path may move, but a dataset added or
+# dropped would make another pretraining set.
+PATH_LISTS = ("data.pretrain_root", "data.pretrain_tfds_dir")
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -304,6 +307,10 @@ def config_changes(workdir: str, config: Any) -> list[str]:
   old = _flat_settings(read_json(config_path(workdir)))
   changes = []
   for key in sorted(set(old) | set(new)):
+    if key in PATH_LISTS and key in old and _entries(old[key]) != _entries(new.get(key)):
+      changes.append(f"{key} ({_entries(old[key])} datasets there, {_entries(new.get(key))} "
+                     "here: a dataset added or dropped makes another pretraining set)")
+      continue
     if key.startswith(RESUMABLE_SECTIONS) or key in RESUMABLE_CHANGES:
       continue
     if key not in old:  # a setting added by a later adjax, with the run's behaviour as default
@@ -311,6 +318,11 @@ def config_changes(workdir: str, config: Any) -> list[str]:
     if old.get(key) != new.get(key):
       changes.append(f"{key} ({old.get(key)!r} there, {new.get(key)!r} here)")
   return changes
+
+
+def _entries(value: Any) -> int:
+  """How many comma-separated entries a path-list setting names."""
+  return len([part for part in str(value or "").split(",") if part.strip()])
 
 
 def load_config(workdir: str):

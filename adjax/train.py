@@ -9,6 +9,7 @@ with the same parameters as an uninterrupted one. SIGTERM (preemption) saves and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -77,14 +78,17 @@ def pretrain_records(config: ml_collections.ConfigDict) -> list:
   Several datasets merge into one index: comma-separated `data.pretrain_root` folders (with
   one `data.pretrain_format`, or one per folder) or `data.pretrain_tfds_dir` packs. Reference
   images are drawn within (dataset, class, view), so datasets that share a class name stay
-  apart; with several datasets, `data.pretrain_classes` may name a class as "dataset/class".
+  apart; two folders or packs of one format are told apart as "<format>#<position>" (1-based,
+  in the list). `data.pretrain_classes` may name a class as "dataset/class".
   """
   from data_pipelines import records as records_lib
   classes = split_classes(config.data.pretrain_classes)
+  qualified = bool(classes) and any("/" in c for c in classes)
   if config.data.get("pretrain_tfds_dir"):
     from data_pipelines.tfds_builders import packed_records
     packs = split_classes(config.data.pretrain_tfds_dir)
-    records = sorted(r for pack in packs for r in packed_records(pack))
+    per_source = [packed_records(pack) for pack in packs]
+    records = _merge_sources([r[0].dataset if r else "" for r in per_source], per_source)
     if classes:
       # As the folder readers do: a requested class that is not there is an error, not a
       # silently smaller pretraining set.
@@ -101,15 +105,28 @@ def pretrain_records(config: ml_collections.ConfigDict) -> list:
       raise UserError(f"config.data.pretrain_format names {len(formats)} formats for "
                       f"{len(roots)} folders in config.data.pretrain_root: give one format, "
                       "or one per folder (comma-separated, in the same order)")
-    if len(roots) == 1:
+    if len(roots) == 1 and not qualified:
       records = records_lib.read_dataset(formats[0], roots[0], classes)
     else:
-      records = records_lib.build_index(list(zip(formats, roots)))
+      records = _merge_sources(formats, [records_lib.read_dataset(fmt, root)
+                                         for fmt, root in zip(formats, roots)])
       if classes:
         records = _only_classes(records, classes, config.data.pretrain_root)
   if not records:
     raise ValueError(f"no pretraining images found in {config.data.pretrain_root!r}")
   return records
+
+
+def _merge_sources(formats: list[str], per_source: list[list]) -> list:
+  """One sorted index of several sources; a format that comes more than once gets its
+  position in the list ("mvtec#2"), so that its folders stay different datasets."""
+  repeated = {f for f in formats if formats.count(f) > 1}
+  merged = []
+  for position, (fmt, records) in enumerate(zip(formats, per_source), start=1):
+    if fmt in repeated:
+      records = [dataclasses.replace(r, dataset=f"{fmt}#{position}") for r in records]
+    merged.extend(records)
+  return sorted(merged)
 
 
 def _only_classes(records: list, classes: list[str], where: str) -> list:

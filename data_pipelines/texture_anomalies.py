@@ -18,7 +18,7 @@ class before the method's training, then featurised like any other image.
 
 from __future__ import annotations
 
-import colorsys
+import logging
 import math
 import os
 from typing import Optional, Sequence
@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from data_pipelines.images import decode_image, decode_mask, resize_center_crop
+
+log = logging.getLogger("adjax.data")
 
 TEXTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 BETA_MEAN, BETA_STD, BETA_RANGE = 0.5, 0.1, (0.2, 0.8)
@@ -123,7 +125,7 @@ def anomaly_mask(size: int, grid: tuple[int, int], rng: np.random.Generator,
     if tokens.max() > 0:
       return mask, tokens
   raise ValueError(f"no texture mask with a set token in {MAX_MASK_DRAWS} draws: the "
-                   "foreground mask is empty or smaller than one token")
+                   "foreground mask is empty or almost so")
 
 
 def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
@@ -149,27 +151,49 @@ def _texture_changes(rng: np.random.Generator) -> list:
   ]
 
 
-def prepare_texture(path: str, size: int, rng: np.random.Generator) -> np.ndarray:
-  """A texture file as an (S, S, 3) uint8 patch: short side resized to S, three random
-  changes, centre crop."""
+def prepare_texture(path: str, size: int, rng: np.random.Generator,
+                    resize: Optional[int] = None) -> np.ndarray:
+  """A texture file as an (S, S, 3) uint8 patch: short side resized to `resize` (default S,
+  as the images), three random changes, centre crop to S.
+
+  A photograph more than twice as long as it is wide is first cut to a centred 2:1 strip: a
+  centre crop after a rotation of at most 45 degrees sees no further, and a panorama would
+  otherwise be resized whole."""
+  resize = size if resize is None else int(resize)
   with open(path, "rb") as f:
     data = f.read()
   rgb = decode_image(data, path)
   height, width = rgb.shape[:2]
-  scale = size / min(height, width)
+  short = min(height, width)
+  if max(height, width) > 2 * short:
+    top, left = (height - min(height, 2 * short)) // 2, (width - min(width, 2 * short)) // 2
+    rgb = rgb[top:top + min(height, 2 * short), left:left + min(width, 2 * short)]
+    height, width = rgb.shape[:2]
+  scale = resize / short
   image = Image.fromarray(rgb).resize(
-      (max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
+      (max(resize, round(width * scale)), max(resize, round(height * scale))), Image.BILINEAR)
   changes = _texture_changes(rng)
   for index in rng.choice(len(changes), 3, replace=False):
     image = changes[int(index)](image)
-  return resize_center_crop(np.asarray(image.convert("RGB")), size, resize=size)
+  rgb = np.asarray(image.convert("RGB"))
+  top = int(round((rgb.shape[0] - size) / 2.0))    # as torchvision's CenterCrop
+  left = int(round((rgb.shape[1] - size) / 2.0))
+  return np.ascontiguousarray(rgb[top:top + size, left:left + size])
 
 
 def read_foreground(root: str, class_name: str, image_path: str, size: int,
-                    resize: Optional[int] = None) -> np.ndarray:
+                    resize: Optional[int] = None) -> Optional[np.ndarray]:
   """GLASS's foreground mask of a training image, `<root>/<class>/<image file name>`, resized
-  and cropped as the image: (S, S) bool, True on the object."""
-  path = os.path.join(root, class_name, os.path.basename(image_path))
+  and cropped as the image: (S, S) bool, True on the object; None when the class has no
+  mask folder (GLASS has none for texture classes: the defect may go anywhere).
+
+  Raises:
+    FileNotFoundError: the class has a mask folder but no mask for this image.
+  """
+  folder = os.path.join(root, class_name)
+  if not os.path.isdir(folder):
+    return None
+  path = os.path.join(folder, os.path.basename(image_path))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"foreground mask {path!r} (eval.glass_foreground) is missing: "
                             f"expected one mask per training image of class {class_name!r}, "
@@ -184,8 +208,8 @@ def read_foreground(root: str, class_name: str, image_path: str, size: int,
 
 def synthesize(images: np.ndarray, texture_paths: Sequence[str], grid: tuple[int, int],
                rng: np.random.Generator, *, rounds: int = 1,
-               foregrounds: Optional[Sequence[np.ndarray]] = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               foregrounds: Optional[Sequence[Optional[np.ndarray]]] = None,
+               resize: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
   """Texture-augmented copies of normal images.
 
   Args:
@@ -194,7 +218,9 @@ def synthesize(images: np.ndarray, texture_paths: Sequence[str], grid: tuple[int
     grid: the token grid (h, w) of the masks returned.
     rng: numpy Generator.
     rounds: augmented copies of each image (each with its own texture, mask and beta).
-    foregrounds: optional per-image (S, S) bool foreground masks.
+    foregrounds: optional per-image (S, S) bool foreground masks (None for an image: no
+      restriction; an empty mask counts as none, with a warning).
+    resize: the short side textures are resized to before the crop (default S), as the images.
 
   Returns:
     ((rounds * N, S, S, 3) uint8 images, image i of round r at r * N + i;
@@ -205,11 +231,19 @@ def synthesize(images: np.ndarray, texture_paths: Sequence[str], grid: tuple[int
   if not texture_paths:
     raise ValueError("no texture files to synthesize anomalies from")
   size = images.shape[1]
+  if foregrounds is not None:
+    foregrounds = list(foregrounds)
+    for i, foreground in enumerate(foregrounds):
+      if foreground is not None and token_max_pool(foreground.astype(np.float32), grid).max() == 0:
+        log.warning("training image %d: its foreground mask is empty; its texture anomalies go "
+                    "anywhere", i)
+        foregrounds[i] = None
   out_images = np.empty((rounds * len(images),) + images.shape[1:], np.uint8)
   out_masks = np.empty((rounds * len(images),) + tuple(grid), np.float32)
   for r in range(rounds):
     for i, image in enumerate(images):
-      texture = prepare_texture(texture_paths[int(rng.integers(len(texture_paths)))], size, rng)
+      texture = prepare_texture(texture_paths[int(rng.integers(len(texture_paths)))], size, rng,
+                                resize)
       mask, tokens = anomaly_mask(size, grid, rng,
                                   None if foregrounds is None else foregrounds[i])
       beta = float(np.clip(rng.normal(BETA_MEAN, BETA_STD), *BETA_RANGE))

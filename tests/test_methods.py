@@ -295,6 +295,8 @@ def test_training_in_rounds_is_training_at_once(data, name, settings, every, che
   assert not np.allclose(np.asarray(first), np.asarray(jax.tree.leaves(whole["params"])[0]))
   with pytest.raises(ValueError, match="every must be >= 1"):
     next(method.fit_in_rounds(train, jax.random.key(3), every=0))
+  with pytest.raises(ValueError, match=f"{name}: epochs must be >= 1, got 0"):
+    get_method(name, **dict(settings, epochs=0)).fit(train, jax.random.key(3))
 
 
 def test_uniad_trains_on_several_classes_and_ranks_defects(data):
@@ -479,6 +481,9 @@ def test_uniad_dropout_trains_only(monkeypatch):
   calls.clear()
   uniad_lib._reconstruct.lower(get_method("uniad", **settings), params, tokens)
   assert not calls
+  for rate in (1.0, -0.1):
+    with pytest.raises(ValueError, match=r"uniad: dropout must be in \[0, 1\)"):
+      get_method("uniad", dropout=rate, **settings).init(jax.random.key(0), 4, 4, 6)
 
 
 def test_glass_trains_and_ranks_defects(data):

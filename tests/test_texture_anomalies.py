@@ -70,7 +70,7 @@ def test_synthesize_blends_a_texture_under_the_mask(monkeypatch):
   rng = np.random.default_rng(2)
   images = rng.integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
   texture = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
-  monkeypatch.setattr(ta, "prepare_texture", lambda path, size, rng: texture)
+  monkeypatch.setattr(ta, "prepare_texture", lambda path, size, rng, resize=None: texture)
   out, tokens = ta.synthesize(images, ["t.jpg"], (2, 2), np.random.default_rng(3), rounds=2)
   assert out.shape == (6, 28, 28, 3) and out.dtype == np.uint8 and tokens.shape == (6, 2, 2)
   betas = []
@@ -126,3 +126,51 @@ def test_foreground_masks_are_read_per_image(tmp_path):
   assert fg[20, 20] and not fg[2, 2] and 0.2 < fg.mean() < 0.35
   with pytest.raises(FileNotFoundError, match="'bottle'"):
     ta.read_foreground(str(tmp_path), "bottle", "/data/x/001.png", 40)
+  # A class without a mask folder (GLASS has none for textures): no restriction.
+  assert ta.read_foreground(str(tmp_path), "carpet", "/data/x/000.png", 40) is None
+  # Resized as the image when eval.resize differs from the crop: 80 -> 50, crop 40.
+  zoomed = ta.read_foreground(str(tmp_path), "bottle", "/x/000.png", 40, resize=50)
+  assert zoomed.shape == (40, 40) and zoomed.mean() > fg.mean()
+
+
+def test_an_empty_foreground_lets_the_defect_go_anywhere(monkeypatch, caplog):
+  import logging
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 28, 28, 3), dtype=np.uint8)
+  monkeypatch.setattr(ta, "prepare_texture", lambda path, size, rng, resize=None:
+                      np.zeros((28, 28, 3), np.uint8))
+  right_half = np.zeros((28, 28), bool)
+  right_half[:, 14:] = True
+  with caplog.at_level(logging.WARNING, logger="adjax.data"):
+    out, tokens = ta.synthesize(images, ["t.jpg"], (2, 2), rng, rounds=3,
+                                foregrounds=[right_half, np.zeros((28, 28), bool)])
+  assert "training image 1: its foreground mask is empty" in caplog.text
+  assert not tokens[0::2, :, 0].any()                 # image 0: right half only
+  assert tokens[1::2].sum() > 0                        # image 1: anywhere
+
+
+def test_texture_scale_follows_the_images_resize(tmp_path):
+  # A texture of 8-pixel stripes: resized to 64 then cropped to 32, the stripes are 64/80 of
+  # their width at resize 32 (80 -> 32 is 0.4; 80 -> 64 is 0.8).
+  stripes = np.repeat((np.arange(80) // 8 % 2 * 255).astype(np.uint8), 1)[None, :, None]
+  photo = np.broadcast_to(stripes, (80, 80, 3)).copy()
+  Image.fromarray(photo).save(tmp_path / "stripes.png")
+  widths = {}
+  for resize in (None, 64):
+    for seed in range(40):   # a draw without rotation or transposition keeps the stripes
+      gen = np.random.default_rng(seed)
+      patch = ta.prepare_texture(str(tmp_path / "stripes.png"), 32, gen, resize)
+      row = patch[16, :, :].astype(int).mean(-1)
+      if np.ptp(patch[:, 16].astype(int)) == 0 and np.ptp(row) > 100:
+        edges = np.flatnonzero(np.diff(row > row.mean()))
+        widths[resize] = np.median(np.diff(edges))
+        break
+  assert widths[None] == pytest.approx(8 * 32 / 80, abs=0.6)
+  assert widths[64] == pytest.approx(8 * 64 / 80, abs=0.6)
+
+
+def test_a_panorama_texture_is_cut_before_resizing(tmp_path):
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (10, 4000, 3), dtype=np.uint8)
+                  ).save(tmp_path / "wide.png")
+  patch = ta.prepare_texture(str(tmp_path / "wide.png"), 24, np.random.default_rng(0))
+  assert patch.shape == (24, 24, 3)

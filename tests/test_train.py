@@ -310,6 +310,11 @@ def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted
     _check_run_settings(config, workdir)
   config.train.checkpoint_every = 2
   assert _check_run_settings(config, workdir) is False
+  # A path may move, but adding a dataset to the pretraining set makes another run.
+  config.data.pretrain_root = f"/elsewhere/data,{dataset}"
+  with pytest.raises(UserError, match=r"data.pretrain_root \(1 datasets there, 2 here"):
+    _check_run_settings(config, workdir)
+  config.data.pretrain_root = dataset
   # The demo's own switches (adjax demo --config.demo.fresh=False resumes) may change too.
   demo_run = str(tmp_path / "demo")
   run_layout.save_config(demo_run, {"demo": {"fresh": True}, "optim": {"lr": 1e-4}})
@@ -425,6 +430,14 @@ def test_pretraining_on_merged_datasets(dataset, tmp_path):
   config.data.pretrain_classes = "mvtec/nothing"
   with pytest.raises(UserError, match=r"names \['mvtec/nothing'\]"):
     pretrain_records(config)
+  # "dataset/class" with one folder too.
+  single = _with_format(eval_root, "mvtec")
+  single.data.pretrain_classes = f"mvtec/{mvtec_class}"
+  assert {r.class_key for r in pretrain_records(single)} == {f"mvtec/{mvtec_class}"}
+  # Two folders of one format are two datasets, told apart by their place in the list.
+  twice = _with_format(f"{eval_root},{eval_root}", "mvtec")
+  keys = {r.class_key for r in pretrain_records(twice)}
+  assert keys == {f"mvtec#1/{mvtec_class}", f"mvtec#2/{mvtec_class}"}
   config.data.pretrain_classes = ""
   config.data.pretrain_format = "realiad,mvtec,visa"
   with pytest.raises(UserError, match="3 formats for 2 folders"):

@@ -194,6 +194,8 @@ class Glass:
     Yields:
       {"params", "stats", "loss" (last step), "epochs" (done so far)}.
     """
+    if self.epochs < 1:
+      raise ValueError(f"glass: epochs must be >= 1, got {self.epochs}")
     every = self.test_every if every is None else int(every)
     if every < 1:
       raise ValueError(f"glass: every must be >= 1 epoch, got {every}")

@@ -96,6 +96,8 @@ class UniAD:
 
   def init(self, rng: jax.Array, h: int, w: int, c: int) -> dict:
     """Initial parameters for an h x w grid of c-channel tokens."""
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"uniad: dropout must be in [0, 1), got {self.dropout}")
     if self.hidden_dim % self.num_heads or self.hidden_dim % 2:
       raise ValueError(f"uniad: hidden_dim {self.hidden_dim} must be even and divisible by "
                        f"num_heads {self.num_heads}")
