@@ -224,14 +224,15 @@ def glass_texture_features(config: ml_collections.ConfigDict, maker: FeatureMake
   references, the projector).
 
   Returns:
-    ({kind key: levels}, (N_s, h, w) token masks on GLASS's grid).
+    ({kind key: GLASS's levels (the last num_levels)}, (N_s, h, w) token masks on its grid).
   """
   import zlib
   from adjax.methods import get_method
   from data_pipelines import texture_anomalies
+  from adjax.methods.common import last_levels
   ev = config.eval
-  grid = get_method("glass", **method_settings_for("glass", "original", method_settings)
-                    ).token_grid(train_levels)
+  glass = get_method("glass", **method_settings_for("glass", "original", method_settings))
+  grid = glass.token_grid(train_levels)
   resize = int(ev.get("resize", 0)) or None
   foregrounds = None
   if ev.get("glass_foreground", ""):
@@ -247,8 +248,18 @@ def glass_texture_features(config: ml_collections.ConfigDict, maker: FeatureMake
   images, masks = texture_anomalies.synthesize(
       data["train_images"], textures, grid, rng,
       rounds=int(ev.get("glass_texture_rounds", 4)), foregrounds=foregrounds, resize=resize)
-  levels = maker.backbone_levels(images)
-  return maker.features_of(kinds, levels, refs, projector), masks
+  # In chunks, keeping only the levels GLASS uses: rounds x N images of every level and kind
+  # at once would take several times the memory of the class's own features.
+  kept: dict[str, list[list[np.ndarray]]] = {}
+  chunk = max(1, int(ev.get("batch_size", 16))) * 4
+  for start in range(0, len(images), chunk):
+    levels = maker.backbone_levels(images[start:start + chunk])
+    for key, kind_levels in maker.features_of(kinds, levels, refs, projector).items():
+      for k, level in enumerate(last_levels(kind_levels, glass.num_levels)):
+        kept.setdefault(key, [[] for _ in last_levels(kind_levels, glass.num_levels)])[k].append(
+            np.asarray(level))
+  return {key: [np.concatenate(parts) for parts in per_level]
+          for key, per_level in kept.items()}, masks
 
 
 def score_method(name: str, settings: dict, train_levels, test_levels, image_size: int,
