@@ -86,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.checkpoint = "auto"           # auto: the reference's rule (angle for PatchCore/PaDiM,
                                        # norm for the rest), or angle | norm for every method
   c.eval.resize = 0                    # short side before the centre crop (0: image_size)
+  c.eval.class_resize = ml_collections.ConfigDict()   # per class, over eval.resize
   c.eval.aligned_references = ""       # folder of the reference's per-test-image reference
                                        # tables (<class>.json), for FeatureNorm; "" = shots
   c.eval.glass_textures = ""           # folder of texture photographs (e.g. DTD's dtd/images):

@@ -212,6 +212,13 @@ def reference_features(levels: Sequence[np.ndarray], shots: int,
   return [lv[rows].reshape(-1, lv.shape[-1]) for lv in levels]
 
 
+def class_resize(ev: ml_collections.ConfigDict, class_name: str) -> Optional[int]:
+  """The short side a class's images are resized to before the centre crop: its entry in
+  `eval.class_resize`, else `eval.resize`; None = the crop size."""
+  per_class = dict(ev.get("class_resize", {}) or {})
+  return int(per_class.get(class_name, 0)) or int(ev.get("resize", 0)) or None
+
+
 def glass_texture_features(config: ml_collections.ConfigDict, maker: FeatureMaker, data: dict,
                            class_name: str, train_levels, refs, projector: dict[str, Any],
                            kinds: Sequence[str], textures: Sequence[str],
@@ -233,7 +240,7 @@ def glass_texture_features(config: ml_collections.ConfigDict, maker: FeatureMake
   ev = config.eval
   glass = get_method("glass", **method_settings_for("glass", "original", method_settings))
   grid = glass.token_grid(train_levels)
-  resize = int(ev.get("resize", 0)) or None
+  resize = class_resize(ev, class_name)
   foregrounds = None
   if ev.get("glass_foreground", ""):
     # GLASS's masks are for the class's normal training images; an anomalous image mixed
@@ -401,7 +408,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   def prepare(class_name: str):
     data = load_eval_class(records, class_name, image_size=config.image_size,
                            k_shot=ev.k_shot or None, noisy_share=ev.noisy_share,
-                           seed=config.seed, resize=int(ev.get("resize", 0)) or None)
+                           seed=config.seed, resize=class_resize(ev, class_name))
     train_levels = maker.backbone_levels(data["train_images"])
     test_levels = maker.backbone_levels(data["test_images"])
     refs = reference_features(train_levels, int(ev.shots), ~data["train_noisy"], class_name)

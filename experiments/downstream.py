@@ -11,7 +11,9 @@ Every method runs on both feature kinds ("original": the backbone's; "pretrained
 projector(residual(features))) with 8 reference shots per class, so one run compares them.
 To reproduce the paper's CFLOW and GLASS tables, which report each metric's best over test-set
 checks during training, add `--config.eval.best_over_test=true`; for GLASS's texture anomalies
-as the reference makes them, `--config.eval.glass_textures=/data/dtd/images`.
+as the reference makes them, `--config.eval.glass_textures=/data/dtd/images` (and on MVTec AD
+and VisA, where the reference keeps them on the object, `--config.eval.glass_foreground=
+GLASS/fg_mask`).
 
 On a pretraining run (or on a released checkpoint imported with `adjax import`):
 
@@ -67,4 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif method in ("patchcore", "padim") and dataset == "mvtec":
     # The reference evaluates PatchCore and PaDiM on MVTec AD at Resize(256) + CenterCrop(224).
     c.eval.resize = round(c.image_size * 256 / 224)
+  elif method == "glass" and dataset == "mvtec":
+    # GLASS's MVTec AD loader zooms two classes: Resize(round(crop * 329 / 288)), then the crop
+    # (the reference runs it with 224 / 224 for the rest).
+    c.eval.class_resize = {name: round(c.image_size * 329 / 288) for name in ("toothbrush", "wood")}
   return c

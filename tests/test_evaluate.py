@@ -176,3 +176,13 @@ def test_best_over_test_checks_is_each_metrics_best(monkeypatch):
   for key, value in last.items():
     assert value == pytest.approx(checks[-1][key], abs=1e-9), key
     assert best[key] >= value
+
+
+def test_class_resize_overrides_the_runs_resize():
+  import ml_collections
+  ev = ml_collections.ConfigDict({"resize": 0, "class_resize": {"wood": 256}})
+  assert evaluate_lib.class_resize(ev, "wood") == 256
+  assert evaluate_lib.class_resize(ev, "carpet") is None
+  ev.resize = 240
+  assert evaluate_lib.class_resize(ev, "carpet") == 240
+  assert evaluate_lib.class_resize(ev, "wood") == 256

@@ -94,6 +94,9 @@ def test_downstream_variants(method):
     # The reference's Resize(256) + CenterCrop(224) of PatchCore and PaDiM on MVTec AD.
     assert c.eval.resize == (256 if method in ("patchcore", "padim") and dataset == "mvtec"
                              else 0)
+    # GLASS's MVTec AD loader zooms toothbrush and wood: Resize(round(224 * 329 / 288)).
+    assert dict(c.eval.class_resize) == ({"toothbrush": 256, "wood": 256}
+                                         if method == "glass" and dataset == "mvtec" else {})
   other = "norm" if expected_checkpoint == "angle" else "angle"
   c = _load("downstream.py", f"method={method},checkpoint={other},backbone=clip-base")
   assert c.eval.checkpoint == other and c.backbone.name == "clip-base"

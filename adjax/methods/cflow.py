@@ -107,11 +107,7 @@ class CFlow:
     Yields:
       {"params", "perms", "loss" (last step), "epochs" (done so far)}.
     """
-    if self.epochs < 1:
-      raise ValueError(f"cflow: epochs must be >= 1, got {self.epochs}")
-    every = self.test_every if every is None else int(every)
-    if every < 1:
-      raise ValueError(f"cflow: every must be >= 1 epoch, got {every}")
+    every = common.round_length("cflow", self.epochs, every, self.test_every)
     levels = common.last_levels(common.check_levels(train_levels, "train_levels"),
                                 self.num_levels)
     k_init, k_train = jax.random.split(rng)

@@ -390,6 +390,17 @@ def dense(p: dict, x: jax.Array) -> jax.Array:
   return y + p["b"] if "b" in p else y
 
 
+def round_length(method: str, epochs: int, every: int | None, default: int) -> int:
+  """Epochs between the states `fit_in_rounds` yields (`every`, else `default`), checking
+  both it and the method's `epochs`."""
+  if epochs < 1:
+    raise ValueError(f"{method}: epochs must be >= 1, got {epochs}")
+  every = default if every is None else int(every)
+  if every < 1:
+    raise ValueError(f"{method}: every must be >= 1 epoch, got {every}")
+  return every
+
+
 def epoch_steps(num_items: int, batch_size: int) -> int:
   """Steps per epoch when every epoch visits a permutation in full batches (at least 1)."""
   return max(1, num_items // max(1, batch_size))

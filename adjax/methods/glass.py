@@ -194,11 +194,7 @@ class Glass:
     Yields:
       {"params", "stats", "loss" (last step), "epochs" (done so far)}.
     """
-    if self.epochs < 1:
-      raise ValueError(f"glass: epochs must be >= 1, got {self.epochs}")
-    every = self.test_every if every is None else int(every)
-    if every < 1:
-      raise ValueError(f"glass: every must be >= 1 epoch, got {every}")
+    every = common.round_length("glass", self.epochs, every, self.test_every)
     x = self.embed(train_levels, "train_levels")
     if (synthetic_levels is None) != (synthetic_masks is None):
       raise ValueError("glass: pass synthetic_levels and synthetic_masks together")
