@@ -1,0 +1,217 @@
+"""Reference images from a precomputed bank, merged pretraining sets, and evaluation runs that
+need no pretrained projector (apart from test_train.py, so that the two halves run in
+parallel)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adjax.train_step import StepSettings
+from run_helpers import _eval_config, dataset, tiny_config  # noqa: F401 (a fixture)
+
+
+# --------------------------------------------------------------------- precomputed references
+def test_precomputed_reference_bank_equals_reference_images():
+  from adjax.models.backbones import get_backbone
+  from adjax.train import bank_slots
+  from adjax.train_step import batch_residuals
+  backbone = get_backbone("tiny-vit", depth=2, taps=(1, 2))
+  backbone_params = backbone.init(jax.random.PRNGKey(0))
+  settings = StepSettings(level_strides=tuple(backbone.level_strides), num_heads=4,
+                          compute_dtype=jnp.float32)
+  rng = np.random.default_rng(0)
+  shots, size = 3, 28
+  # 2 groups of shots + 1 bank images (one spare, for an image that is itself in the bank).
+  group_images = rng.integers(0, 256, (2, shots + 1, size, size, 3), dtype=np.uint8)
+  bank_paths = np.array([[f"g{g}_{i}.png" for i in range(shots + 1)] for g in range(2)])
+  bank_paths[0, 3] = "g0_0.png"    # a small group's bank repeats an image
+  groups = np.array([1, 0, 1, 0], np.int32)
+  # Image 0 is slot 1 of its group, image 2 slot 3, image 3 slots 0 and 3 (repeated); image 1
+  # is not in the bank.
+  own = bank_slots(["g1_1.png", "elsewhere.png", "g1_3.png", "g0_0.png"], groups, bank_paths)
+  np.testing.assert_array_equal(own, [[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 1]])
+  ref_valid = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]], bool)
+  # The group's first 3 slots but the image's own; image 3 has 2 others left: its third
+  # reference (its own slot) is masked out.
+  others = [[0, 2, 3], [0, 1, 2], [0, 1, 2], [1, 2, 0]]
+  refs = np.stack([group_images[g][o] for g, o in zip(groups, others)])
+  ref_valid_images = ref_valid.copy()
+  ref_valid_images[3, 2] = False
+  batch = {"view1": rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8),
+           "view2": rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8),
+           "refs": refs, "ref_valid": ref_valid, "ref_group": groups, "ref_self": own}
+  frozen = {"backbone": backbone_params}
+  from_images = batch_residuals(dict(batch, ref_valid=ref_valid_images), frozen, settings,
+                                backbone.extract)
+  bank = [np.asarray(lv).reshape(2, shots + 1, -1, lv.shape[-1]) for lv in backbone.extract(
+      backbone_params, group_images.reshape(-1, size, size, 3) / np.float32(255))]
+  from_bank = batch_residuals(batch, dict(frozen, ref_bank=bank), settings, backbone.extract)
+  for view_a, view_b in zip(from_images, from_bank):
+    for a, b in zip(view_a, view_b):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_pretraining_on_merged_datasets(dataset, tmp_path):
+  from adjax.errors import UserError
+  from adjax.train import load_references, pretrain, pretrain_records
+  eval_root = os.path.join(os.path.dirname(dataset), "eval")
+  config = tiny_config(dataset)
+  config.data.pretrain_format = "realiad,mvtec"
+  config.data.pretrain_root = f"{dataset},{eval_root}"
+  records = pretrain_records(config)
+  alone = {fmt: pretrain_records(_with_format(root, fmt))
+           for fmt, root in (("realiad", dataset), ("mvtec", eval_root))}
+  assert sorted(records) == sorted(alone["realiad"] + alone["mvtec"])
+  mvtec_class = alone["mvtec"][0].class_name
+  config.data.pretrain_classes = f"mvtec/{mvtec_class},{alone['realiad'][0].class_name}"
+  chosen = pretrain_records(config)
+  assert {r.class_key for r in chosen} == {f"mvtec/{mvtec_class}",
+                                           f"realiad/{alone['realiad'][0].class_name}"}
+  config.data.pretrain_classes = "mvtec/nothing"
+  with pytest.raises(UserError, match=r"names \['mvtec/nothing'\]"):
+    pretrain_records(config)
+  # "dataset/class" with one folder too.
+  single = _with_format(eval_root, "mvtec")
+  single.data.pretrain_classes = f"mvtec/{mvtec_class}"
+  assert {r.class_key for r in pretrain_records(single)} == {f"mvtec/{mvtec_class}"}
+  # Two folders of one format are two datasets, told apart by their place in the list.
+  twice = _with_format(f"{eval_root},{eval_root}", "mvtec")
+  keys = {r.class_key for r in pretrain_records(twice)}
+  assert keys == {f"mvtec#1/{mvtec_class}", f"mvtec#2/{mvtec_class}"}
+  config.data.pretrain_classes = ""
+  config.data.pretrain_format = "realiad,mvtec,visa"
+  with pytest.raises(UserError, match="3 formats for 2 folders"):
+    pretrain_records(config)
+  # A short run on the merged set, its reference bank one group per (dataset, class, view).
+  config.data.pretrain_format = "realiad,mvtec"
+  config.train.precomputed_refs = True
+  config.loss.center = False
+  config.optim.max_steps = 2
+  workdir = str(tmp_path / "merged")
+  summary = pretrain(config, workdir, progress=False)
+  assert summary["steps"] == 2 and np.isfinite(summary["last"]["loss"])
+  assert summary["skipped"] == 0
+  refs = load_references(workdir)
+  assert len(refs["class_names"]) == 3 and f"mvtec/{mvtec_class}" in refs["class_names"]
+  assert refs["view_names"] == ["", "C1", "C2"]     # MVTec AD has one view, Real-IAD's two
+  groups = len(refs["class_names"]) * 3
+  assert [lv.shape for lv in refs["levels"]] == [(groups, 3, 4, 4, 64)] * 4  # max_shots + 1
+  # Every (dataset, class, view) that exists has its images; the others stay empty.
+  filled = {(c, v) for c in refs["class_names"] for v in refs["view_names"]
+            if (c.startswith("mvtec/")) == (v == "")}
+  for g, (c, v) in enumerate((c, v) for c in refs["class_names"] for v in refs["view_names"]):
+    assert all(refs["paths"][g]) == ((c, v) in filled), (c, v)
+
+
+def _with_format(root, fmt):
+  config = tiny_config(root)
+  config.data.pretrain_format = fmt
+  return config
+
+
+def test_reference_groups_keep_datasets_apart(dataset, tmp_path):
+  """Two merged datasets that share a class name (MVTec AD's and Real-IAD's "zipper") are two
+  reference groups: in the loader's class ids and in the precomputed bank."""
+  import dataclasses
+  from adjax.train import _same_classes, build_backbone, make_loader, pretrain_records, \
+      reference_bank
+  config = tiny_config(dataset)
+  records = pretrain_records(config)
+  twin_class = records[0].class_name
+  twins = [dataclasses.replace(r, dataset="visa") for r in records if r.class_name == twin_class]
+  merged = sorted(records + twins)
+  backbone, backbone_params = build_backbone(config)
+  loader = make_loader(config, merged, backbone)
+  assert len(loader.class_names) == 3
+  assert f"visa/{twin_class}" in loader.class_names
+  assert f"{records[0].dataset}/{twin_class}" in loader.class_names
+  plan = loader.plan
+  ids = {(r.dataset, plan.class_id(i)) for i, r in enumerate(plan.records)
+         if r.class_name == twin_class}
+  assert len(ids) == 2 and len({cid for _, cid in ids}) == 2
+  bank = reference_bank(config, str(tmp_path), backbone=backbone,
+                        backbone_params=backbone_params, records=merged)
+  assert bank["class_names"] == list(loader.class_names)
+  assert bank["levels"][0].shape[0] == 3 * len(loader.view_names)
+  # A bank from before the names carried the dataset still fits a one-dataset run, not this.
+  bare = [name.split("/", 1)[1] for name in loader.class_names]
+  assert not _same_classes(bare, loader.class_names)
+  single = make_loader(config, records, backbone).class_names
+  assert _same_classes([name.split("/", 1)[1] for name in single], single)
+
+
+def test_featurenorm_with_the_references_own_aligned_tables(dataset, tmp_path):
+  # The reference's FeatureNorm evaluation gives each test image its own reference images
+  # (aligned/references/<dataset>/<class>.json, paths of the authors' machine).
+  from adjax.evaluate import evaluate
+  from data_pipelines.records import read_dataset
+  config = _eval_config(dataset, ("featurenorm",), ("original", "residual"))
+  plain = evaluate(config, None, str(tmp_path / "plain"), progress=False)
+  records = read_dataset("mvtec", config.eval.root)
+  (class_name,) = plain["classes"]
+  # The same file below the class folder, on the authors' machine.
+  elsewhere = lambda r: (f"/data/authors/mvtec/{class_name}/"
+                         + r.image_path.split(f"/{class_name}/")[1])
+  train = [r for r in records if r.split == "train" and r.label == 0]
+  table = {elsewhere(r): [elsewhere(t) for t in train[-2:]]
+           for r in records if r.split == "test"}
+  tables = tmp_path / "aligned"
+  tables.mkdir()
+  (tables / f"{class_name}.json").write_text(json.dumps(table))
+  config.eval.aligned_references = str(tables)
+  aligned = evaluate(config, None, str(tmp_path / "aligned_out"), progress=False)
+  got, want = (r["results"]["featurenorm"][class_name] for r in (aligned, plain))
+  assert got["original"] == want["original"]        # the raw features take no references
+  assert got["residual"] != want["residual"]        # other references: other residuals
+  assert 0.0 <= got["residual"]["image_auroc"] <= 1.0
+
+
+def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch):
+  """With eval.glass_textures, GLASS's texture anomalies are real images (texture photographs
+  blended into the training images), featurised as the kind being evaluated."""
+  from PIL import Image
+  from skimage import data as skdata
+  from adjax.evaluate import FeatureMaker, evaluate
+  from adjax.methods.glass import Glass
+  textures = tmp_path / "dtd" / "images" / "misc"
+  textures.mkdir(parents=True)
+  for name in ("brick", "gravel"):
+    Image.fromarray(getattr(skdata, name)()).convert("RGB").save(textures / f"{name}.jpg")
+  fits, backbone_calls = [], []
+  fit, levels_of = Glass.fit, FeatureMaker.backbone_levels
+  monkeypatch.setattr(Glass, "fit", lambda self, train, rng, **kw: fits.append(
+      (self, train, kw)) or fit(self, train, rng, **kw))
+  monkeypatch.setattr(FeatureMaker, "backbone_levels", lambda self, images: backbone_calls.append(
+      len(images)) or levels_of(self, images))
+  config = _eval_config(dataset, ("glass",), ("original", "residual"))
+  config.eval.glass_textures = str(tmp_path / "dtd")
+  config.eval.glass_texture_rounds = 2
+  config.eval.method_settings = {"glass": {"embed_dim": 16, "target_dim": 16, "hidden": 16,
+                                           "epochs": 2, "batch_size": 4, "ascent_steps": 2}}
+  summary = evaluate(config, None, str(tmp_path / "out"), progress=False)
+  (class_name,) = summary["classes"]
+  for kind in ("original", "residual"):
+    assert 0.0 <= summary["results"]["glass"][class_name][kind]["image_auroc"] <= 1.0
+  train_images = backbone_calls[0]
+  assert sum(backbone_calls[2:]) == 2 * train_images   # the copies, in chunks
+  (original, train_o, kw_o), (residual, train_r, kw_r) = fits
+  syn_o, syn_r = kw_o["synthetic_levels"], kw_r["synthetic_levels"]
+  # GLASS's levels only (the last 2), of every texture copy.
+  assert len(syn_o) == 2 and len(train_o) == 4
+  for syn_level, train_level in zip(syn_o, train_o[-2:]):
+    assert syn_level.shape == (2 * train_images,) + train_level.shape[1:]
+  assert kw_o["synthetic_masks"].shape == (2 * train_images,) + original.token_grid(train_o)
+  assert np.all(kw_o["synthetic_masks"].max(axis=(1, 2)) == 1)
+  np.testing.assert_array_equal(kw_o["synthetic_masks"], kw_r["synthetic_masks"])
+  # The residual kind's anomalies are residuals too (against the same references), and the
+  # residual kind runs GLASS as the reference does (no projection).
+  assert not np.allclose(np.asarray(syn_o[-1]), np.asarray(syn_r[-1]))
+  assert original.projection and not residual.projection
+  # A texture folder that is not there fails before any work, naming the setting.
+  config.eval.glass_textures = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="eval.glass_textures"):
+    evaluate(config, None, str(tmp_path / "out2"), progress=False)
