@@ -257,16 +257,15 @@ def glass_texture_features(config: ml_collections.ConfigDict, maker: FeatureMake
       rounds=int(ev.get("glass_texture_rounds", 4)), foregrounds=foregrounds, resize=resize)
   # In chunks, keeping only the levels GLASS uses: rounds x N images of every level and kind
   # at once would take several times the memory of the class's own features.
-  kept: dict[str, list[list[np.ndarray]]] = {}
   chunk = max(1, int(ev.get("batch_size", 16))) * 4
+  parts = []   # per chunk: {kind key: GLASS's levels}
   for start in range(0, len(images), chunk):
     levels = maker.backbone_levels(images[start:start + chunk])
-    for key, kind_levels in maker.features_of(kinds, levels, refs, projector).items():
-      for k, level in enumerate(last_levels(kind_levels, glass.num_levels)):
-        kept.setdefault(key, [[] for _ in last_levels(kind_levels, glass.num_levels)])[k].append(
-            np.asarray(level))
-  return {key: [np.concatenate(parts) for parts in per_level]
-          for key, per_level in kept.items()}, masks
+    parts.append({key: [np.asarray(lv) for lv in last_levels(kind_levels, glass.num_levels)]
+                  for key, kind_levels in maker.features_of(kinds, levels, refs,
+                                                            projector).items()})
+  return {key: [np.concatenate(level) for level in zip(*(part[key] for part in parts))]
+          for key in parts[0]}, masks
 
 
 def score_method(name: str, settings: dict, train_levels, test_levels, image_size: int,
@@ -450,8 +449,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     extras = None
     if method == "glass" and synthetic is not None:
       levels, masks = synthetic
-      extras = {"synthetic_levels": [jnp.asarray(x) for x in levels[feature_key(method, kind)]],
-                "synthetic_masks": masks}
+      extras = {"synthetic_levels": levels[feature_key(method, kind)], "synthetic_masks": masks}
     metrics, scores, maps, _ = score_method(method, settings, train_f, test_f,
                                             config.image_size, config.seed,
                                             data["test_labels"], data["test_masks"], state=state,

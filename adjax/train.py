@@ -275,12 +275,15 @@ def reference_bank(config: ml_collections.ConfigDict, workdir: str, *, backbone=
   dtype = compute_dtype(config)
   bank: Optional[list[np.ndarray]] = None
   paths = np.full((len(class_names) * len(view_names), shots), "", dtype=object)
+  pools: dict[tuple[str, str], list] = {}   # the normal images of each (class, view), once
+  for r in records:
+    if r.label == 0:
+      pools.setdefault((r.class_key, r.view), []).append(r)
   from tqdm import tqdm
   for ci, class_name in enumerate(tqdm(class_names, desc="references", unit="class",
                                        dynamic_ncols=True, disable=jax.process_index() != 0)):
     for vi, view in enumerate(view_names):
-      pool = [r for r in records if r.label == 0 and r.class_key == class_name and
-              r.view == view]
+      pool = pools.get((class_name, view), [])
       if not pool:
         continue
       # Distinct images as far as the pool goes; repeats only beyond it.

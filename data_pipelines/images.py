@@ -123,7 +123,9 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
   return int(size * height / width), size
 
 
-def _crop_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+def center_crop_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+  """(left, top, right, bottom) of the centred size x size square, rounded as torchvision's
+  CenterCrop."""
   top = int(round((height - size) / 2.0))
   left = int(round((width - size) / 2.0))
   return left, top, left + size, top + size
@@ -155,7 +157,7 @@ def resize_center_crop(image: np.ndarray, size: int, *, resample: int = Image.BI
   if (nh, nw) != (h, w):
     pil = pil.resize((nw, nh), resample=resample)
   if (nh, nw) != (size, size):
-    pil = pil.crop(_crop_box(nh, nw, size))
+    pil = pil.crop(center_crop_box(nh, nw, size))
   return np.asarray(pil)
 
 

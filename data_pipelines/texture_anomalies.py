@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from data_pipelines.images import decode_image, decode_mask, resize_center_crop
+from data_pipelines.images import (center_crop_box, decode_image, decode_mask,
+                                   resize_center_crop)
 
 log = logging.getLogger("adjax.data")
 
@@ -175,10 +176,8 @@ def prepare_texture(path: str, size: int, rng: np.random.Generator,
   changes = _texture_changes(rng)
   for index in rng.choice(len(changes), 3, replace=False):
     image = changes[int(index)](image)
-  rgb = np.asarray(image.convert("RGB"))
-  top = int(round((rgb.shape[0] - size) / 2.0))    # as torchvision's CenterCrop
-  left = int(round((rgb.shape[1] - size) / 2.0))
-  return np.ascontiguousarray(rgb[top:top + size, left:left + size])
+  crop = image.convert("RGB").crop(center_crop_box(image.height, image.width, size))
+  return np.asarray(crop)
 
 
 def read_foreground(root: str, class_name: str, image_path: str, size: int,

@@ -170,11 +170,9 @@ def pack_dataset(fmt: str, manual_dir: str, data_dir: str, *,
 
 def pack_summary(builder_dir: str) -> dict[str, Any]:
   """What a pack holds: its settings, the record count and the skipped files (if recorded)."""
+  from adjax import run_layout  # light: json and numpy
   path = os.path.join(builder_dir, SETTINGS_FILE)
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return run_layout.read_json(path) if os.path.isfile(path) else {}
 
 
 def _check_reuse(builder_dir: str, settings: dict[str, Any]) -> None:
