@@ -260,6 +260,89 @@ def test_cflow_trains_and_ranks_defects(data):
                              rtol=1e-4, atol=1e-4)
 
 
+def _reference_cflow_rates(cfg, batches):
+  """The reference's per-batch learning rate, written as its loop sets it: adjust_learning_rate
+  at each meta-epoch's start, then warmup_learning_rate before every image batch."""
+  meta_epochs = cfg.epochs // cfg.sub_epochs
+  eta = cfg.lr * 0.1 ** 3
+  cosine = lambda m: eta + (cfg.lr - eta) * (1 + math.cos(math.pi * m / meta_epochs)) / 2
+  warm_to = cosine(cfg.warmup_meta_epochs)
+  out = []
+  for epoch in range(meta_epochs):
+    lr = cosine(epoch)
+    for sub in range(cfg.sub_epochs):
+      for i in range(batches):
+        if epoch < cfg.warmup_meta_epochs:
+          p = (i + sub * batches + epoch * batches * cfg.sub_epochs) / (
+              cfg.warmup_meta_epochs * batches * cfg.sub_epochs)
+          lr = cfg.lr / 10 + p * (warm_to - cfg.lr / 10)
+        out.append(lr)
+  return np.array(out)
+
+
+@pytest.mark.parametrize("settings,batches", [
+    (dict(), 3),                                                # the reference's 25 x 8
+    (dict(epochs=4, sub_epochs=2, warmup_meta_epochs=1), 2),
+])
+def test_cflow_learning_rates_are_the_references(settings, batches):
+  cfg = cflow_lib.CFlow(**settings)
+  np.testing.assert_allclose(cfg.learning_rates(batches), _reference_cflow_rates(cfg, batches),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="sub_epochs must be >= 1"):
+    cflow_lib.CFlow(sub_epochs=0).learning_rates(batches)
+
+
+def test_cflow_trains_as_the_reference_loop():
+  """Per image batch of a shuffled epoch (the last partial batch dropped) and per level, the
+  batch's tokens are permuted and cut into fibre batches, each one Adam step of that level's
+  flow alone, at the batch's learning rate: recomputed here step by step with torch's Adam
+  written out in numpy."""
+  rng = np.random.default_rng(0)
+  levels = [rng.standard_normal((10, 4, 4, 6)).astype(np.float32),
+            rng.standard_normal((10, 2, 2, 6)).astype(np.float32)]
+  cfg = cflow_lib.CFlow(num_levels=None, coupling_blocks=2, cond_dim=8, epochs=4,
+                        sub_epochs=2, warmup_meta_epochs=1, image_batch=4, fiber_batch=24)
+  key = jax.random.key(5)
+  state = cfg.fit(levels, key)
+  k_init, k_train = jax.random.split(key)
+  params = [jax.tree.map(np.asarray, p) for p in cfg.init(k_init, [6, 6])["params"]]
+  perms = state["perms"]
+  moments = [[jax.tree.map(np.zeros_like, p), jax.tree.map(np.zeros_like, p), 0]
+             for p in params]
+  grad = jax.jit(jax.grad(cflow_lib.fibre_loss), static_argnums=4)
+  positions = [common.sinusoidal_position_2d(8, x.shape[1], x.shape[2]).reshape(-1, 8)
+               for x in levels]
+  rates = _reference_cflow_rates(cfg, 2)   # 10 images in batches of 4: 2 batches an epoch
+  steps = [0, 0]
+  for g in range(4 * 2):
+    images, fibres = cflow_lib.fibre_draws(cfg, k_train, jnp.int32(g), 10, [16, 4])
+    images = np.asarray(images)
+    if g % 2 == 0:
+      seen = set()
+    assert not seen & set(images.tolist()) and len(set(images.tolist())) == 4
+    seen |= set(images.tolist())
+    # Level 1: 64 tokens -> 2 fibres of 24 (16 dropped); level 2: 16 tokens -> 1 fibre of 16.
+    assert [np.asarray(f).shape for f in fibres] == [(2, 24), (1, 16)]
+    for k, (x, pos, fib) in enumerate(zip(levels, positions, fibres)):
+      fib = np.asarray(fib)
+      assert len(set(fib.ravel().tolist())) == fib.size and fib.max() < 4 * pos.shape[0]
+      tokens = x[images].reshape(-1, 6)
+      for f in fib:
+        gr = grad(params[k], perms[k], tokens[f], pos[f % pos.shape[0]], 1.9)
+        m, v, t = moments[k]
+        t += 1
+        m = jax.tree.map(lambda a, b: 0.9 * a + 0.1 * np.asarray(b), m, gr)
+        v = jax.tree.map(lambda a, b: 0.999 * a + 0.001 * np.asarray(b) ** 2, v, gr)
+        params[k] = jax.tree.map(
+            lambda p, a, b: p - rates[g] * (a / (1 - 0.9 ** t)) / (
+                np.sqrt(b / (1 - 0.999 ** t)) + 1e-8), params[k], m, v)
+        moments[k] = [m, v, t]
+        steps[k] += 1
+  assert steps == [16, 8]
+  for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-6)
+
+
 def test_cflow_scores_keep_double_precision():
   from adjax.methods.cflow import _maps_from_log_likelihood
   # Three images on a 2 x 2 grid: a normal one, and two whose worst tokens sit 20 and 27

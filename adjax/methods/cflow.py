@@ -16,9 +16,18 @@ max(map) - map, the maximum again over the whole test set; the image score is th
 maximum. That normalisation makes a test image's scores depend on the other test images passed
 in the same call: pass a class's whole test set at once (the computation is blocked inside).
 
-Training draws each step's fibre batch (tokens with their positions) uniformly at random from
-all training tokens of a level; `epochs` counts passes of (number of tokens / fiber_batch)
-steps. The reference's schedule is 25 meta-epochs x 8 sub-epochs = 200 such passes.
+Training runs the reference's loop (train_meta_epoch there). An epoch (the reference's
+sub-epoch) visits the training images in a new random order, in batches of `image_batch` (the
+last incomplete one dropped). For each batch and level, the batch's B * h * w tokens (with their
+positions) are permuted and cut into fibre batches of `fiber_batch` (the remainder dropped);
+each fibre batch is one Adam step of that level's flow alone, so levels with more tokens take
+more steps and each flow keeps its own Adam step count (torch's Adam over all flows skips the
+parameters a step gave no gradient). The learning rate is set per image batch: constant within
+a meta-epoch of `sub_epochs` epochs on a cosine over the meta-epochs, after a linear warm-up over
+the first `warmup_meta_epochs`. The reference's schedule is 25 meta-epochs x 8 sub-epochs = 200
+epochs of batches of 32 images and fibre batches of 4096 tokens; it stops on fewer than 32
+training images or fewer tokens than a fibre batch, where adjax uses all images as one batch
+and all of a batch's tokens as one fibre batch.
 """
 
 from __future__ import annotations
@@ -47,11 +56,14 @@ class CFlow:
     coupling_blocks: coupling blocks per flow.
     clamp: soft clamp of the log scale (alpha in FrEIA).
     cond_dim: position code dimension.
-    lr: peak learning rate (Adam).
-    epochs: passes over the training tokens (see module docstring).
-    warmup_ratio: share of the steps with linear warm-up from lr / 10.
-    final_lr_ratio: the cosine decays to lr * this.
-    fiber_batch: tokens per step and level (the reference's N = 4096).
+    lr: peak learning rate (Adam, torch's defaults).
+    epochs: passes over the training images (the reference's sub-epochs).
+    sub_epochs: epochs per meta-epoch, the unit of the learning-rate schedule.
+    warmup_meta_epochs: meta-epochs of linear warm-up from lr / 10, per image batch, to the
+      cosine's value at their end.
+    final_lr_ratio: the cosine ends at lr * this (reached after the last meta-epoch).
+    image_batch: images per batch (the reference's DataLoader: 32, last batch dropped).
+    fiber_batch: tokens per Adam step and level (the reference's N = 4096).
     test_every: epochs between the states `fit_in_rounds` yields by default (the reference
       tests after every meta-epoch of 8 sub-epochs).
     score_block: tokens per block when scoring.
@@ -63,8 +75,10 @@ class CFlow:
   cond_dim: int = 128
   lr: float = 2e-4
   epochs: int = 200
-  warmup_ratio: float = 2.0 / 25.0
+  sub_epochs: int = 8
+  warmup_meta_epochs: int = 2
   final_lr_ratio: float = 1e-3
+  image_batch: int = 32
   fiber_batch: int = 4096
   test_every: int = 8
   score_block: int = 8192
@@ -72,9 +86,38 @@ class CFlow:
 
   name = "cflow"
 
-  def num_steps(self, num_tokens: int) -> int:
-    """Training steps for a level with `num_tokens` tokens."""
-    return max(1, self.epochs * math.ceil(num_tokens / self.fiber_batch))
+  def batches_per_epoch(self, num_images: int) -> int:
+    """Image batches per epoch (full batches only; one batch of all when fewer images)."""
+    return common.epoch_steps(num_images, self.image_batch)
+
+  def fibres_per_batch(self, num_images: int, tokens_per_image: int) -> int:
+    """Adam steps per image batch for a level with `tokens_per_image` tokens per image."""
+    tokens = min(self.image_batch, num_images) * tokens_per_image
+    return max(1, tokens // self.fiber_batch)
+
+  def learning_rates(self, batches_per_epoch: int) -> np.ndarray:
+    """The learning rate of every image batch of the run, (epochs * batches_per_epoch,).
+
+    As the reference's adjust_learning_rate and warmup_learning_rate: meta-epoch m of M gets
+    eta + (lr - eta) (1 + cos(pi m / M)) / 2, eta = lr * final_lr_ratio; during the first
+    warmup_meta_epochs W, batch g of the run gets lr / 10 + g / (W * sub_epochs * batches) *
+    (that cosine at m = W - lr / 10) instead.
+    """
+    if self.sub_epochs < 1 or self.warmup_meta_epochs < 0:
+      raise ValueError(f"cflow: sub_epochs must be >= 1 and warmup_meta_epochs >= 0, got "
+                       f"{self.sub_epochs} and {self.warmup_meta_epochs}")
+    meta_epochs = math.ceil(self.epochs / self.sub_epochs)
+    eta = self.lr * self.final_lr_ratio
+    cosine = lambda m: eta + (self.lr - eta) * (1.0 + np.cos(np.pi * m / meta_epochs)) / 2.0
+    batch = np.arange(self.epochs * batches_per_epoch)
+    meta = batch // (batches_per_epoch * self.sub_epochs)
+    rates = cosine(meta)
+    if self.warmup_meta_epochs:
+      start = self.lr / 10.0
+      share = batch / (self.warmup_meta_epochs * self.sub_epochs * batches_per_epoch)
+      warm = start + share * (cosine(self.warmup_meta_epochs) - start)
+      rates = np.where(meta < self.warmup_meta_epochs, warm, rates)
+    return rates.astype(np.float32)
 
   def init(self, rng: jax.Array, dims: list[int]) -> dict:
     """Initial flows for levels with `dims` channels.
@@ -112,17 +155,17 @@ class CFlow:
                                 self.num_levels)
     k_init, k_train = jax.random.split(rng)
     state = self.init(k_init, [x.shape[-1] for x in levels])
-    n_tok = levels[0].shape[0] * levels[0].shape[1] * levels[0].shape[2]
-    total = self.num_steps(n_tok)
-    per_epoch = max(1, math.ceil(n_tok / self.fiber_batch))
+    per_epoch = self.batches_per_epoch(levels[0].shape[0])
+    rates = jnp.asarray(self.learning_rates(per_epoch))
     params = state["params"]
-    carry = (params, _optimizer(self, total).init(params))
+    carry = (params, [_ADAM.init(p) for p in params])
+    total = self.epochs * per_epoch
     for start in range(0, total, every * per_epoch):
       count = min(every * per_epoch, total - start)
-      carry, loss = _train(self, tuple(levels), carry, state["perms"], k_train, start, count,
-                           total)
+      carry, loss = _train(self, tuple(levels), carry, state["perms"], rates, k_train, start,
+                           count)
       yield {"params": carry[0], "perms": state["perms"], "loss": loss,
-             "epochs": min(self.epochs, (start + count) // per_epoch)}
+             "epochs": (start + count) // per_epoch}
 
   def log_likelihood(self, state: dict, levels: Any) -> list[jax.Array]:
     """log p / C of every token: list of (M, h_k, w_k) for the method's levels."""
@@ -204,40 +247,75 @@ def _tokens_and_positions(cfg: CFlow, x: jax.Array):
   return x.reshape(n * h * w, c), pos
 
 
-def _optimizer(cfg: CFlow, steps: int) -> optax.GradientTransformation:
-  """Adam with linear warm-up from lr / 10 and cosine decay over all `steps`."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=cfg.lr / 10.0, peak_value=cfg.lr,
-      warmup_steps=max(1, int(round(cfg.warmup_ratio * steps))),
-      decay_steps=max(2, steps), end_value=cfg.lr * cfg.final_lr_ratio)
-  return optax.adam(schedule)
+# torch.optim.Adam's defaults (betas 0.9, 0.999, eps 1e-8 outside the square root); the
+# learning rate is applied per image batch in _train.
+_ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _train(cfg: CFlow, levels: tuple, carry: tuple, perms: list, rng: jax.Array, start,
-           count: int, steps: int):
-  """Steps start .. start + count - 1 of `steps` from carry = (params, optimiser state); each
-  step's draw depends on its index only, so any split into calls gives the same flows."""
-  opt = _optimizer(cfg, steps)
-  data = [_tokens_and_positions(cfg, x) for x in levels]
-  hw = [x.shape[1] * x.shape[2] for x in levels]
+def fibre_draws(cfg: CFlow, rng: jax.Array, batch: jax.Array, num_images: int,
+                tokens_per_image: Sequence[int]) -> tuple[jax.Array, list[jax.Array]]:
+  """The images and fibre batches of image batch `batch` of the run (a pure function of it).
 
-  def loss_fn(params, key):
-    total = 0.0
-    for k, ((tok, pos), p, perm) in enumerate(zip(data, params, perms)):
-      idx = jax.random.randint(jax.random.fold_in(key, k), (cfg.fiber_batch,), 0,
-                               tok.shape[0])
-      lp = log_prob_per_dim(p, perm, tok[idx], pos[idx % hw[k]], cfg.clamp)
-      total = total + jnp.mean(-jax.nn.log_sigmoid(lp))
-    return total
+  Returns:
+    (images (B,): indices into the training set, from epoch batch // batches_per_epoch's
+    permutation; per level (fibres, fibre size) indices into the batch's B * S_k tokens in
+    image-major order, disjoint, from one permutation of them).
+  """
+  per_epoch = cfg.batches_per_epoch(num_images)
+  size = min(cfg.image_batch, num_images)
+  k_images, k_tokens = jax.random.split(rng)
+  order = jax.random.permutation(jax.random.fold_in(k_images, batch // per_epoch), num_images)
+  images = jax.lax.dynamic_slice(order, ((batch % per_epoch) * size,), (size,))
+  fibres = []
+  for k, s in enumerate(tokens_per_image):
+    tokens = size * s
+    count = cfg.fibres_per_batch(num_images, s)
+    width = min(cfg.fiber_batch, tokens)
+    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(k_tokens, batch), k),
+                                  tokens)
+    fibres.append(perm[:count * width].reshape(count, width))
+  return images, fibres
 
-  def step(carry, i):
-    params, opt_state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params, jax.random.fold_in(rng, i))
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
 
-  carry, losses = jax.lax.scan(step, carry, start + jnp.arange(count))
+def fibre_loss(params: dict, perms: jax.Array, tokens: jax.Array, cond: jax.Array,
+               clamp: float) -> jax.Array:
+  """CFLOW's training loss of one fibre batch: mean of -log sigmoid(log p / C)."""
+  return jnp.mean(-jax.nn.log_sigmoid(log_prob_per_dim(params, perms, tokens, cond, clamp)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _train(cfg: CFlow, levels: tuple, carry: tuple, perms: list, rates: jax.Array,
+           rng: jax.Array, start, count: int):
+  """Image batches start .. start + count - 1 of the run from carry = (per-level params,
+  per-level Adam states); each batch's draws depend on its index only, so any split into calls
+  gives the same flows."""
+  n = levels[0].shape[0]
+  data = [_tokens_and_positions(cfg, x[:1]) for x in levels]   # positions of one image
+  sizes = [pos.shape[0] for _, pos in data]
+
+  def batch_step(carry, g):
+    params, states = carry
+    images, fibres = fibre_draws(cfg, rng, g, n, sizes)
+    new_params, new_states, losses = [], [], []
+    for x, (_, pos), s, p, opt_state, perm, idx in zip(levels, data, sizes, params, states,
+                                                        perms, fibres):
+      tokens = x[images].reshape(-1, x.shape[-1])
+
+      def fibre_step(c, fibre, pos=pos, s=s, perm=perm, tokens=tokens):
+        p, opt_state = c
+        loss, grads = jax.value_and_grad(fibre_loss)(p, perm, tokens[fibre], pos[fibre % s],
+                                                     cfg.clamp)
+        updates, opt_state = _ADAM.update(grads, opt_state)
+        p = jax.tree.map(lambda a, u: a - rates[g] * u, p, updates)
+        return (p, opt_state), loss
+
+      (p, opt_state), level_losses = jax.lax.scan(fibre_step, (p, opt_state), idx)
+      new_params.append(p)
+      new_states.append(opt_state)
+      losses.append(level_losses[-1])
+    return (new_params, new_states), sum(losses)
+
+  carry, losses = jax.lax.scan(batch_step, carry, start + jnp.arange(count))
   return carry, losses[-1]
 
 
