@@ -320,9 +320,14 @@ def config_changes(workdir: str, config: Any) -> list[str]:
   return changes
 
 
+def comma_list(value: Any) -> list[str]:
+  """The entries of a comma-separated setting (folders, packs, classes), stripped."""
+  return [part.strip() for part in str(value or "").split(",") if part.strip()]
+
+
 def _entries(value: Any) -> int:
   """How many comma-separated entries a path-list setting names."""
-  return len([part for part in str(value or "").split(",") if part.strip()])
+  return len(comma_list(value))
 
 
 def load_config(workdir: str):

@@ -68,8 +68,18 @@ def build_backbone(config: ml_collections.ConfigDict, workdir: Optional[str] = N
 
 def split_classes(value: str) -> Optional[list[str]]:
   """A comma-separated class list from the config; None (every class) when empty."""
-  names = [c.strip() for c in str(value or "").split(",") if c.strip()]
-  return names or None
+  return run_layout.comma_list(value) or None
+
+
+def _distinct_paths(paths: list[str], setting: str) -> None:
+  """Refuses a folder or pack named twice: it would be read twice, as two datasets."""
+  seen = {}
+  for path in paths:
+    key = os.path.realpath(os.path.expanduser(path))
+    if key in seen:
+      raise UserError(f"{setting} names {seen[key]!r} and {path!r}, the same place twice: "
+                      "each dataset once")
+    seen[key] = path
 
 
 def pretrain_records(config: ml_collections.ConfigDict) -> list:
@@ -87,6 +97,7 @@ def pretrain_records(config: ml_collections.ConfigDict) -> list:
   if config.data.get("pretrain_tfds_dir"):
     from data_pipelines.tfds_builders import packed_records
     packs = split_classes(config.data.pretrain_tfds_dir)
+    _distinct_paths(packs, "config.data.pretrain_tfds_dir")
     per_source = [packed_records(pack) for pack in packs]
     records = _merge_sources([r[0].dataset if r else "" for r in per_source], per_source)
     if classes:
@@ -98,6 +109,7 @@ def pretrain_records(config: ml_collections.ConfigDict) -> list:
     if not roots:
       raise ValueError("config.data.pretrain_root is empty: give the pretraining dataset's "
                        "folder (--config.data.pretrain_root=DIR)")
+    _distinct_paths(roots, "config.data.pretrain_root")
     formats = split_classes(config.data.pretrain_format) or []
     if len(formats) == 1:
       formats = formats * len(roots)

@@ -4,6 +4,7 @@ parallel)."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -79,9 +80,13 @@ def test_pretraining_on_merged_datasets(dataset, tmp_path):
   single.data.pretrain_classes = f"mvtec/{mvtec_class}"
   assert {r.class_key for r in pretrain_records(single)} == {f"mvtec/{mvtec_class}"}
   # Two folders of one format are two datasets, told apart by their place in the list.
-  twice = _with_format(f"{eval_root},{eval_root}", "mvtec")
+  copy = shutil.copytree(eval_root, str(tmp_path / "eval_copy"))
+  twice = _with_format(f"{eval_root},{copy}", "mvtec")
   keys = {r.class_key for r in pretrain_records(twice)}
   assert keys == {f"mvtec#1/{mvtec_class}", f"mvtec#2/{mvtec_class}"}
+  # One folder named twice (here once with a trailing slash) would be read twice: refused.
+  with pytest.raises(UserError, match="the same place twice"):
+    pretrain_records(_with_format(f"{eval_root},{eval_root}/", "mvtec"))
   config.data.pretrain_classes = ""
   config.data.pretrain_format = "realiad,mvtec,visa"
   with pytest.raises(UserError, match="3 formats for 2 folders"):
