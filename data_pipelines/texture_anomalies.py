@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from data_pipelines.images import (center_crop_box, decode_image, decode_mask,
-                                   resize_center_crop)
+                                   resize_center_crop, resized_shape)
 
 log = logging.getLogger("adjax.data")
 
@@ -170,9 +170,8 @@ def prepare_texture(path: str, size: int, rng: np.random.Generator,
     top, left = (height - min(height, 2 * short)) // 2, (width - min(width, 2 * short)) // 2
     rgb = rgb[top:top + min(height, 2 * short), left:left + min(width, 2 * short)]
     height, width = rgb.shape[:2]
-  scale = resize / short
-  image = Image.fromarray(rgb).resize(
-      (max(resize, round(width * scale)), max(resize, round(height * scale))), Image.BILINEAR)
+  new_height, new_width = resized_shape(height, width, resize)   # torchvision's Resize(int)
+  image = Image.fromarray(rgb).resize((new_width, new_height), Image.BILINEAR)
   changes = _texture_changes(rng)
   for index in rng.choice(len(changes), 3, replace=False):
     image = changes[int(index)](image)

@@ -174,3 +174,15 @@ def test_a_panorama_texture_is_cut_before_resizing(tmp_path):
                   ).save(tmp_path / "wide.png")
   patch = ta.prepare_texture(str(tmp_path / "wide.png"), 24, np.random.default_rng(0))
   assert patch.shape == (24, 24, 3)
+
+
+def test_texture_resize_truncates_as_torchvision(tmp_path, monkeypatch):
+  """GLASS resizes the texture with torchvision's Resize(int): the long side is truncated
+  (70 x 100 to 32: 32 x 45, where rounding gives 46), then centre-cropped."""
+  photo = np.random.default_rng(1).integers(0, 256, (70, 100, 3), dtype=np.uint8)
+  Image.fromarray(photo).save(tmp_path / "t.png")
+  monkeypatch.setattr(ta, "_texture_changes", lambda rng: [lambda im: im] * 3)
+  patch = ta.prepare_texture(str(tmp_path / "t.png"), 24, np.random.default_rng(0), 32)
+  resized = Image.fromarray(photo).resize((45, 32), Image.BILINEAR)
+  want = np.asarray(resized.crop((10, 4, 34, 28)))   # torchvision's CenterCrop rounding
+  np.testing.assert_array_equal(patch, want)
