@@ -44,9 +44,7 @@ def test_round_trip(tmp_path):
 
 def test_a_pack_is_reused_only_for_the_same_settings_and_reports_what_it_skipped(tmp_path,
                                                                                 caplog):
-  import json
   import logging
-  import os
   import pytest
   from data_pipelines.tfds_builders import pack_summary
   summary = generate_embedded_dataset(str(tmp_path / "emb"), image_size=28,

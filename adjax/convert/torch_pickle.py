@@ -286,7 +286,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def persistent_load(self, pid: Any) -> Any:
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
       raise UnsafeCheckpointError(f"{self._path}: unknown persistent id {pid!r:.80}")
-    storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], pid[4]
+    storage_type, key, numel = pid[1], str(pid[2]), pid[4]   # pid[3]: the device, unused
     if not isinstance(storage_type, _StorageType):
       raise UnsafeCheckpointError(f"{self._path}: storage of unknown type {storage_type!r:.80}")
     dtype = storage_type.dtype
