@@ -265,10 +265,11 @@ def save_config(workdir: str, config: Any) -> None:
 # Settings a run may change when it resumes: where things are (paths move between machines),
 # how long it runs, how often it logs and saves, memory caps that leave the math unchanged,
 # everything about downstream evaluation and the demo's own switches. Any other difference
-# would make a resumed run a different run than its checkpoints. (data.num_workers is not
-# here: grain's saved iterator state has the worker count's structure.)
+# would make a resumed run a different run than its checkpoints. (data.num_workers may
+# change: the loader then starts at the checkpoint's step, the same batches.)
 RESUMABLE_CHANGES = ("backbone.weights", "backbone.cache_dir", "data.pretrain_root",
-                     "data.pretrain_tfds_dir", "data.val_root", "optim.max_steps",
+                     "data.pretrain_tfds_dir", "data.num_workers", "data.val_root",
+                     "optim.max_steps",
                      "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.eval_every_epochs",
                      "train.max_similarities", "loss.angle_block_size")

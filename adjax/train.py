@@ -515,12 +515,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
       make_train_step(settings, optimizer, backbone.extract), mesh)
 
   checkpointer = RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
-  iterator = iter(loader)
   start_step = 0
   if checkpointer.latest_step() is not None:
     state, data_state, start_step = checkpointer.restore(abstract_like(state))
-    iterator.set_state(data_state)
+    iterator = loader.resume(data_state, start_step)
     log.info("resumed from step %d", start_step)
+  else:
+    iterator = iter(loader)
   writer = _MetricWriter(workdir, start_step)
   evaluator = evaluator if evaluator is not None else _default_evaluator(
       config, backbone, backbone_params)
@@ -558,11 +559,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
         best.update(step, jax.device_get(state["params"]), scores)
       saved = step % config.train.checkpoint_every == 0 or step == total_steps
       if saved:
-        checkpointer.save(step, state, iterator.get_state())
+        checkpointer.save(step, state, loader.state(iterator))
       if preemption.due(step):
         log.warning("SIGTERM: saving step %d and exiting", step)
         if not saved:  # orbax refuses a second save of the same step
-          checkpointer.save(step, state, iterator.get_state(), force=True)
+          checkpointer.save(step, state, loader.state(iterator), force=True)
         break
   bar.close()
   writer.close()

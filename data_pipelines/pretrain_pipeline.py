@@ -276,9 +276,11 @@ class PretrainLoader:
   def __len__(self) -> int:
     return self.steps_per_epoch
 
-  def dataset(self) -> grain.IterDataset:
-    """The grain pipeline (batches of examples), with worker processes if asked."""
-    ds = (grain.MapDataset.range(self.num_steps * self.batch_size)
+  def dataset(self, start_step: int = 0) -> grain.IterDataset:
+    """The grain pipeline (batches of examples from step `start_step` on), with worker
+    processes if asked."""
+    ds = (grain.MapDataset.range(start_step * self.batch_size,
+                                 self.num_steps * self.batch_size)
           .map(self.example_fn)
           .batch(self.batch_size, drop_remainder=True))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -301,6 +303,26 @@ class PretrainLoader:
 
   def __iter__(self) -> grain.DatasetIterator:
     return iter(self.dataset())
+
+  def state(self, iterator: grain.DatasetIterator) -> dict:
+    """What a checkpoint keeps of `iterator`: grain's state, and the worker count that state
+    has the shape of."""
+    return {"grain": iterator.get_state(), "num_workers": self.num_workers}
+
+  def resume(self, saved: Any, step: int) -> grain.DatasetIterator:
+    """An iterator that continues one saved by `state` after `step` batches.
+
+    grain's state fits only the worker count it was saved with. With another count (a run
+    resumed on another machine), or a state saved before the count was recorded, the
+    iterator starts at `step` instead: every batch is a function of its step alone (each
+    example seeds its own draws from its index), so the batches are the same ones.
+    """
+    if isinstance(saved, dict) and "grain" in saved and \
+        saved.get("num_workers") == self.num_workers:
+      iterator = iter(self)
+      iterator.set_state(saved["grain"])
+      return iterator
+    return iter(self.dataset(start_step=int(step)))
 
 
 def make_pretrain_loader(records: Sequence[Record], *, image_size: int, batch_size: int,

@@ -167,6 +167,21 @@ def test_worker_processes_match_in_process(data):
   it2.set_state(state)
   assert all(_equal(a, b) for a, b in zip(want[2:], _take(it2, 3)))
   it2.close()
+  # A checkpoint's data state resumes under another worker count (a run moved to another
+  # machine): the iterator then starts at the saved step, with the same batches.
+  in_process = make_pretrain_loader(pre, **kw)
+  saved = {"grain": state, "num_workers": 2}
+  assert all(_equal(a, b) for a, b in zip(want[2:], _take(in_process.resume(saved, 2), 3)))
+  it3 = iter(in_process)
+  _take(it3, 3)
+  it4 = loader.resume(in_process.state(it3), 3)
+  assert all(_equal(a, b) for a, b in zip(want[3:], _take(it4, 2)))
+  it4.close()
+  # The same count uses grain's own state; a state saved before the count was recorded
+  # (grain's alone) starts at the step.
+  it5 = in_process.resume(in_process.state(it3), 3)
+  assert all(_equal(a, b) for a, b in zip(want[3:], _take(it5, 2)))
+  assert all(_equal(a, b) for a, b in zip(want[1:], _take(in_process.resume(state, 1), 2)))
 
 
 def test_bad_settings(data):

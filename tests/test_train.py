@@ -270,6 +270,7 @@ def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted
   config.data.pretrain_root = "/elsewhere/data"
   config.train.checkpoint_every = 5
   config.eval.shots = 4
+  config.data.num_workers = 3      # another machine: the loader starts at the saved step
   _check_run_settings(config, workdir)
   config.train.checkpoint_every = 0
   with pytest.raises(UserError, match="config.train.checkpoint_every must be an integer >= 1"):
