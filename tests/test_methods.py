@@ -712,6 +712,19 @@ def test_glass_epoch_cap():
   assert get_method("glass", batch_size=8, limit=0).epoch_steps(1000) == 1
 
 
+def test_glass_texture_batch_is_the_true_batchs_copies():
+  """With R copies of each of N training images (copy r of image i at r * N + i), a step's
+  textured images are its true batch's, copy epoch mod R; otherwise a uniform draw."""
+  batch = jnp.array([4, 0, 7])
+  key = jax.random.key(0)
+  for epoch, copy in ((0, 0), (1, 1), (2, 2), (3, 0), (7, 1)):
+    np.testing.assert_array_equal(
+        np.asarray(glass_lib.texture_batch(key, batch, jnp.int32(epoch), 8, 24)),
+        copy * 8 + np.array([4, 0, 7]))
+  drawn = np.asarray(glass_lib.texture_batch(key, jnp.arange(500) % 8, jnp.int32(0), 8, 13))
+  assert drawn.min() == 0 and drawn.max() == 12
+
+
 def test_glass_without_projection_scores_raw_features(data):
   _, test, _, _ = data
   method = get_method("glass", embed_dim=24, target_dim=24, hidden=16, projection=False,

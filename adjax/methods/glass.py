@@ -47,8 +47,12 @@ Deliberate differences from the reference:
     `synthetic_levels` (features of such images) with `synthetic_masks` (N_s, h, w) on the
     first used level's grid (`token_grid`), binarised at 0.5: `adjax evaluate` makes them with
     data_pipelines/texture_anomalies.py from a texture folder (`eval.glass_textures`), a fixed
-    `eval.glass_texture_rounds` copies of each training image where the reference draws anew
-    in every epoch; each step draws its batch of them at random. Without them `fit` makes a
+    `eval.glass_texture_rounds` R copies of each training image where the reference draws anew
+    in every epoch. When N_s is a multiple R of the N training images (copy r of image i at
+    r * N + i, as `adjax evaluate` lays them out), a step's texture batch is the copies of
+    its own true batch, as in the reference (whose loader returns each image with its
+    textured version), and epoch e uses copy e mod R: a new copy per epoch for R epochs.
+    Otherwise each step draws its texture batch at random. Without them `fit` makes a
     feature-space surrogate:
     under a Perlin mask drawn on the token grid (common.perlin_mask), a token becomes
     beta * itself + (1 - beta) * texture, beta drawn as the reference's; the texture is the
@@ -188,7 +192,8 @@ class Glass:
         several concatenated).
       rng: PRNG key.
       synthetic_levels: optional features of texture-augmented images, list of
-        (N_s, h_k, w_k, C_k).
+        (N_s, h_k, w_k, C_k); with N_s = R * N, copy r of training image i at r * N + i
+        (paired with the true batch, see the module docstring).
       synthetic_masks: (N_s, h, w) token masks of those images (required with them).
 
     Yields:
@@ -451,6 +456,16 @@ def _optimizer(cfg: Glass, params: dict) -> optax.GradientTransformation:
   return optax.multi_transform(tx, labels)
 
 
+def texture_batch(rng: jax.Array, images: jax.Array, epoch: jax.Array, num_images: int,
+                  num_synthetic: int) -> jax.Array:
+  """Indices of a step's texture anomalies among `num_synthetic`: with R = num_synthetic /
+  num_images copies of every training image (copy r of image i at r * N + i), the epoch's
+  copy (epoch mod R) of each image of the true batch `images`; else a uniform draw."""
+  if num_synthetic % num_images == 0:
+    return (epoch % (num_synthetic // num_images)) * num_images + images
+  return jax.random.randint(rng, images.shape, 0, num_synthetic)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 7))
 def _train(cfg: Glass, x, syn, syn_masks, carry, rng, start, count: int):
   """Epochs start .. start + count - 1 from carry = (params, optimiser state, statistics);
@@ -476,7 +491,7 @@ def _train(cfg: Glass, x, syn, syn_masks, carry, rng, start, count: int):
       if syn is None:
         fake_in, fake_mask = _surrogate_textures(cfg, k_fake, batch, x)
       else:
-        sidx = jax.random.randint(k_syn, (bs,), 0, syn.shape[0])
+        sidx = texture_batch(k_syn, idx, e, n, syn.shape[0])
         fake_in, fake_mask = syn[sidx], syn_masks[sidx]
       (loss, stats), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
           cfg, p, stats, batch, fake_in, fake_mask, centre, k_noise)
