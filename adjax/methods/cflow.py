@@ -283,7 +283,7 @@ def fibre_loss(params: dict, perms: jax.Array, tokens: jax.Array, cond: jax.Arra
   return jnp.mean(-jax.nn.log_sigmoid(log_prob_per_dim(params, perms, tokens, cond, clamp)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
+@functools.partial(jax.jit, static_argnums=(0,))
 def _train(cfg: CFlow, levels: tuple, carry: tuple, perms: list, rates: jax.Array,
            rng: jax.Array, start, count: int):
   """Image batches start .. start + count - 1 of the run from carry = (per-level params,
@@ -315,8 +315,9 @@ def _train(cfg: CFlow, levels: tuple, carry: tuple, perms: list, rates: jax.Arra
       losses.append(level_losses[-1])
     return (new_params, new_states), sum(losses)
 
-  carry, losses = jax.lax.scan(batch_step, carry, start + jnp.arange(count))
-  return carry, losses[-1]
+  # A loop with traced bounds: one program serves every round length.
+  return jax.lax.fori_loop(start, start + count, lambda i, c: batch_step(c[0], i),
+                           (carry, jnp.zeros((), jnp.float32)))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -466,7 +466,7 @@ def texture_batch(rng: jax.Array, images: jax.Array, epoch: jax.Array, num_image
   return jax.random.randint(rng, images.shape, 0, num_synthetic)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
+@functools.partial(jax.jit, static_argnums=(0,))
 def _train(cfg: Glass, x, syn, syn_masks, carry, rng, start, count: int):
   """Epochs start .. start + count - 1 from carry = (params, optimiser state, statistics);
   each epoch's draws depend on its index only, so any split into calls gives the same state."""
@@ -501,8 +501,9 @@ def _train(cfg: Glass, x, syn, syn_masks, carry, rng, start, count: int):
     carry, losses = jax.lax.scan(step, (p, opt_state, stats), jnp.arange(per_epoch))
     return carry, losses[-1]
 
-  carry, losses = jax.lax.scan(epoch, carry, start + jnp.arange(count))
-  return carry, losses[-1]
+  # A loop with traced bounds: one program serves every round length.
+  return jax.lax.fori_loop(start, start + count, lambda i, c: epoch(c[0], i),
+                           (carry, jnp.zeros((), jnp.float32)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
