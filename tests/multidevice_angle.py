@@ -38,24 +38,29 @@ def main():
   }
   out = {}
   # Blocks of 7: several blocks per device; 2048: one. tau 0.15 takes the rarer-label rows path,
-  # 0.02 the running-maximum one.
+  # 0.02 the running-maximum one. Labels and centre are arguments, so that one program per
+  # setting serves every label case (constants compiled one program per case).
   for block, temps in ((7, (0.15, 0.02)), (2048, (0.15,))):
     for temp in temps:
       base = StepSettings(level_strides=(14,), angle_block_size=block, temperature=temp)
+      fns = {kind: jax.jit(jax.value_and_grad(
+                 lambda a, b, m, cc, s=settings: angle_term(a, b, m, cc, s), (0, 1)))
+             for kind, settings in (("one", base),
+                                    ("sharded", dataclasses.replace(base, mesh=mesh)))}
+      plain = jax.jit(lambda a, b, m, cc, t=temp, k=block: angle_loss(a, b, m, cc, t,
+                                                                     block_size=k))
       for case, (labels, c) in cases.items():
         name = f"{block}/{case}_tau{temp}"
-        for kind, settings in (("one", base), ("sharded", dataclasses.replace(base, mesh=mesh))):
-          fn = jax.jit(jax.value_and_grad(
-              lambda a, b, s=settings, m=labels, cc=c: angle_term(a, b, m, cc, s), (0, 1)))
-          args = (jax.device_put(e1, rows), jax.device_put(e2, rows)) if kind == "sharded" \
-              else (e1, e2)
-          loss, (g1, g2) = fn(*args)
+        for kind, fn in fns.items():
+          args = (e1, e2, labels)
+          if kind == "sharded":
+            args = tuple(jax.device_put(a, rows) for a in args)
+          loss, (g1, g2) = fn(*args, c)
           out[f"{name}/{kind}/loss"] = np.asarray(loss)
           out[f"{name}/{kind}/g1"] = np.asarray(g1)
           out[f"{name}/{kind}/g2"] = np.asarray(g2)
         # The plain loss on one device, as the third opinion.
-        out[f"{name}/plain/loss"] = np.asarray(
-            angle_loss(e1, e2, labels, c, temp, block_size=block))
+        out[f"{name}/plain/loss"] = np.asarray(plain(e1, e2, labels, c))
   text = jax.jit(lambda a, b: angle_term(a, b, cases["center"][0], center,
                                           dataclasses.replace(base, mesh=mesh))).lower(
       jax.device_put(e1, rows), jax.device_put(e2, rows)).compile().as_text()
