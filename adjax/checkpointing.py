@@ -1,7 +1,8 @@
 """Orbax checkpoints of a pretraining run: train state and data-iterator state together.
 
 `<workdir>/checkpoints/<step>/` holds two items: "state" (projector params, optimiser state,
-step, skipped count, rng) and "data" (the grain iterator's state, JSON). Saves are
+step, skipped count, rng) and "data" (JSON: the grain iterator's state and the loader's worker
+count, `PretrainLoader.state`). Saves are
 asynchronous; orbax writes each step to a temporary folder and renames it when complete, so a
 run killed at any moment resumes from its last complete step. The latest N are kept.
 """
