@@ -301,15 +301,16 @@ class PretrainLoader:
     examples = [self.example_fn(step * self.batch_size + b) for b in range(self.batch_size)]
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
-  def __iter__(self) -> grain.DatasetIterator:
-    return iter(self.dataset())
+  def __iter__(self) -> "LoaderIterator":
+    return LoaderIterator(self, 0)
 
-  def state(self, iterator: grain.DatasetIterator) -> dict:
-    """What a checkpoint keeps of `iterator`: grain's state, and the worker count that state
-    has the shape of."""
-    return {"grain": iterator.get_state(), "num_workers": self.num_workers}
+  def state(self, iterator: "LoaderIterator") -> dict:
+    """What a checkpoint keeps of `iterator`: grain's state, the step its pipeline starts at
+    (grain counts from there) and the worker count the state has the shape of."""
+    return {"grain": iterator.get_state(), "start_step": iterator.start_step,
+            "num_workers": self.num_workers}
 
-  def resume(self, saved: Any, step: int) -> grain.DatasetIterator:
+  def resume(self, saved: Any, step: int) -> "LoaderIterator":
     """An iterator that continues one saved by `state` after `step` batches.
 
     grain's state fits only the worker count it was saved with. With another count (a run
@@ -319,10 +320,37 @@ class PretrainLoader:
     """
     if isinstance(saved, dict) and "grain" in saved and \
         saved.get("num_workers") == self.num_workers:
-      iterator = iter(self)
+      iterator = LoaderIterator(self, int(saved.get("start_step", 0)))
       iterator.set_state(saved["grain"])
       return iterator
-    return iter(self.dataset(start_step=int(step)))
+    return LoaderIterator(self, int(step))
+
+
+class LoaderIterator:
+  """A checkpointable iterator over a PretrainLoader's batches from step `start_step` on: a
+  grain iterator that also knows where its pipeline starts, since grain's state counts from
+  there (a state alone, restored on a pipeline that starts elsewhere, would replay batches)."""
+
+  def __init__(self, loader: PretrainLoader, start_step: int):
+    self.start_step = start_step
+    self._iterator = iter(loader.dataset(start_step=start_step))
+
+  def __iter__(self) -> "LoaderIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return self._iterator.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(state)
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
 
 
 def make_pretrain_loader(records: Sequence[Record], *, image_size: int, batch_size: int,

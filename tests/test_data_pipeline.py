@@ -155,7 +155,7 @@ def test_determinism_and_exact_restore(data):
 def test_worker_processes_match_in_process(data):
   pre, _, _ = data
   kw = dict(image_size=S, batch_size=4, shots=(1, 2), max_shots=2, patch_size=P, seed=4)
-  want = _take(iter(make_pretrain_loader(pre, **kw)), 5)
+  want = _take(iter(make_pretrain_loader(pre, **kw)), 7)
   loader = make_pretrain_loader(pre, num_workers=2, **kw)
   it = iter(loader)
   got = _take(it, 2)
@@ -167,21 +167,34 @@ def test_worker_processes_match_in_process(data):
   it2.set_state(state)
   assert all(_equal(a, b) for a, b in zip(want[2:], _take(it2, 3)))
   it2.close()
-  # A checkpoint's data state resumes under another worker count (a run moved to another
-  # machine): the iterator then starts at the saved step, with the same batches.
+
+
+def _same(got, want):
+  return len(got) == len(want) and all(_equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_resumed_loader_continues_under_any_worker_count(data):
+  """A checkpoint's data state resumes under another worker count (a run moved to another
+  machine): the loader then starts at the saved step, with the same batches; resumed again
+  with the same count, it continues from grain's state, counted from where it started."""
+  pre, _, _ = data
+  kw = dict(image_size=S, batch_size=4, shots=(1, 2), max_shots=2, patch_size=P, seed=4)
   in_process = make_pretrain_loader(pre, **kw)
-  saved = {"grain": state, "num_workers": 2}
-  assert all(_equal(a, b) for a, b in zip(want[2:], _take(in_process.resume(saved, 2), 3)))
-  it3 = iter(in_process)
-  _take(it3, 3)
-  it4 = loader.resume(in_process.state(it3), 3)
-  assert all(_equal(a, b) for a, b in zip(want[3:], _take(it4, 2)))
-  it4.close()
-  # The same count uses grain's own state; a state saved before the count was recorded
-  # (grain's alone) starts at the step.
-  it5 = in_process.resume(in_process.state(it3), 3)
-  assert all(_equal(a, b) for a, b in zip(want[3:], _take(it5, 2)))
-  assert all(_equal(a, b) for a, b in zip(want[1:], _take(in_process.resume(state, 1), 2)))
+  workers = make_pretrain_loader(pre, num_workers=2, **kw)
+  want = _take(iter(in_process), 8)
+  first = iter(in_process)
+  assert _same(_take(first, 2), want[:2])
+  saved = in_process.state(first)                     # after step 2, no workers
+  second = workers.resume(saved, 2)                   # another count: starts at step 2
+  assert second.start_step == 2 and _same(_take(second, 2), want[2:4])
+  saved = workers.state(second)                       # after step 4, 2 workers
+  second.close()
+  third = workers.resume(saved, 4)                    # the same count: grain's own state
+  assert third.start_step == 2 and _same(_take(third, 2), want[4:6])
+  third.close()
+  # Back to no workers, and a state from before the count was recorded (grain's alone).
+  assert _same(_take(in_process.resume(saved, 4), 2), want[4:6])
+  assert _same(_take(in_process.resume(saved["grain"], 6), 2), want[6:8])
 
 
 def test_bad_settings(data):
