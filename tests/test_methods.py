@@ -234,10 +234,11 @@ def _defect_contrast(maps, labels, masks):
   return maps[m].mean(), maps[~m].mean()
 
 
-def test_cflow_trains_and_ranks_defects(data):
+def test_cflow_trains_and_ranks_defects(data, caplog):
   train, test, labels, masks = data
   method = get_method("cflow", coupling_blocks=2, cond_dim=8, epochs=2, fiber_batch=128)
   state = method.fit(train, jax.random.key(0))
+  assert "never leaves its warm-up" in caplog.text   # 2 epochs < 2 meta-epochs of 8
   assert np.isfinite(float(state["loss"]))
   scores, maps = method.score(state, test, IMAGE)
   inside, outside = _defect_contrast(maps, labels, masks)
@@ -314,11 +315,14 @@ def test_cflow_trains_as_the_reference_loop():
                for x in levels]
   rates = _reference_cflow_rates(cfg, 2)   # 10 images in batches of 4: 2 batches an epoch
   steps = [0, 0]
+  orders = []
   for g in range(4 * 2):
     images, fibres = cflow_lib.fibre_draws(cfg, k_train, jnp.int32(g), 10, [16, 4])
     images = np.asarray(images)
     if g % 2 == 0:
       seen = set()
+      orders.append([])
+    orders[-1] += images.tolist()
     assert not seen & set(images.tolist()) and len(set(images.tolist())) == 4
     seen |= set(images.tolist())
     # Level 1: 64 tokens -> 2 fibres of 24 (16 dropped); level 2: 16 tokens -> 1 fibre of 16.
@@ -339,6 +343,7 @@ def test_cflow_trains_as_the_reference_loop():
         moments[k] = [m, v, t]
         steps[k] += 1
   assert steps == [16, 8]
+  assert len({tuple(order) for order in orders}) == 4     # a new order every epoch
   for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-6)
 
@@ -367,8 +372,9 @@ def test_training_in_rounds_is_training_at_once(data, name, settings, every, che
   method = get_method(name, **settings)
   extra = {}
   if name == "glass":   # given texture anomalies: the same check, a smaller program to compile
-    extra = {"synthetic_levels": make_data(2, 8, 0.5)[0],
-             "synthetic_masks": (np.random.default_rng(0).uniform(size=(8, GRID, GRID)) > 0.7)}
+    # Two copies of each of the 24 training images: the paired path (texture_batch).
+    extra = {"synthetic_levels": make_data(2, 48, 0.5)[0],
+             "synthetic_masks": (np.random.default_rng(0).uniform(size=(48, GRID, GRID)) > 0.7)}
   rounds = list(method.fit_in_rounds(train, jax.random.key(3), every=every, **extra))
   assert [r["epochs"] for r in rounds] == checks
   whole = method.fit(train, jax.random.key(3), **extra)

@@ -25,15 +25,18 @@ more steps and each flow keeps its own Adam step count (torch's Adam over all fl
 parameters a step gave no gradient). The learning rate is set per image batch: constant within
 a meta-epoch of `sub_epochs` epochs on a cosine over the meta-epochs, after a linear warm-up over
 the first `warmup_meta_epochs`. The reference's schedule is 25 meta-epochs x 8 sub-epochs = 200
-epochs of batches of 32 images and fibre batches of 4096 tokens; it stops on fewer than 32
-training images or fewer tokens than a fibre batch, where adjax uses all images as one batch
-and all of a batch's tokens as one fibre batch.
+epochs of batches of 32 images and fibre batches of 4096 tokens. With fewer than 32 training
+images the reference trains nothing (no full batch), and with fewer tokens than a fibre batch
+it stops (an assertion); adjax then uses all images as one batch and all of a batch's tokens as
+one fibre batch. A run of at most `warmup_meta_epochs` meta-epochs never leaves the warm-up (as
+in the reference; a warning says so): shorten `sub_epochs` with `epochs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Iterator, Sequence
 
@@ -45,6 +48,7 @@ import optax
 from adjax.methods import common
 
 _LOG_2PI_HALF = 0.5 * math.log(2.0 * math.pi)
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +105,7 @@ class CFlow:
     As the reference's adjust_learning_rate and warmup_learning_rate: meta-epoch m of M gets
     eta + (lr - eta) (1 + cos(pi m / M)) / 2, eta = lr * final_lr_ratio; during the first
     warmup_meta_epochs W, batch g of the run gets lr / 10 + g / (W * sub_epochs * batches) *
-    (that cosine at m = W - lr / 10) instead.
+    (cosine(W) - lr / 10) instead, cosine(W) being that cosine at m = W.
     """
     if self.sub_epochs < 1 or self.warmup_meta_epochs < 0:
       raise ValueError(f"cflow: sub_epochs must be >= 1 and warmup_meta_epochs >= 0, got "
@@ -145,7 +149,7 @@ class CFlow:
     Args:
       train_levels: list of (N, h_k, w_k, C_k) normal training features.
       rng: PRNG key.
-      every: epochs (passes over the tokens) between yields.
+      every: epochs (passes over the training images) between yields.
 
     Yields:
       {"params", "perms", "loss" (last step), "epochs" (done so far)}.
@@ -157,6 +161,11 @@ class CFlow:
     state = self.init(k_init, [x.shape[-1] for x in levels])
     per_epoch = self.batches_per_epoch(levels[0].shape[0])
     rates = jnp.asarray(self.learning_rates(per_epoch))
+    if self.warmup_meta_epochs and \
+        math.ceil(self.epochs / self.sub_epochs) <= self.warmup_meta_epochs:
+      log.warning("cflow: %d epochs are at most %d meta-epochs of %d: the learning rate never "
+                  "leaves its warm-up (as in the reference); lower sub_epochs for a short run",
+                  self.epochs, self.warmup_meta_epochs, self.sub_epochs)
     params = state["params"]
     carry = (params, [_ADAM.init(p) for p in params])
     total = self.epochs * per_epoch
