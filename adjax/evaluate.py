@@ -352,12 +352,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   """
   from tqdm import tqdm
   from adjax import reporting
+  from adjax.compilation_cache import use_compilation_cache
   from adjax.train import build_backbone, compute_dtype, split_classes
   from data_pipelines.eval_pipeline import load_eval_class
   from data_pipelines.records import read_dataset
 
   t0 = time.perf_counter()
   ev = config.eval
+  use_compilation_cache(config.train.get("compilation_cache", ""))
   if not ev.root:
     raise ValueError("config.eval.root is empty: give the evaluation dataset's folder "
                      "(--config.eval.root=DIR)")

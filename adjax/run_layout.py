@@ -272,6 +272,7 @@ RESUMABLE_CHANGES = ("backbone.weights", "backbone.cache_dir", "data.pretrain_ro
                      "optim.max_steps",
                      "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.eval_every_epochs",
+                     "train.compilation_cache",
                      "train.max_similarities", "loss.angle_block_size")
 RESUMABLE_SECTIONS = ("eval.", "demo.")
 # Of those paths, lists of datasets (comma-separated): a path may move, but a dataset added or

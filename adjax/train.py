@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from adjax import run_layout
 from adjax import sharding
+from adjax.compilation_cache import use_compilation_cache
 from adjax.errors import UserError
 from adjax.models.projector import init_projector
 from adjax.optim import make_optimizer
@@ -463,6 +464,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
 
   sharding.maybe_initialize_distributed()
   stale_derived = _check_run_settings(config, workdir)
+  use_compilation_cache(config.train.get("compilation_cache", ""))
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.data_mesh()
   backbone, backbone_params = build_backbone(config, workdir)

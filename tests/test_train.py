@@ -206,6 +206,7 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
       train_step.residual_update = update_then_term
       config = tiny_config({dataset!r}); config.optim.max_steps = 50
       config.train.checkpoint_every = 1000
+      config.train.compilation_cache = "xla_cache"
       summary = pretrain(config, "run_c", progress=False)  # relative, as users type it
       print("PREEMPTED", summary["preempted"], summary["steps"])
   """)
@@ -215,6 +216,16 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
   assert b"PREEMPTED True 1" in proc.stdout
   steps = [int(p) for p in os.listdir(run_layout.checkpoints_dir(workdir)) if p.isdigit()]
   assert steps == [1]
+  # train.compilation_cache: the run's programs were stored for the next attempt.
+  assert any(name.endswith("-cache") for name in os.listdir(tmp_path / "xla_cache"))
+
+
+def test_compilation_cache_setting_is_checked(tmp_path):
+  from adjax.compilation_cache import use_compilation_cache
+  assert use_compilation_cache("") is False       # off: JAX's own settings stay
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(NotADirectoryError, match="compilation_cache=.*is a file"):
+    use_compilation_cache(str(tmp_path / "a_file"))
 
 
 def test_centres_follow_what_the_projector_sees(dataset, tmp_path):
