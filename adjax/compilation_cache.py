@@ -10,6 +10,7 @@ JAX_COMPILATION_CACHE_DIR).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -47,10 +48,9 @@ def use_compilation_cache(folder: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
   os.makedirs(path, exist_ok=True)
   if not os.access(path, os.W_OK):
     raise PermissionError(f"config.train.compilation_cache={folder!r} cannot be written to")
-  try:
-    import filelock  # noqa: F401
+  if importlib.util.find_spec("filelock") is not None:   # JAX locks a capped cache with it
     jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
-  except ImportError:
+  else:
     log.warning("the filelock package is missing: the compilation cache in %s runs without a "
                 "size cap or a lock between processes", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))

@@ -16,10 +16,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # for another CPU. A checkout that cannot be written to runs without the cache.
 def _compilation_cache_dir():
   import hashlib
+  import importlib.util
   import platform
-  try:
-    import filelock  # noqa: F401
-  except ImportError:
+  if importlib.util.find_spec("filelock") is None:
     return None
   try:
     with open("/proc/cpuinfo") as f:
