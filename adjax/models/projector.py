@@ -143,12 +143,7 @@ class _CrossAttention(nn.Module):
     k = heads(in_proj("key", zero_bias_gradient=True)(ref))          # (H, R, d), once per call
     v = heads(in_proj("value")(ref))                                 # (H, R, d), once per call
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    if self.is_initializing():
-      # Only the parameters matter here: skip the blocked attention, whose op-by-op run took
-      # seconds per level (its output has the queries' shape).
-      attended = q
-    else:
-      attended = reference_attention(q, k, v)                         # (H, T, d)
+    attended = reference_attention(q, k, v)                           # (H, T, d)
     attended = attended.transpose(1, 0, 2).reshape(x.shape[0], self.dim)
     return _Linear(self.dim, _torch_linear_kernel_init, nn.initializers.zeros, self.dtype,
                    name="out")(attended)
