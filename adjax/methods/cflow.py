@@ -90,6 +90,11 @@ class CFlow:
 
   name = "cflow"
 
+  @property
+  def meta_epochs(self) -> int:
+    """Meta-epochs of `sub_epochs` epochs (the last may be shorter): the schedule's unit."""
+    return math.ceil(self.epochs / self.sub_epochs)
+
   def batches_per_epoch(self, num_images: int) -> int:
     """Image batches per epoch (full batches only; one batch of all when fewer images)."""
     return common.epoch_steps(num_images, self.image_batch)
@@ -110,9 +115,8 @@ class CFlow:
     if self.sub_epochs < 1 or self.warmup_meta_epochs < 0:
       raise ValueError(f"cflow: sub_epochs must be >= 1 and warmup_meta_epochs >= 0, got "
                        f"{self.sub_epochs} and {self.warmup_meta_epochs}")
-    meta_epochs = math.ceil(self.epochs / self.sub_epochs)
     eta = self.lr * self.final_lr_ratio
-    cosine = lambda m: eta + (self.lr - eta) * (1.0 + np.cos(np.pi * m / meta_epochs)) / 2.0
+    cosine = lambda m: eta + (self.lr - eta) * (1.0 + np.cos(np.pi * m / self.meta_epochs)) / 2.0
     batch = np.arange(self.epochs * batches_per_epoch)
     meta = batch // (batches_per_epoch * self.sub_epochs)
     rates = cosine(meta)
@@ -161,8 +165,7 @@ class CFlow:
     state = self.init(k_init, [x.shape[-1] for x in levels])
     per_epoch = self.batches_per_epoch(levels[0].shape[0])
     rates = jnp.asarray(self.learning_rates(per_epoch))
-    if self.warmup_meta_epochs and \
-        math.ceil(self.epochs / self.sub_epochs) <= self.warmup_meta_epochs:
+    if self.warmup_meta_epochs and self.meta_epochs <= self.warmup_meta_epochs:
       log.warning("cflow: %d epochs are at most %d meta-epochs of %d: the learning rate never "
                   "leaves its warm-up (as in the reference); lower sub_epochs for a short run",
                   self.epochs, self.warmup_meta_epochs, self.sub_epochs)
@@ -250,10 +253,10 @@ def log_prob_per_dim(params, perms, x, cond, clamp):
   return (-c * _LOG_2PI_HALF - 0.5 * jnp.sum(z * z, -1) + logdet) / c
 
 
-def _tokens_and_positions(cfg: CFlow, x: jax.Array):
-  n, h, w, c = x.shape
-  pos = jnp.asarray(common.sinusoidal_position_2d(cfg.cond_dim, h, w)).reshape(h * w, -1)
-  return x.reshape(n * h * w, c), pos
+def _positions(cfg: CFlow, x: jax.Array) -> jax.Array:
+  """The position code of each of a level's h * w token positions, (h * w, cond_dim)."""
+  _, h, w, _ = x.shape
+  return jnp.asarray(common.sinusoidal_position_2d(cfg.cond_dim, h, w)).reshape(h * w, -1)
 
 
 # torch.optim.Adam's defaults (betas 0.9, 0.999, eps 1e-8 outside the square root); the
@@ -299,15 +302,15 @@ def _train(cfg: CFlow, levels: tuple, carry: tuple, perms: list, rates: jax.Arra
   per-level Adam states); each batch's draws depend on its index only, so any split into calls
   gives the same flows."""
   n = levels[0].shape[0]
-  data = [_tokens_and_positions(cfg, x[:1]) for x in levels]   # positions of one image
-  sizes = [pos.shape[0] for _, pos in data]
+  positions = [_positions(cfg, x) for x in levels]
+  sizes = [pos.shape[0] for pos in positions]
 
   def batch_step(carry, g):
     params, states = carry
     images, fibres = fibre_draws(cfg, rng, g, n, sizes)
     new_params, new_states, losses = [], [], []
-    for x, (_, pos), s, p, opt_state, perm, idx in zip(levels, data, sizes, params, states,
-                                                        perms, fibres):
+    for x, pos, s, p, opt_state, perm, idx in zip(levels, positions, sizes, params, states,
+                                                   perms, fibres):
       tokens = x[images].reshape(-1, x.shape[-1])
 
       def fibre_step(c, fibre, pos=pos, s=s, perm=perm, tokens=tokens):
@@ -334,7 +337,7 @@ def _log_likelihood(cfg: CFlow, levels: tuple, params: list, perms: list):
   out = []
   for x, p, perm in zip(levels, params, perms):
     n, h, w, _ = x.shape
-    tok, pos = _tokens_and_positions(cfg, x)
+    tok, pos = x.reshape(n * h * w, -1), _positions(cfg, x)
     cond = jnp.tile(pos, (n, 1))
     lp = jax.lax.map(lambda a: log_prob_per_dim(p, perm, a[0][None], a[1][None],
                                                 cfg.clamp)[0],
