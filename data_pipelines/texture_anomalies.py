@@ -165,11 +165,11 @@ def prepare_texture(path: str, size: int, rng: np.random.Generator,
     data = f.read()
   rgb = decode_image(data, path)
   height, width = rgb.shape[:2]
-  short = min(height, width)
-  if max(height, width) > 2 * short:
-    top, left = (height - min(height, 2 * short)) // 2, (width - min(width, 2 * short)) // 2
-    rgb = rgb[top:top + min(height, 2 * short), left:left + min(width, 2 * short)]
-    height, width = rgb.shape[:2]
+  longest = 2 * min(height, width)
+  if max(height, width) > longest:
+    top, left = (height - min(height, longest)) // 2, (width - min(width, longest)) // 2
+    height, width = min(height, longest), min(width, longest)
+    rgb = rgb[top:top + height, left:left + width]
   new_height, new_width = resized_shape(height, width, resize)   # torchvision's Resize(int)
   image = Image.fromarray(rgb).resize((new_width, new_height), Image.BILINEAR)
   changes = _texture_changes(rng)
