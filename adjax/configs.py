@@ -72,8 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.center_images_per_group = 16   # normal images per (class, view) for the centres
   c.train.max_similarities = 1 << 25   # residual matching memory cap
   c.train.precomputed_refs = False     # True: fixed reference features per (class, view)
-  c.train.compilation_cache = ""       # folder for JAX's persistent compilation cache; "": off
                                        # (`adjax refs`), reused by every step of the run
+  c.train.compilation_cache = ""       # folder for JAX's persistent compilation cache; "": off
 
   c.eval = ml_collections.ConfigDict()
   c.eval.format = "mvtec"
