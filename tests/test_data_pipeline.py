@@ -155,7 +155,7 @@ def test_determinism_and_exact_restore(data):
 def test_worker_processes_match_in_process(data):
   pre, _, _ = data
   kw = dict(image_size=S, batch_size=4, shots=(1, 2), max_shots=2, patch_size=P, seed=4)
-  want = _take(iter(make_pretrain_loader(pre, **kw)), 7)
+  want = _take(iter(make_pretrain_loader(pre, **kw)), 5)
   loader = make_pretrain_loader(pre, num_workers=2, **kw)
   it = iter(loader)
   got = _take(it, 2)

@@ -144,7 +144,7 @@ def test_glass_on_residual_features_runs_as_the_reference_runs_it():
       "coreset_ratio": 0.5}
 
 
-def test_best_over_test_checks_is_each_metrics_best(monkeypatch):
+def test_best_over_test_checks_is_each_metrics_best():
   """eval.best_over_test: the reference's protocol for CFLOW and GLASS, each metric's best over
   the test-set checks made every test_every epochs (recomputed here check by check)."""
   from adjax import metrics as metrics_lib
