@@ -94,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
                                        # GLASS's texture anomalies made in image space, as the
                                        # reference; "" = its feature-space stand-in
   c.eval.glass_texture_rounds = 4      # texture-augmented copies of each training image
+  c.eval.glass_texture_refresh = False # new copies every glass_texture_rounds epochs, so every
+                                       # epoch sees new textures (the reference's way; costs a
+                                       # backbone pass over the training set per epoch)
   c.eval.glass_foreground = ""         # GLASS's foreground masks (<class>/<image name>): the
                                        # textures only on the object; "" = anywhere
   c.eval.best_over_test = False        # CFLOW, GLASS: test every test_every epochs and report

@@ -219,53 +219,60 @@ def class_resize(ev: ml_collections.ConfigDict, class_name: str) -> Optional[int
   return int(per_class.get(class_name, 0)) or int(ev.get("resize", 0)) or None
 
 
-def glass_texture_features(config: ml_collections.ConfigDict, maker: FeatureMaker, data: dict,
-                           class_name: str, train_levels, refs, projector: dict[str, Any],
-                           kinds: Sequence[str], textures: Sequence[str],
-                           method_settings: dict) -> tuple[dict[str, list], np.ndarray]:
-  """GLASS's image-space texture anomalies of a class's training images, featurised.
+class GlassTextureSets:
+  """GLASS's image-space texture anomalies of one class's training images, featurised, set by
+  set: set s is `eval.glass_texture_rounds` R texture-augmented copies of each training image
+  (copy r of image i at r * N + i; textures from `eval.glass_textures`, only on the object with
+  `eval.glass_foreground`), seeded by the run's seed, the class and s (set 0 by the seed and
+  the class alone), featurised as the real images of a feature kind (the class's references,
+  the projector). With `eval.glass_texture_refresh` GLASS asks for set s at epoch s R."""
 
-  `eval.glass_texture_rounds` texture-augmented copies of each training image (textures from
-  `eval.glass_textures`, only on the object with `eval.glass_foreground`), seeded by the run's
-  seed and the class, then every feature kind of them as of the real images (the class's
-  references, the projector).
+  def __init__(self, config: ml_collections.ConfigDict, maker: FeatureMaker, data: dict,
+               class_name: str, train_levels, textures: Sequence[str], method_settings: dict):
+    import zlib
+    from adjax.methods import get_method
+    from data_pipelines import texture_anomalies
+    ev = config.eval
+    self._maker, self._textures, self._images = maker, textures, data["train_images"]
+    self._glass = get_method("glass", **method_settings_for("glass", "original",
+                                                             method_settings))
+    self._grid = self._glass.token_grid(train_levels)
+    self._resize = class_resize(ev, class_name)
+    self._rounds = int(ev.get("glass_texture_rounds", 4))
+    self._seed = [int(config.seed), zlib.crc32(class_name.encode())]
+    # In chunks, keeping only the levels GLASS uses: R x N images of every level and kind at
+    # once would take several times the memory of the class's own features.
+    self._chunk = max(1, int(ev.get("batch_size", 16))) * 4
+    self._foregrounds = None
+    if ev.get("glass_foreground", ""):
+      # GLASS's masks are for the class's normal training images; an anomalous image mixed
+      # into training (eval.noisy_share) has none, and a class without a folder has none.
+      self._foregrounds = [None if noisy else texture_anomalies.read_foreground(
+          ev.glass_foreground, class_name, path, config.image_size, self._resize)
+          for path, noisy in zip(data["train_paths"], data["train_noisy"])]
+      if all(f is None for f in self._foregrounds):
+        log.info("class %r: no foreground masks under %s; texture anomalies go anywhere",
+                 class_name, ev.glass_foreground)
 
-  Returns:
-    ({kind key: GLASS's levels (the last num_levels)}, (N_s, h, w) token masks on its grid).
-  """
-  import zlib
-  from adjax.methods import get_method
-  from data_pipelines import texture_anomalies
-  from adjax.methods.common import last_levels
-  ev = config.eval
-  glass = get_method("glass", **method_settings_for("glass", "original", method_settings))
-  grid = glass.token_grid(train_levels)
-  resize = class_resize(ev, class_name)
-  foregrounds = None
-  if ev.get("glass_foreground", ""):
-    # GLASS's masks are for the class's normal training images; an anomalous image mixed
-    # into training (eval.noisy_share) has none, and a class without a folder has none.
-    foregrounds = [None if noisy else texture_anomalies.read_foreground(
-        ev.glass_foreground, class_name, path, config.image_size, resize)
-        for path, noisy in zip(data["train_paths"], data["train_noisy"])]
-    if all(f is None for f in foregrounds):
-      log.info("class %r: no foreground masks under %s; texture anomalies go anywhere",
-               class_name, ev.glass_foreground)
-  rng = np.random.default_rng([int(config.seed), zlib.crc32(class_name.encode())])
-  images, masks = texture_anomalies.synthesize(
-      data["train_images"], textures, grid, rng,
-      rounds=int(ev.get("glass_texture_rounds", 4)), foregrounds=foregrounds, resize=resize)
-  # In chunks, keeping only the levels GLASS uses: rounds x N images of every level and kind
-  # at once would take several times the memory of the class's own features.
-  chunk = max(1, int(ev.get("batch_size", 16))) * 4
-  parts = []   # per chunk: {kind key: GLASS's levels}
-  for start in range(0, len(images), chunk):
-    levels = maker.backbone_levels(images[start:start + chunk])
-    parts.append({key: [np.asarray(lv) for lv in last_levels(kind_levels, glass.num_levels)]
-                  for key, kind_levels in maker.features_of(kinds, levels, refs,
-                                                            projector).items()})
-  return {key: [np.concatenate(level) for level in zip(*(part[key] for part in parts))]
-          for key in parts[0]}, masks
+  def features(self, set_index: int, kinds: Sequence[str], refs, projector: dict[str, Any]
+               ) -> tuple[dict[str, list], np.ndarray]:
+    """({kind key: GLASS's levels (the last num_levels)}, (R N, h, w) token masks on its grid)
+    of set `set_index`, for every feature kind in `kinds` (one backbone pass)."""
+    from data_pipelines import texture_anomalies
+    from adjax.methods.common import last_levels
+    rng = np.random.default_rng(self._seed + ([set_index] if set_index else []))
+    images, masks = texture_anomalies.synthesize(
+        self._images, self._textures, self._grid, rng, rounds=self._rounds,
+        foregrounds=self._foregrounds, resize=self._resize)
+    parts = []   # per chunk: {kind key: GLASS's levels}
+    for start in range(0, len(images), self._chunk):
+      levels = self._maker.backbone_levels(images[start:start + self._chunk])
+      parts.append({key: [np.asarray(lv) for lv in last_levels(kind_levels,
+                                                                 self._glass.num_levels)]
+                    for key, kind_levels in self._maker.features_of(kinds, levels, refs,
+                                                                    projector).items()})
+    return {key: [np.concatenate(level) for level in zip(*(part[key] for part in parts))]
+            for key in parts[0]}, masks
 
 
 def score_method(name: str, settings: dict, train_levels, test_levels, image_size: int,
@@ -384,6 +391,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   elif ev.get("glass_foreground", "") and "glass" in methods:
     log.warning("eval.glass_foreground is set but eval.glass_textures is not: foreground "
                 "masks only apply to image-space texture anomalies; ignored")
+  texture_refresh = bool(ev.get("glass_texture_refresh", False)) and textures is not None
+  if ev.get("glass_texture_refresh", False) and textures is None and "glass" in methods:
+    log.warning("eval.glass_texture_refresh is set but eval.glass_textures is not: it only "
+                "refreshes image-space texture anomalies; ignored")
   if backbone is None:
     backbone, backbone_params = build_backbone(config, workdir)
   projector = {}
@@ -427,8 +438,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     if textures is not None:
       glass_projector = {k: v for k, v in projector.items()
                          if k == checkpoint_kind_for("glass", checkpoint_choice)}
-      synthetic = glass_texture_features(config, maker, data, class_name, train_levels, refs,
-                                         glass_projector, kinds, textures, method_settings)
+      sets = GlassTextureSets(config, maker, data, class_name, train_levels, textures,
+                              method_settings)
+      synthetic = (sets, refs, glass_projector,
+                   sets.features(0, kinds, refs, glass_projector))   # set 0, every kind
     return data, features, synthetic
 
   def feature_key(method: str, kind: str) -> str:
@@ -450,8 +463,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     settings = method_settings_for(method, kind, method_settings)
     extras = None
     if method == "glass" and synthetic is not None:
-      levels, masks = synthetic
-      extras = {"synthetic_levels": levels[feature_key(method, kind)], "synthetic_masks": masks}
+      sets, refs, glass_projector, (levels, masks) = synthetic
+      key = feature_key(method, kind)
+      extras = {"synthetic_levels": levels[key], "synthetic_masks": masks}
+      if texture_refresh:
+        def refresh(set_index: int, kind=kind, key=key):
+          fresh, fresh_masks = sets.features(set_index, [kind], refs, glass_projector)
+          return fresh[key], fresh_masks
+        extras["synthetic_refresh"] = refresh
     metrics, scores, maps, _ = score_method(method, settings, train_f, test_f,
                                             config.image_size, config.seed,
                                             data["test_labels"], data["test_masks"], state=state,

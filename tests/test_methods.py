@@ -388,6 +388,40 @@ def test_training_in_rounds_is_training_at_once(data, name, settings, every, che
     get_method(name, **dict(settings, epochs=0)).fit(train, jax.random.key(3))
 
 
+def test_glass_refreshed_texture_sets_follow_one_another(data):
+  """With synthetic_refresh, epochs s R .. s R + R - 1 use set s of R copies per image: the
+  same training as one given layout of all sets (copy e of it is copy e mod R of set e // R),
+  in rounds or at once; each set is asked for once, when training reaches it."""
+  train = data[0]
+  method = get_method("glass", embed_dim=12, target_dim=12, hidden=16, epochs=4, batch_size=8,
+                      ascent_steps=2)
+  sets = [(make_data(2 + s, 48, 0.5)[0],
+           np.random.default_rng(s).uniform(size=(48, GRID, GRID)) > 0.7) for s in range(2)]
+  asked = []
+  refresh = lambda s: asked.append(s) or sets[s]
+  rounds = list(method.fit_in_rounds(train, jax.random.key(3), every=3,
+                                     synthetic_levels=sets[0][0], synthetic_masks=sets[0][1],
+                                     synthetic_refresh=refresh))
+  assert [r["epochs"] for r in rounds] == [3, 4] and asked == [1]
+  laid_out = method.fit(train, jax.random.key(3),
+                        synthetic_levels=[np.concatenate(z) for z in zip(sets[0][0], sets[1][0])],
+                        synthetic_masks=np.concatenate([sets[0][1], sets[1][1]]))
+  for got, want in zip(jax.tree.leaves(rounds[-1]["params"]),
+                       jax.tree.leaves(laid_out["params"])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  # Without the refresh the first set's copies come back in epochs 2 and 3: another result.
+  repeated = method.fit(train, jax.random.key(3), synthetic_levels=sets[0][0],
+                        synthetic_masks=sets[0][1])
+  assert not np.allclose(np.asarray(jax.tree.leaves(repeated["params"])[0]),
+                         np.asarray(jax.tree.leaves(laid_out["params"])[0]))
+  with pytest.raises(ValueError, match="synthetic_refresh needs synthetic_levels with R copies"):
+    method.fit(train, jax.random.key(3), synthetic_refresh=refresh)
+  with pytest.raises(ValueError, match=r"synthetic_refresh\(1\) gave features of shape"):
+    method.fit(train, jax.random.key(3), synthetic_levels=sets[0][0],
+               synthetic_masks=sets[0][1],
+               synthetic_refresh=lambda s: ([x[:24] for x in sets[1][0]], sets[1][1][:24]))
+
+
 def test_uniad_trains_on_several_classes_and_ranks_defects(data):
   train, test, labels, masks = data
   method = get_method("uniad", hidden_dim=16, ffn_dim=32, num_heads=2, encoder_layers=1,

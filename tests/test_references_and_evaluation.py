@@ -175,7 +175,7 @@ def test_featurenorm_with_the_references_own_aligned_tables(dataset, tmp_path):
   assert 0.0 <= got["residual"]["image_auroc"] <= 1.0
 
 
-def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch):
+def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch, caplog):
   """With eval.glass_textures, GLASS's texture anomalies are real images (texture photographs
   blended into the training images), featurised as the kind being evaluated."""
   from PIL import Image
@@ -216,7 +216,40 @@ def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch):
   # residual kind runs GLASS as the reference does (no projection).
   assert not np.allclose(np.asarray(syn_o[-1]), np.asarray(syn_r[-1]))
   assert original.projection and not residual.projection
+  # eval.glass_texture_refresh: a new set of copies every `rounds` epochs, made when GLASS's
+  # training reaches it (here epoch 2 of 3), seeded anew, featurised as the kind's.
+  from data_pipelines import texture_anomalies
+  made, synthesize = [], texture_anomalies.synthesize
+  monkeypatch.setattr(texture_anomalies, "synthesize", lambda *a, **kw: made.append(
+      synthesize(*a, **kw)) or made[-1])
+  fits.clear()
+  backbone_calls.clear()
+  config.eval.features = ("residual",)
+  config.eval.glass_texture_refresh = True
+  config.eval.method_settings["glass"]["epochs"] = 3
+  refreshed = evaluate(config, None, str(tmp_path / "refreshed"), progress=False)
+  assert 0.0 <= refreshed["results"]["glass"][class_name]["residual"]["image_auroc"] <= 1.0
+  assert len(made) == 2 and sum(backbone_calls[2:]) == 2 * 2 * train_images
+  np.testing.assert_array_equal(made[0][1], kw_r["synthetic_masks"])   # set 0 as before
+  assert not np.array_equal(made[1][0], made[0][0])
+  assert not np.array_equal(made[1][1], made[0][1])
+  ((_, _, kw),) = fits
+  fresh, fresh_masks = kw["synthetic_refresh"](1)   # the same set 1 again: seeded by its index
+  np.testing.assert_array_equal(fresh_masks, made[1][1])
+  assert [x.shape for x in fresh] == [x.shape for x in kw["synthetic_levels"]]
+  assert not np.allclose(fresh[-1], kw["synthetic_levels"][-1])
   # A texture folder that is not there fails before any work, naming the setting.
   config.eval.glass_textures = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="eval.glass_textures"):
     evaluate(config, None, str(tmp_path / "out2"), progress=False)
+  # Without a texture folder the refresh and the foreground masks have nothing to act on:
+  # both warned, GLASS trains on its feature-space stand-in.
+  config.eval.glass_textures = ""
+  config.eval.glass_foreground = str(tmp_path)
+  fits.clear()
+  with caplog.at_level("WARNING", logger="adjax"):
+    evaluate(config, None, str(tmp_path / "out3"), progress=False)
+  assert "eval.glass_texture_refresh is set but eval.glass_textures is not" in caplog.text
+  assert "eval.glass_foreground is set but eval.glass_textures is not" in caplog.text
+  ((_, _, kw),) = fits
+  assert kw == {}

@@ -46,12 +46,14 @@ Deliberate differences from the reference:
     backbone. The methods here see features only, so `fit` takes them as optional
     `synthetic_levels` (features of such images) with `synthetic_masks` (N_s, h, w) on the
     first used level's grid (`token_grid`), binarised at 0.5: `adjax evaluate` makes them with
-    data_pipelines/texture_anomalies.py from a texture folder (`eval.glass_textures`), a fixed
-    `eval.glass_texture_rounds` R copies of each training image where the reference draws anew
-    in every epoch. When N_s is a multiple R of the N training images (copy r of image i at
-    r * N + i, as `adjax evaluate` lays them out), a step's texture batch is the copies of
-    its own true batch, as in the reference (whose loader returns each image with its
-    textured version), and epoch e uses copy e mod R: a new copy per epoch for R epochs.
+    data_pipelines/texture_anomalies.py from a texture folder (`eval.glass_textures`),
+    `eval.glass_texture_rounds` R copies of each training image. When N_s is a multiple R of
+    the N training images (copy r of image i at r * N + i, as `adjax evaluate` lays them out),
+    a step's texture batch is the copies of its own true batch, as in the reference (whose
+    loader returns each image with its textured version), and epoch e uses copy e mod R: a new
+    copy per epoch for R epochs. With `synthetic_refresh` (`eval.glass_texture_refresh`) a new
+    set of R copies follows every R epochs, so every epoch sees new textures, as the
+    reference's, which draws anew in every epoch; without it the R copies repeat.
     Otherwise each step draws its texture batch at random. Without them `fit` makes a
     feature-space surrogate:
     under a Perlin mask drawn on the token grid (common.perlin_mask), a token becomes
@@ -75,7 +77,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -172,17 +174,20 @@ class Glass:
     return steps
 
   def fit(self, train_levels: Any, rng: jax.Array, *, synthetic_levels: Any = None,
-          synthetic_masks: Any = None) -> dict:
+          synthetic_masks: Any = None,
+          synthetic_refresh: Callable[[int], tuple[Any, Any]] | None = None) -> dict:
     """Trains the projection and the discriminator (see `fit_in_rounds` for the arguments)."""
     state = None
     for state in self.fit_in_rounds(train_levels, rng, every=self.epochs,
                                     synthetic_levels=synthetic_levels,
-                                    synthetic_masks=synthetic_masks):
+                                    synthetic_masks=synthetic_masks,
+                                    synthetic_refresh=synthetic_refresh):
       pass
     return state
 
   def fit_in_rounds(self, train_levels: Any, rng: jax.Array, *, every: int | None = None,
-                    synthetic_levels: Any = None, synthetic_masks: Any = None
+                    synthetic_levels: Any = None, synthetic_masks: Any = None,
+                    synthetic_refresh: Callable[[int], tuple[Any, Any]] | None = None
                     ) -> Iterator[dict]:
     """Trains the projection and the discriminator, yielding the state every `every` epochs
     (default `test_every`) and after the last; the last is `fit`'s result, whatever `every`.
@@ -195,6 +200,11 @@ class Glass:
         (N_s, h_k, w_k, C_k); with N_s = R * N, copy r of training image i at r * N + i
         (paired with the true batch, see the module docstring).
       synthetic_masks: (N_s, h, w) token masks of those images (required with them).
+      synthetic_refresh: optional, with N_s = R * N: a function of a set index s >= 1 that
+        returns (levels, masks) of another R copies of every training image, shaped as
+        `synthetic_levels` and `synthetic_masks`; epochs s R .. s R + R - 1 use set s (set 0
+        is `synthetic_levels`), so no texture is seen twice, as in the reference, which draws
+        a new one every epoch. It is called once per set, when training reaches it.
 
     Yields:
       {"params", "stats", "loss" (last step), "epochs" (done so far)}.
@@ -203,23 +213,49 @@ class Glass:
     x = self.embed(train_levels, "train_levels")
     if (synthetic_levels is None) != (synthetic_masks is None):
       raise ValueError("glass: pass synthetic_levels and synthetic_masks together")
+    syn = masks = None
     if synthetic_levels is not None:
-      syn = self.embed(synthetic_levels, "synthetic_levels")
-      masks = jnp.asarray(synthetic_masks, jnp.float32)
-      if masks.shape != syn.shape[:3]:
-        raise ValueError(f"glass: synthetic_masks must be {tuple(syn.shape[:3])}, got "
-                         f"{tuple(masks.shape)}")
-      masks = (masks > 0.5).astype(jnp.float32)
-    else:
-      syn = masks = None
+      syn, masks = self._synthetic(synthetic_levels, synthetic_masks, "synthetic_levels")
+    set_epochs = None   # epochs per synthetic set, when sets are refreshed
+    if synthetic_refresh is not None:
+      if syn is None or syn.shape[0] % x.shape[0]:
+        raise ValueError("glass: synthetic_refresh needs synthetic_levels with R copies of "
+                         f"each of the {x.shape[0]} training images (got "
+                         f"{None if syn is None else syn.shape[0]} images)")
+      set_epochs = syn.shape[0] // x.shape[0]
     k_init, k_train = jax.random.split(rng)
     state = self.init(k_init)
     carry = (state["params"], _optimizer(self, state["params"]).init(state["params"]),
              state["stats"])
-    for start in range(0, self.epochs, every):
-      count = min(every, self.epochs - start)
-      carry, loss = _train(self, x, syn, masks, carry, k_train, start, count)
-      yield {"params": carry[0], "stats": carry[2], "loss": loss, "epochs": start + count}
+    # Training stops at every yield and, with refreshed sets, wherever a new set begins; the
+    # pieces share one compiled program (traced epoch bounds, same shapes).
+    stops = set(range(every, self.epochs, every)) | {self.epochs}
+    if set_epochs is not None:
+      stops |= set(range(set_epochs, self.epochs, set_epochs))
+    start, current_set = 0, 0
+    for end in sorted(stops):
+      if set_epochs is not None and start // set_epochs != current_set:
+        current_set = start // set_epochs
+        fresh = self._synthetic(*synthetic_refresh(current_set),
+                                f"synthetic_refresh({current_set})")
+        if fresh[0].shape != syn.shape:
+          raise ValueError(f"glass: synthetic_refresh({current_set}) gave features of shape "
+                           f"{tuple(fresh[0].shape)} after aggregation; expected "
+                           f"{tuple(syn.shape)}, as synthetic_levels")
+        syn, masks = fresh
+      carry, loss = _train(self, x, syn, masks, carry, k_train, start, end - start)
+      if end % every == 0 or end == self.epochs:
+        yield {"params": carry[0], "stats": carry[2], "loss": loss, "epochs": end}
+      start = end
+
+  def _synthetic(self, levels: Any, masks: Any, what: str) -> tuple[jax.Array, jax.Array]:
+    """Aggregated texture-anomaly features and their binarised (N_s, h, w) token masks."""
+    syn = self.embed(levels, what)
+    masks = jnp.asarray(masks, jnp.float32)
+    if masks.shape != syn.shape[:3]:
+      raise ValueError(f"glass: the masks of {what} must be {tuple(syn.shape[:3])}, got "
+                       f"{tuple(masks.shape)}")
+    return syn, (masks > 0.5).astype(jnp.float32)
 
   def score(self, state: dict, test_levels: Any, image_size: Any):
     """Scores test images.
