@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from adjax import run_layout
+from adjax import eval_progress, run_layout
 from adjax.models.projector import project
 from adjax.residual import residual_features
 
@@ -395,14 +395,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   if ev.get("glass_texture_refresh", False) and textures is None and "glass" in methods:
     log.warning("eval.glass_texture_refresh is set but eval.glass_textures is not: it only "
                 "refreshes image-space texture anomalies; ignored")
-  if backbone is None:
-    backbone, backbone_params = build_backbone(config, workdir)
   projector = {}
   if "pretrained" in kinds:
     if not workdir:
       raise ValueError("pretrained features need a run: pass --workdir RUN")
     projector = load_projectors(workdir, [checkpoint_kind_for(m, checkpoint_choice)
                                           for m in methods])
+  # An interrupted evaluation into the same folder is continued (or refused, with other
+  # settings) before the backbone's weights are read.
+  settings = eval_progress.evaluation_settings(config, projector)
+  earlier = eval_progress.read_partial(out_dir, settings)
+  if backbone is None:
+    backbone, backbone_params = build_backbone(config, workdir)
   maker = FeatureMaker(backbone, backbone_params, dtype=compute_dtype(config),
                        batch_size=int(ev.get("batch_size", 16)),
                        num_heads=config.projector.num_heads,
@@ -410,14 +414,25 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   records = read_dataset(ev.format, ev.root, split_classes(ev.classes))
   class_names = sorted({r.class_name for r in records})
   method_settings = dict(ev.get("method_settings", {}) or {})
-  results: dict[str, dict[str, dict[str, dict[str, float]]]] = {m: {} for m in methods}
+  results = eval_progress.kept_results(earlier, methods, class_names, kinds)
+
+  def done(method: str, class_name: str, kind: Optional[str] = None) -> bool:
+    scored = results[method].get(class_name, {})
+    return all(k in scored for k in ([kind] if kind else kinds))
+
+  resumed = sum(done(m, c, k) for m in methods for c in class_names for k in kinds)
+  if resumed:
+    log.info("continuing the evaluation in %s: %d of %d (method, class, kind) results kept",
+             out_dir, resumed, len(methods) * len(class_names) * len(kinds))
   bar = tqdm(total=len(class_names) * len(methods), desc="evaluate", disable=not progress,
              dynamic_ncols=True)
-  tsne_done = False
+  # The t-SNE plot shows the first class evaluated: the interrupted run's, if it made it.
+  tsne_done = resumed > 0 and any(name.startswith("tsne_") for name in os.listdir(out_dir))
   aligned_dir = ev.get("aligned_references", "")
   best_over_test = bool(ev.get("best_over_test", False))
 
-  def prepare(class_name: str):
+  def prepare(class_name: str, pending: Sequence[str]):
+    """Features of every kind of a class, and GLASS's texture anomalies if it is pending."""
     data = load_eval_class(records, class_name, image_size=config.image_size,
                            k_shot=ev.k_shot or None, noisy_share=ev.noisy_share,
                            seed=config.seed, resize=class_resize(ev, class_name))
@@ -435,7 +450,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
       for ckpt, params in projector.items():
         features[f"pretrained:{ckpt}:aligned"] = (None, maker.projected_levels(params, test))
     synthetic = None
-    if textures is not None:
+    if textures is not None and "glass" in pending:
       glass_projector = {k: v for k, v in projector.items()
                          if k == checkpoint_kind_for("glass", checkpoint_choice)}
       sets = GlassTextureSets(config, maker, data, class_name, train_levels, textures,
@@ -481,19 +496,25 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
                               os.path.join(out_dir, "heatmaps", method, kind, class_name),
                               num=2, masks=data["test_masks"])
 
-  def save_partial(classes_done: Sequence[str]) -> None:
-    # What is done so far is kept if a later class fails.
-    run_layout.write_json(os.path.join(out_dir, "results.partial.json"),
-                          {"results": results, "classes_done": list(classes_done)})
+  def save_partial() -> None:
+    # What is done so far is kept if a later method or class fails, and a rerun continues it.
+    classes_done = [c for c in class_names if all(done(m, c) for m in methods)]
+    eval_progress.write_partial(out_dir, results, classes_done, settings)
 
-  for index, class_name in enumerate(class_names):
-    data, features, synthetic = prepare(class_name)
-    for method in methods:
-      if method in per_dataset:
-        continue
+  # A per-dataset method is fitted on every class's features: all of it is redone unless done.
+  per_dataset = [m for m in per_dataset if not all(done(m, c) for c in class_names)]
+  for class_name in class_names:
+    pending = [m for m in methods if m not in PER_DATASET_METHODS and not done(m, class_name)]
+    bar.update(len(methods) - len(pending) - len(per_dataset))
+    if not pending and not per_dataset:
+      continue
+    data, features, synthetic = prepare(class_name, pending)
+    for method in pending:
       for kind in kinds:
-        score(method, kind, class_name, data, *features[feature_key(method, kind)],
-              synthetic=synthetic)
+        if not done(method, class_name, kind):
+          score(method, kind, class_name, data, *features[feature_key(method, kind)],
+                synthetic=synthetic)
+      save_partial()
       bar.update(1)
     if per_dataset:
       keys = {feature_key(m, k) for m in per_dataset for k in kinds}
@@ -507,7 +528,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
       _tsne(features, kinds, data["test_masks"], backbone, out_dir, class_name, config)
       tsne_done = True
     del data, features, synthetic
-    save_partial(class_names[:index + 1] if not per_dataset else [])
 
   if per_dataset:
     from adjax.methods import get_method
@@ -521,7 +541,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
           score(method, kind, class_name, needs, None,
                 test_features[feature_key(method, kind)], state=state)
       bar.update(len(class_names))
-    save_partial(class_names)
+    save_partial()
   bar.close()
   for method in methods:
     for pair in _table_pairs(kinds):
@@ -537,7 +557,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
              "best_over_test": best_over_test,
              "means": mean_table(results)}
   run_layout.write_json(os.path.join(out_dir, "results.json"), summary)
-  partial = os.path.join(out_dir, "results.partial.json")
+  partial = os.path.join(out_dir, eval_progress.PARTIAL_NAME)
   if os.path.exists(partial):
     os.remove(partial)
   return summary

@@ -295,6 +295,13 @@ def _flat_settings(data: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: data}
 
 
+def flat_config(config: Any) -> dict[str, Any]:
+  """{"section.key": value} of a ConfigDict or dict, as its JSON gives it back (tuples become
+  lists, as save_config stores them)."""
+  data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return _flat_settings(json.loads(json.dumps(data, default=_json_default)))
+
+
 def config_changes(workdir: str, config: Any) -> list[str]:
   """What `config` changes of the run already in `workdir`, beyond RESUMABLE_CHANGES.
 
@@ -303,9 +310,7 @@ def config_changes(workdir: str, config: Any) -> list[str]:
   """
   if not os.path.isfile(config_path(workdir)):
     return []
-  data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  # Through JSON, as save_config stores it (tuples become lists).
-  new = _flat_settings(json.loads(json.dumps(data, default=_json_default)))
+  new = flat_config(config)
   old = _flat_settings(read_json(config_path(workdir)))
   changes = []
   for key in sorted(set(old) | set(new)):

@@ -186,3 +186,36 @@ def test_class_resize_overrides_the_runs_resize():
   ev.resize = 240
   assert evaluate_lib.class_resize(ev, "carpet") == 240
   assert evaluate_lib.class_resize(ev, "wood") == 256
+
+
+def test_partial_results_are_kept_only_for_the_same_settings(tmp_path):
+  """results.partial.json: read back (NaN included) under settings that give the same numbers
+  (paths, batching, classes, methods, kinds may change; a projector only one run loaded is no
+  difference); refused when a setting or a shared projector's parameters differ."""
+  from adjax import configs, eval_progress
+  config = configs.default_config()
+  projectors = {"norm": {"l1_proj": {"w": np.arange(6.0).reshape(2, 3)}}}
+  settings = eval_progress.evaluation_settings(config, projectors)
+  results = {"cflow": {"bottle": {"original": {"image_auroc": float("nan"),
+                                               "pixel_auroc": 0.5}}}}
+  eval_progress.write_partial(str(tmp_path), results, ["bottle"], settings)
+  moved = configs.default_config()
+  moved.eval.root, moved.backbone.weights, moved.eval.batch_size = "/elsewhere", "/w.pth", 4
+  moved.eval.methods, moved.eval.classes = ("cflow", "glass"), "bottle,cable"
+  more = {**projectors, "angle": {"l1_proj": {"w": np.zeros((2, 3))}}}
+  kept = eval_progress.read_partial(str(tmp_path), eval_progress.evaluation_settings(moved, more))
+  assert np.isnan(kept["cflow"]["bottle"]["original"]["image_auroc"])
+  assert kept["cflow"]["bottle"]["original"]["pixel_auroc"] == 0.5
+  other = {"norm": {"l1_proj": {"w": np.arange(6.0).reshape(2, 3) + 1e-3}}}
+  moved.eval.method_settings = {"cflow": {"epochs": 2}}
+  with pytest.raises(ValueError, match=r"eval.method_settings.cflow.epochs \(unset there, 2 "
+                     r"here\); the norm-selected projector \(other parameters\)"):
+    eval_progress.read_partial(str(tmp_path), eval_progress.evaluation_settings(moved, other))
+  assert eval_progress.read_partial(str(tmp_path / "none"), settings) == {}
+  # Kept: this run's methods, classes and kinds only.
+  earlier = {"cflow": {"bottle": {"original": {"a": 1.0}, "residual": {"a": 2.0}},
+                       "cable": {"residual": {"a": 3.0}}},
+             "padim": {"bottle": {"original": {"a": 4.0}}}}
+  assert eval_progress.kept_results(earlier, ("cflow", "glass"), ("bottle", "cable", "zipper"),
+                                    ("original", "pretrained")) == {
+      "cflow": {"bottle": {"original": {"a": 1.0}}}, "glass": {}}

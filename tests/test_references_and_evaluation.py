@@ -253,3 +253,77 @@ def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch, caplog
   assert "eval.glass_foreground is set but eval.glass_textures is not" in caplog.text
   ((_, _, kw),) = fits
   assert kw == {}
+
+
+def test_an_interrupted_evaluation_is_continued(dataset, tmp_path, monkeypatch):
+  """A rerun into the folder of an evaluation that stopped part-way keeps what was scored (each
+  method, class and kind on its own; a per-dataset method, UniAD, as a whole) and scores the
+  rest, giving the uninterrupted run's results; a rerun with other settings is refused,
+  naming the file and each difference."""
+  from adjax import evaluate as evaluate_lib
+  from adjax.eval_progress import PARTIAL_NAME
+  methods, kinds = ("featurenorm", "patchcore", "uniad"), ("original", "residual")
+
+  def make_config():
+    config = _eval_config(dataset, methods, kinds)
+    config.eval.method_settings = {"uniad": {"epochs": 1, "hidden_dim": 16, "ffn_dim": 16,
+                                             "neighbour_size": 3, "encoder_layers": 1,
+                                             "decoder_layers": 1, "num_heads": 2}}
+    return config
+
+  config = make_config()
+  whole = evaluate_lib.evaluate(config, None, str(tmp_path / "whole"), progress=False)
+  (class_name,) = whole["classes"]
+  scored, failing = [], ["patchcore"]
+  score_method = evaluate_lib.score_method
+
+  def interrupted(name, settings, *args, **kwargs):
+    scored.append(name)
+    if name in failing:
+      raise RuntimeError("preempted")
+    return score_method(name, settings, *args, **kwargs)
+
+  monkeypatch.setattr(evaluate_lib, "score_method", interrupted)
+  out = tmp_path / "out"
+
+  def partial():
+    with open(out / PARTIAL_NAME) as f:
+      return json.load(f)
+
+  with pytest.raises(RuntimeError, match="preempted"):
+    evaluate_lib.evaluate(config, None, str(out), progress=False)
+  first = partial()
+  assert set(first["results"]["featurenorm"][class_name]) == set(kinds)
+  assert first["results"]["patchcore"] == first["results"]["uniad"] == {}
+  # Other settings: refused before any work, each difference named.
+  changed = make_config()
+  changed.eval.shots, changed.seed = 3, 1
+  with pytest.raises(ValueError, match=rf"{PARTIAL_NAME} holds results of an interrupted "
+                     r"evaluation with other settings: eval.shots \(2 there, 3 here\); "
+                     r"seed \(0 there, 1 here\)"):
+    evaluate_lib.evaluate(changed, None, str(out), progress=False)
+  # The same settings (and a batch size: the backbone's batching changes numbers by float
+  # rounding only): continued, up to UniAD.
+  failing[:] = ["uniad"]
+  scored.clear()
+  config.eval.batch_size = 3
+  with pytest.raises(RuntimeError, match="preempted"):
+    evaluate_lib.evaluate(config, None, str(out), progress=False)
+  assert scored == ["patchcore", "patchcore", "uniad"]   # featurenorm's two kinds were kept
+  assert set(partial()["results"]["patchcore"][class_name]) == set(kinds)
+  assert partial()["classes_done"] == []
+  failing.clear()
+  scored.clear()
+  resumed = evaluate_lib.evaluate(config, None, str(out), progress=False)
+  assert scored == ["uniad", "uniad"]
+  assert not (out / PARTIAL_NAME).exists()
+  for method in methods:
+    for kind in kinds:
+      got, want = (r["results"][method][class_name][kind] for r in (resumed, whole))
+      assert got.keys() == want.keys()
+      np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-4)
+  # A partial file written by an older adjax (no settings) is not mixed in either.
+  with open(out / PARTIAL_NAME, "w") as f:
+    json.dump({"results": first["results"], "classes_done": []}, f)
+  with pytest.raises(ValueError, match="without the settings that made them"):
+    evaluate_lib.evaluate(config, None, str(out), progress=False)
