@@ -96,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.glass_texture_rounds = 4      # texture-augmented copies of each training image
   c.eval.glass_texture_refresh = False # new copies every glass_texture_rounds epochs, so every
                                        # epoch sees new textures (the reference's way; costs a
-                                       # backbone pass over the training set per epoch)
+                                       # backbone pass over the training set per epoch and kind)
   c.eval.glass_foreground = ""         # GLASS's foreground masks (<class>/<image name>): the
                                        # textures only on the object; "" = anywhere
   c.eval.best_over_test = False        # CFLOW, GLASS: test every test_every epochs and report

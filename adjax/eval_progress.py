@@ -3,30 +3,38 @@
 After every method of every class the results so far go to `<out>/results.partial.json`, with
 the settings that made them. A rerun into the same folder reads them back and skips every
 (method, class, kind) already scored, if its settings would give the same numbers; otherwise
-it stops with an error rather than mix results of two evaluations into one table.
+it stops with an error rather than mix results of two evaluations into one table. Results
+outside a rerun's classes, methods or kinds stay in the file (which is then kept after the
+rerun finishes) for a later run that covers them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from adjax import run_layout
+
+log = logging.getLogger("adjax.evaluate")
 
 PARTIAL_NAME = "results.partial.json"
 
 # The config settings an evaluation's numbers depend on: whole sections and single keys ...
 _SECTIONS = ("eval.", "backbone.")
 _KEYS = ("seed", "image_size", "projector.num_heads", "train.dtype")
-# ... less those that may change between the runs: where things are, batching (float rounding
-# only) and plots, and which classes, methods and kinds are run (each method, class and kind is
-# resumed on its own).
+# ... less those that may change between the runs: where the dataset and the weights are (the
+# backbone's parameters themselves are compared), batching (float rounding only) and plots,
+# and which classes, methods and kinds are run (each method, class and kind is resumed on its
+# own). Other folders (textures, foreground masks, aligned references) are compared as given.
 _FREE = ("eval.root", "eval.classes", "eval.methods", "eval.features", "eval.batch_size",
          "eval.tsne", "backbone.weights", "backbone.cache_dir")
+
+Results = dict[str, dict[str, dict[str, Any]]]   # {method: {class: {kind: metrics}}}
 
 
 def params_digest(params: Any) -> str:
@@ -39,12 +47,13 @@ def params_digest(params: Any) -> str:
   return digest.hexdigest()
 
 
-def evaluation_settings(config: Any, projectors: Mapping[str, Any]) -> dict[str, Any]:
-  """{"config": the settings the numbers depend on, "projectors": {kind: params digest}}, as
-  JSON gives them back (tuples as lists)."""
+def evaluation_settings(config: Any, backbone_params: Any,
+                        projectors: Mapping[str, Any]) -> dict[str, Any]:
+  """{"config": the settings the numbers depend on, "backbone": its parameters' digest,
+  "projectors": {kind: params digest}}, as JSON gives them back (tuples as lists)."""
   kept = {key: value for key, value in sorted(run_layout.flat_config(config).items())
           if (key.startswith(_SECTIONS) or key in _KEYS) and key not in _FREE}
-  return {"config": kept,
+  return {"config": kept, "backbone": params_digest(backbone_params),
           "projectors": {kind: params_digest(params) for kind, params in projectors.items()}}
 
 
@@ -57,6 +66,8 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   changes = [f"{key} ({_shown(was, key)} there, {_shown(now, key)} here)"
              for key in sorted(set(was) | set(now))
              if key not in was or key not in now or was[key] != now[key]]
+  if old["backbone"] != new["backbone"]:
+    changes.append("the backbone's parameters (another weights file)")
   # Only the projectors both evaluations loaded (a method added here may load another).
   changes += [f"the {kind}-selected projector (other parameters)"
               for kind in sorted(set(old["projectors"]) & set(new["projectors"]))
@@ -72,18 +83,18 @@ def _nan_for_none(results: Any) -> Any:
 
 
 def read_partial(out_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-  """The results {method: {class: {kind: metrics}}} an interrupted evaluation left in
-  `out_dir` ({} if none).
+  """What an interrupted evaluation left in `out_dir` ({} if nothing): {"results", "settings",
+  "fitted_on", "tsne"}.
 
   Raises:
-    ValueError: they were made with other settings (each difference named).
+    ValueError: it was made with other settings (each difference named).
   """
   path = os.path.join(out_dir, PARTIAL_NAME)
   if not os.path.isfile(path):
     return {}
   partial = run_layout.read_json(path)
   old = partial.get("settings") if isinstance(partial, dict) else None
-  if not isinstance(old, dict) or "config" not in old or "projectors" not in old:
+  if not isinstance(old, dict) or not {"config", "backbone", "projectors"} <= set(old):
     raise ValueError(f"{path} holds results of an interrupted evaluation without the settings "
                      "that made them (an older adjax): remove it to start afresh, or pass "
                      "another --out")
@@ -92,26 +103,82 @@ def read_partial(out_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"{path} holds results of an interrupted evaluation with other settings: "
                      f"{'; '.join(changes)}. Rerun with its settings to continue it, remove "
                      "the file to start afresh, or pass another --out")
-  return _nan_for_none(partial.get("results", {}))
+  return {**partial, "results": _nan_for_none(partial.get("results", {}))}
 
 
-def kept_results(earlier: Mapping[str, Any], methods: Sequence[str], classes: Sequence[str],
-                 kinds: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
-  """Of `read_partial`'s results, those of this run's methods, classes and kinds."""
-  kept: dict[str, dict[str, dict[str, Any]]] = {}
-  for method in methods:
-    kept[method] = {}
-    for class_name in classes:
-      scored = earlier.get(method, {}).get(class_name, {})
-      per_kind = {kind: scored[kind] for kind in kinds if kind in scored}
-      if per_kind:
-        kept[method][class_name] = per_kind
-  return kept
+class EvaluationProgress:
+  """The results of one `adjax evaluate` run so far, with what the partial file carries for
+  other runs.
 
+  Args:
+    out_dir: the evaluation's folder.
+    settings: `evaluation_settings` of this run.
+    methods, classes, kinds: what this run evaluates.
+    per_dataset: methods fitted on every class together (UniAD): their results are kept only
+      if they were fitted on this run's classes.
+  """
 
-def write_partial(out_dir: str, results: Mapping[str, Any], classes_done: list[str],
-                  settings: Mapping[str, Any]) -> None:
-  """Writes the results so far (atomically) with the settings that made them."""
-  run_layout.write_json(os.path.join(out_dir, PARTIAL_NAME),
-                        {"results": results, "classes_done": classes_done,
-                         "settings": settings})
+  def __init__(self, out_dir: str, settings: Mapping[str, Any], methods: Sequence[str],
+               classes: Sequence[str], kinds: Sequence[str], per_dataset: Sequence[str]):
+    earlier = read_partial(out_dir, settings)
+    self.out_dir, self._classes, self._kinds = out_dir, list(classes), tuple(kinds)
+    self._methods = tuple(methods)
+    # Projector digests of both runs (those they share are equal): a later run may load either.
+    self._settings = {**settings, "projectors": {**earlier.get("settings", {}).get(
+        "projectors", {}), **settings["projectors"]}}
+    old_results: Results = earlier.get("results", {})
+    old_fitted: dict[str, list[str]] = earlier.get("fitted_on", {})
+    self.results: Results = {m: {} for m in methods}
+    self._carried: Results = {}   # results outside this run, kept in the file
+    self._fitted_on = {m: c for m, c in old_fitted.items() if m not in methods}
+    for method, per_class in old_results.items():
+      if method in per_dataset and method in methods:
+        # One model for the dataset: its numbers hold for the classes it was fitted on only.
+        if old_fitted.get(method) != self._classes:
+          continue
+        self._fitted_on[method] = self._classes
+      for class_name, per_kind in per_class.items():
+        for kind, metrics in per_kind.items():
+          inside = method in methods and class_name in self._classes and kind in kinds
+          target = self.results if inside else self._carried
+          target.setdefault(method, {}).setdefault(class_name, {})[kind] = metrics
+    self.tsne: Optional[str] = earlier.get("tsne")
+    self.resumed = sum(self.done(m, c, k) for m in methods for c in classes for k in kinds)
+    if self.resumed:
+      log.info("continuing the evaluation in %s: %d of %d (method, class, kind) results kept",
+               out_dir, self.resumed, len(methods) * len(self._classes) * len(kinds))
+
+  def done(self, method: str, class_name: str, kind: Optional[str] = None) -> bool:
+    """Whether `method` has scored `class_name` in `kind` (default: in every kind)."""
+    scored = self.results[method].get(class_name, {})
+    return all(k in scored for k in ([kind] if kind else self._kinds))
+
+  def fitted(self, method: str) -> None:
+    """Marks a per-dataset method as fitted on this run's classes (before `save`)."""
+    self._fitted_on[method] = self._classes
+
+  def _merged(self) -> Results:
+    merged: Results = {m: {c: dict(k) for c, k in per_class.items()}
+                       for m, per_class in self._carried.items()}
+    for method, per_class in self.results.items():
+      for class_name, per_kind in per_class.items():
+        merged.setdefault(method, {}).setdefault(class_name, {}).update(per_kind)
+    return merged
+
+  def save(self) -> None:
+    """Writes the partial file (atomically): this run's results and those carried."""
+    classes_done = [c for c in self._classes if all(self.done(m, c) for m in self._methods)]
+    run_layout.write_json(os.path.join(self.out_dir, PARTIAL_NAME),
+                          {"results": self._merged(), "classes_done": classes_done,
+                           "fitted_on": self._fitted_on, "tsne": self.tsne,
+                           "settings": self._settings})
+
+  def finish(self) -> None:
+    """After results.json: the partial file goes, unless it carries results of other runs."""
+    path = os.path.join(self.out_dir, PARTIAL_NAME)
+    if self._carried:
+      self.save()
+      log.info("%s kept: it also holds results of classes, methods or kinds this run did not "
+               "evaluate", path)
+    elif os.path.exists(path):
+      os.remove(path)

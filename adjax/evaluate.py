@@ -401,10 +401,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
       raise ValueError("pretrained features need a run: pass --workdir RUN")
     projector = load_projectors(workdir, [checkpoint_kind_for(m, checkpoint_choice)
                                           for m in methods])
-  # An interrupted evaluation into the same folder is continued (or refused, with other
-  # settings) before the backbone's weights are read.
-  settings = eval_progress.evaluation_settings(config, projector)
-  earlier = eval_progress.read_partial(out_dir, settings)
   if backbone is None:
     backbone, backbone_params = build_backbone(config, workdir)
   maker = FeatureMaker(backbone, backbone_params, dtype=compute_dtype(config),
@@ -414,20 +410,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   records = read_dataset(ev.format, ev.root, split_classes(ev.classes))
   class_names = sorted({r.class_name for r in records})
   method_settings = dict(ev.get("method_settings", {}) or {})
-  results = eval_progress.kept_results(earlier, methods, class_names, kinds)
-
-  def done(method: str, class_name: str, kind: Optional[str] = None) -> bool:
-    scored = results[method].get(class_name, {})
-    return all(k in scored for k in ([kind] if kind else kinds))
-
-  resumed = sum(done(m, c, k) for m in methods for c in class_names for k in kinds)
-  if resumed:
-    log.info("continuing the evaluation in %s: %d of %d (method, class, kind) results kept",
-             out_dir, resumed, len(methods) * len(class_names) * len(kinds))
+  # An interrupted evaluation into the same folder is continued (or refused, with other
+  # settings) before any class is evaluated.
+  done_so_far = eval_progress.EvaluationProgress(
+      out_dir, eval_progress.evaluation_settings(config, backbone_params, projector), methods,
+      class_names, kinds, PER_DATASET_METHODS)
+  results, done = done_so_far.results, done_so_far.done
   bar = tqdm(total=len(class_names) * len(methods), desc="evaluate", disable=not progress,
              dynamic_ncols=True)
-  # The t-SNE plot shows the first class evaluated: the interrupted run's, if it made it.
-  tsne_done = resumed > 0 and any(name.startswith("tsne_") for name in os.listdir(out_dir))
   aligned_dir = ev.get("aligned_references", "")
   best_over_test = bool(ev.get("best_over_test", False))
 
@@ -496,11 +486,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
                               os.path.join(out_dir, "heatmaps", method, kind, class_name),
                               num=2, masks=data["test_masks"])
 
-  def save_partial() -> None:
-    # What is done so far is kept if a later method or class fails, and a rerun continues it.
-    classes_done = [c for c in class_names if all(done(m, c) for m in methods)]
-    eval_progress.write_partial(out_dir, results, classes_done, settings)
-
   # A per-dataset method is fitted on every class's features: all of it is redone unless done.
   per_dataset = [m for m in per_dataset if not all(done(m, c) for c in class_names)]
   for class_name in class_names:
@@ -514,7 +499,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
         if not done(method, class_name, kind):
           score(method, kind, class_name, data, *features[feature_key(method, kind)],
                 synthetic=synthetic)
-      save_partial()
+      done_so_far.save()   # kept if a later method or class fails; a rerun continues it
       bar.update(1)
     if per_dataset:
       keys = {feature_key(m, k) for m in per_dataset for k in kinds}
@@ -524,9 +509,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
       needs = {"test_labels": data["test_labels"], "test_masks": data["test_masks"],
                "test_images": data["test_images"] if methods[0] in per_dataset else None}
       held.append((class_name, needs, {key: features[key][1] for key in keys}))
-    if not tsne_done and ev.get("tsne", True):
+    # The plot of the first class evaluated, once (the interrupted run's, if it made it).
+    if done_so_far.tsne is None and ev.get("tsne", True):
       _tsne(features, kinds, data["test_masks"], backbone, out_dir, class_name, config)
-      tsne_done = True
+      done_so_far.tsne = class_name
+      done_so_far.save()
     del data, features, synthetic
 
   if per_dataset:
@@ -540,8 +527,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
         for class_name, needs, test_features in held:
           score(method, kind, class_name, needs, None,
                 test_features[feature_key(method, kind)], state=state)
+      done_so_far.fitted(method)
       bar.update(len(class_names))
-    save_partial()
+    done_so_far.save()
   bar.close()
   for method in methods:
     for pair in _table_pairs(kinds):
@@ -557,9 +545,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
              "best_over_test": best_over_test,
              "means": mean_table(results)}
   run_layout.write_json(os.path.join(out_dir, "results.json"), summary)
-  partial = os.path.join(out_dir, eval_progress.PARTIAL_NAME)
-  if os.path.exists(partial):
-    os.remove(partial)
+  done_so_far.finish()
   return summary
 
 

@@ -191,31 +191,57 @@ def test_class_resize_overrides_the_runs_resize():
 def test_partial_results_are_kept_only_for_the_same_settings(tmp_path):
   """results.partial.json: read back (NaN included) under settings that give the same numbers
   (paths, batching, classes, methods, kinds may change; a projector only one run loaded is no
-  difference); refused when a setting or a shared projector's parameters differ."""
+  difference); refused when a setting, the backbone's or a shared projector's parameters
+  differ. Results outside a run are carried in the file; a per-dataset method's only count for
+  the classes it was fitted on."""
   from adjax import configs, eval_progress
   config = configs.default_config()
+  backbone = {"stem": {"w": np.ones((2, 2))}}
   projectors = {"norm": {"l1_proj": {"w": np.arange(6.0).reshape(2, 3)}}}
-  settings = eval_progress.evaluation_settings(config, projectors)
-  results = {"cflow": {"bottle": {"original": {"image_auroc": float("nan"),
-                                               "pixel_auroc": 0.5}}}}
-  eval_progress.write_partial(str(tmp_path), results, ["bottle"], settings)
+  settings = eval_progress.evaluation_settings(config, backbone, projectors)
+  first = eval_progress.EvaluationProgress(str(tmp_path), settings, ("cflow", "uniad"),
+                                           ["bottle", "cable"], ("original",), ("uniad",))
+  assert first.resumed == 0 and not first.done("cflow", "bottle")
+  first.results["cflow"]["bottle"] = {"original": {"image_auroc": float("nan"), "x": 0.5}}
+  first.results["uniad"] = {c: {"original": {"x": 0.7}} for c in ("bottle", "cable")}
+  first.fitted("uniad")
+  first.save()
   moved = configs.default_config()
   moved.eval.root, moved.backbone.weights, moved.eval.batch_size = "/elsewhere", "/w.pth", 4
   moved.eval.methods, moved.eval.classes = ("cflow", "glass"), "bottle,cable"
   more = {**projectors, "angle": {"l1_proj": {"w": np.zeros((2, 3))}}}
-  kept = eval_progress.read_partial(str(tmp_path), eval_progress.evaluation_settings(moved, more))
-  assert np.isnan(kept["cflow"]["bottle"]["original"]["image_auroc"])
-  assert kept["cflow"]["bottle"]["original"]["pixel_auroc"] == 0.5
+  moved_settings = eval_progress.evaluation_settings(moved, backbone, more)
+  again = eval_progress.EvaluationProgress(str(tmp_path), moved_settings,
+                                           ("cflow", "uniad"), ["bottle", "cable"],
+                                           ("original", "residual"), ("uniad",))
+  assert again.resumed == 3 and again.done("cflow", "bottle", "original")
+  assert not again.done("cflow", "bottle") and not again.done("cflow", "cable", "original")
+  assert np.isnan(again.results["cflow"]["bottle"]["original"]["image_auroc"])
+  # A run of one class: UniAD's numbers (fitted on two) are not kept; the rest is carried.
+  subset = eval_progress.EvaluationProgress(str(tmp_path), moved_settings,
+                                            ("uniad",), ["cable"], ("original",), ("uniad",))
+  assert subset.resumed == 0 and subset.results == {"uniad": {}}
+  subset.results["uniad"]["cable"] = {"original": {"x": 0.1}}
+  subset.fitted("uniad")
+  subset.finish()
+  kept = eval_progress.read_partial(str(tmp_path), moved_settings)
+  assert kept["results"] == {"cflow": {"bottle": {"original": {"image_auroc": kept["results"][
+      "cflow"]["bottle"]["original"]["image_auroc"], "x": 0.5}}},
+                             "uniad": {"cable": {"original": {"x": 0.1}}}}
+  assert kept["fitted_on"] == {"uniad": ["cable"]}
+  assert set(kept["settings"]["projectors"]) == {"norm", "angle"}
+  # Refused: a setting, the backbone's parameters, a shared projector's parameters.
   other = {"norm": {"l1_proj": {"w": np.arange(6.0).reshape(2, 3) + 1e-3}}}
   moved.eval.method_settings = {"cflow": {"epochs": 2}}
-  with pytest.raises(ValueError, match=r"eval.method_settings.cflow.epochs \(unset there, 2 "
-                     r"here\); the norm-selected projector \(other parameters\)"):
-    eval_progress.read_partial(str(tmp_path), eval_progress.evaluation_settings(moved, other))
-  assert eval_progress.read_partial(str(tmp_path / "none"), settings) == {}
-  # Kept: this run's methods, classes and kinds only.
-  earlier = {"cflow": {"bottle": {"original": {"a": 1.0}, "residual": {"a": 2.0}},
-                       "cable": {"residual": {"a": 3.0}}},
-             "padim": {"bottle": {"original": {"a": 4.0}}}}
-  assert eval_progress.kept_results(earlier, ("cflow", "glass"), ("bottle", "cable", "zipper"),
-                                    ("original", "pretrained")) == {
-      "cflow": {"bottle": {"original": {"a": 1.0}}}, "glass": {}}
+  with pytest.raises(ValueError, match=r"results.partial.json holds results of an interrupted "
+                     r"evaluation with other settings: eval.method_settings.cflow.epochs "
+                     r"\(unset there, 2 here\); the backbone's parameters \(another weights "
+                     r"file\); the norm-selected projector \(other parameters\)"):
+    eval_progress.read_partial(str(tmp_path), eval_progress.evaluation_settings(
+        moved, {"stem": {"w": np.zeros((2, 2))}}, other))
+  # Everything of the file in a finished run: the file goes.
+  last = eval_progress.EvaluationProgress(str(tmp_path), moved_settings, ("cflow", "uniad"),
+                                          ["bottle", "cable"], ("original",), ("uniad",))
+  last.finish()
+  assert not (tmp_path / "results.partial.json").exists()
+  assert eval_progress.read_partial(str(tmp_path), settings) == {}

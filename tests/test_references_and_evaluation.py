@@ -257,29 +257,39 @@ def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch, caplog
 
 def test_an_interrupted_evaluation_is_continued(dataset, tmp_path, monkeypatch):
   """A rerun into the folder of an evaluation that stopped part-way keeps what was scored (each
-  method, class and kind on its own; a per-dataset method, UniAD, as a whole) and scores the
-  rest, giving the uninterrupted run's results; a rerun with other settings is refused,
-  naming the file and each difference."""
+  method, class and kind on its own; UniAD, one model for the dataset, only for the classes it
+  was fitted on) and scores the rest, giving the uninterrupted run's results; a rerun of fewer
+  classes leaves the others' results in the file; other settings are refused, naming the file
+  and each difference."""
   from adjax import evaluate as evaluate_lib
   from adjax.eval_progress import PARTIAL_NAME
   methods, kinds = ("featurenorm", "patchcore", "uniad"), ("original", "residual")
+  # Two classes: the embedded evaluation class and a copy of it under another name.
+  source = os.path.join(os.path.dirname(dataset), "eval")
+  (first_class,) = os.listdir(source)
+  root = tmp_path / "eval"
+  for name in (first_class, first_class + "_twin"):
+    shutil.copytree(os.path.join(source, first_class), root / name)
+  classes = sorted(os.listdir(root))
 
-  def make_config():
-    config = _eval_config(dataset, methods, kinds)
+  def make_config(tsne=True):
+    config = _eval_config(dataset, methods, kinds, tsne=tsne)
+    config.eval.root = str(root)
     config.eval.method_settings = {"uniad": {"epochs": 1, "hidden_dim": 16, "ffn_dim": 16,
                                              "neighbour_size": 3, "encoder_layers": 1,
                                              "decoder_layers": 1, "num_heads": 2}}
     return config
 
+  whole = evaluate_lib.evaluate(make_config(tsne=False), None, str(tmp_path / "whole"),
+                                progress=False)
   config = make_config()
-  whole = evaluate_lib.evaluate(config, None, str(tmp_path / "whole"), progress=False)
-  (class_name,) = whole["classes"]
-  scored, failing = [], ["patchcore"]
+  assert whole["classes"] == classes
+  scored, fail_at = [], {}
   score_method = evaluate_lib.score_method
 
   def interrupted(name, settings, *args, **kwargs):
     scored.append(name)
-    if name in failing:
+    if fail_at.get(name) == scored.count(name):
       raise RuntimeError("preempted")
     return score_method(name, settings, *args, **kwargs)
 
@@ -290,40 +300,55 @@ def test_an_interrupted_evaluation_is_continued(dataset, tmp_path, monkeypatch):
     with open(out / PARTIAL_NAME) as f:
       return json.load(f)
 
+  def run(config, **fail):
+    scored.clear()
+    fail_at.clear()
+    fail_at.update(fail)
+    return evaluate_lib.evaluate(config, None, str(out), progress=False)
+
+  # Stopped at PatchCore's first kind of the second class.
   with pytest.raises(RuntimeError, match="preempted"):
-    evaluate_lib.evaluate(config, None, str(out), progress=False)
+    run(config, patchcore=3)
   first = partial()
-  assert set(first["results"]["featurenorm"][class_name]) == set(kinds)
-  assert first["results"]["patchcore"] == first["results"]["uniad"] == {}
-  # Other settings: refused before any work, each difference named.
+  assert {c: set(k) for c, k in first["results"]["featurenorm"].items()} == {
+      c: set(kinds) for c in classes}
+  assert list(first["results"]["patchcore"]) == classes[:1] and "uniad" not in first["results"]
+  assert first["classes_done"] == [] and first["tsne"] == classes[0]
+  # Other settings: refused before any class, each difference named.
   changed = make_config()
   changed.eval.shots, changed.seed = 3, 1
   with pytest.raises(ValueError, match=rf"{PARTIAL_NAME} holds results of an interrupted "
                      r"evaluation with other settings: eval.shots \(2 there, 3 here\); "
                      r"seed \(0 there, 1 here\)"):
-    evaluate_lib.evaluate(changed, None, str(out), progress=False)
+    run(changed)
   # The same settings (and a batch size: the backbone's batching changes numbers by float
-  # rounding only): continued, up to UniAD.
-  failing[:] = ["uniad"]
-  scored.clear()
+  # rounding only): continued, the first class's scores kept, its plot not made again.
   config.eval.batch_size = 3
   with pytest.raises(RuntimeError, match="preempted"):
-    evaluate_lib.evaluate(config, None, str(out), progress=False)
-  assert scored == ["patchcore", "patchcore", "uniad"]   # featurenorm's two kinds were kept
-  assert set(partial()["results"]["patchcore"][class_name]) == set(kinds)
-  assert partial()["classes_done"] == []
-  failing.clear()
-  scored.clear()
-  resumed = evaluate_lib.evaluate(config, None, str(out), progress=False)
-  assert scored == ["uniad", "uniad"]
+    run(config, uniad=1)
+  assert scored == ["patchcore", "patchcore", "uniad"]
+  assert set(partial()["results"]["patchcore"]) == set(classes)
+  assert partial()["classes_done"] == [] and partial()["tsne"] == classes[0]
+  assert [p.name for p in out.glob("tsne_*.png")] == [f"tsne_{classes[0]}.png"]
+  # One class only: UniAD is fitted on it alone; the other class's results stay in the file.
+  config.eval.classes = classes[0]
+  alone = run(config)
+  assert scored == ["uniad", "uniad"] and alone["classes"] == classes[:1]
+  assert partial()["fitted_on"] == {"uniad": classes[:1]}
+  assert set(partial()["results"]["featurenorm"]) == set(classes)
+  # Both classes again: UniAD (fitted on one) is redone; the rest was scored.
+  config.eval.classes = ""
+  resumed = run(config)
+  assert scored == ["uniad"] * 4
   assert not (out / PARTIAL_NAME).exists()
   for method in methods:
-    for kind in kinds:
-      got, want = (r["results"][method][class_name][kind] for r in (resumed, whole))
-      assert got.keys() == want.keys()
-      np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-4)
+    for class_name in classes:
+      for kind in kinds:
+        got, want = (r["results"][method][class_name][kind] for r in (resumed, whole))
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-4)
   # A partial file written by an older adjax (no settings) is not mixed in either.
   with open(out / PARTIAL_NAME, "w") as f:
     json.dump({"results": first["results"], "classes_done": []}, f)
   with pytest.raises(ValueError, match="without the settings that made them"):
-    evaluate_lib.evaluate(config, None, str(out), progress=False)
+    run(config)
