@@ -5,7 +5,7 @@
   adjax refs      --config FILE[:ARG] --workdir RUN [--config.key=value ...]
   adjax centers   --config FILE[:ARG] --workdir RUN [...]
   adjax pretrain  --config FILE[:ARG] --workdir RUN [...]
-  adjax evaluate  [--config FILE[:ARG]] --workdir RUN [--out DIR] [...]
+  adjax evaluate  [--config FILE[:ARG]] [--workdir RUN] [--out DIR] [...]
   adjax export    --workdir RUN --out FILE.pth|FILE.safetensors [--which angle|norm|latest]
   adjax import    FILE --backbone NAME --out RUN [--which angle|norm|both]
   adjax sweep     FILE:SWEEP --workdir DIR [--config FILE[:ARG]|:ARG] [--only A,B] [--emit FILE|-]
@@ -166,7 +166,12 @@ def _job(module: str, name: str):
 
 
 def _cmd_evaluate(args, overrides) -> int:
-  if not os.path.isdir(args.workdir):
+  if args.workdir is None:
+    # The backbone's own features (original, residual) need no run, but a folder for results.
+    if not args.out:
+      raise UserError("evaluate: pass --workdir RUN (results go to RUN/eval) or, for original "
+                      "and residual features only, --out DIR")
+  elif not os.path.isdir(args.workdir):
     raise UserError(f"--workdir {args.workdir}: no such run folder")
   config = _resolve_config(args, overrides)
   evaluate = _library("adjax.evaluate", "evaluate", "evaluate")
@@ -306,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = add("evaluate", "Evaluate downstream methods on original and pretrained features.",
           _cmd_evaluate, epilog=_OVERRIDE_EPILOG)
   config_flag(p)
-  p.add_argument("--workdir", metavar="DIR", required=True,
-                 help="run folder (a pretraining run or an imported checkpoint)")
+  p.add_argument("--workdir", metavar="DIR",
+                 help="run folder (a pretraining run or an imported checkpoint); not needed "
+                 "for original and residual features only (then give --out)")
   p.add_argument("--out", metavar="DIR", help="results folder (default: WORKDIR/eval)")
 
   p = add("export", "Export a run's projector as the reference's {'projectors': state_dict} "

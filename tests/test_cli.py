@@ -139,6 +139,22 @@ def test_evaluate_uses_the_runs_config_json(tmp_path, monkeypatch, capsys):
   assert json.loads(capsys.readouterr().out) == {"image_auroc": 0.75}
 
 
+def test_evaluate_without_a_run_needs_an_out_folder(tmp_path, monkeypatch, capsys):
+  # The backbone's own features (original, residual) need no pretraining run.
+  calls = _fake_module(monkeypatch, "adjax.evaluate", evaluate={"image_auroc": 0.5})
+  assert main(["evaluate", "--config.eval.features=original,residual"]) == 2
+  assert _one_error_line(capsys) == (
+      "adjax evaluate: error: evaluate: pass --workdir RUN (results go to RUN/eval) or, for "
+      "original and residual features only, --out DIR")
+  assert main(["evaluate", "--out", str(tmp_path / "out"),
+               "--config.eval.features=original,residual"]) == 0
+  (_, (config, workdir, out_dir), _), = calls
+  assert workdir is None and out_dir == str(tmp_path / "out")
+  assert config.eval.features == ("original", "residual")
+  assert main(["evaluate", "--workdir", str(tmp_path / "none")]) == 2
+  assert "--workdir " + str(tmp_path / "none") + ": no such run folder" in _one_error_line(capsys)
+
+
 def test_library_value_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
   _fake_module(monkeypatch, "adjax.train",
                pretrain=ValueError("data.pretrain_root '' is not a folder\n(set it)"))
