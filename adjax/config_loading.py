@@ -7,6 +7,9 @@ ml_collections.ConfigDict; `arg` is the text after the colon, e.g.
 An override's text is converted to the type of the field it replaces (bool, int, float, str,
 tuple), so `--config.optim.lr=3e-4`, `--config.loss.center=false` and
 `--config.data.shots=1,4,8` all work, and a key the config does not have is an error naming it.
+The groups whose keys are the user's to choose (per method, per class: `OPEN_GROUPS`) take new
+keys, e.g. `--config.eval.method_settings.glass.epochs=100`, or a whole dict,
+`--config.eval.method_settings="{'glass': {'epochs': 100}}"`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import os
 import sys
 import types
@@ -22,6 +26,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 
 OVERRIDE_PREFIX = "--config."
+# Groups keyed by names of the user's choosing (methods, classes), empty by default: an override
+# may add keys under them.
+OPEN_GROUPS = ("eval.method_settings", "eval.class_resize")
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
 
@@ -183,9 +190,15 @@ def apply_overrides(config: ml_collections.ConfigDict,
   items = overrides.items() if isinstance(overrides, Mapping) else overrides
   for key, value in items:
     parent, leaf = _resolve_parent(config, key)
+    if leaf not in parent:   # a new key in an open group: typed by its text
+      parent[leaf] = _new_value(value) if isinstance(value, str) else value
+      continue
     field_type = _field_type(parent, leaf)
     current = parent[leaf]
     if isinstance(current, ml_collections.ConfigDict):
+      if _in_open_group(key):
+        parent[leaf] = ml_collections.ConfigDict(_group_value(key, value))
+        continue
       raise ValueError(f"config key {key!r} is a group of settings, not a value; set one of "
                        f"{', '.join(f'{key}.{k}' for k in sorted(current.keys()))}")
     what = f"config key {key!r}"
@@ -200,12 +213,49 @@ def apply_overrides(config: ml_collections.ConfigDict,
   return config
 
 
+def _new_value(text: str) -> Any:
+  """A new key's value from its text: true/false, none/null, a Python literal, else the text."""
+  word = text.strip().lower()
+  if word in ("true", "false"):
+    return word == "true"
+  if word in ("none", "null"):
+    return None
+  return _literal_or_text(text.strip())
+
+
+def _in_open_group(key: str) -> bool:
+  return any(key == group or key.startswith(group + ".") for group in OPEN_GROUPS)
+
+
+def _group_value(key: str, value: Any) -> dict:
+  """A whole open group's value: a dict, or its text (a Python or JSON literal)."""
+  parsed = value
+  if isinstance(value, str):
+    try:
+      parsed = json.loads(value)
+    except ValueError:
+      try:
+        parsed = ast.literal_eval(value.strip())
+      except (ValueError, SyntaxError):
+        parsed = None
+  if not isinstance(parsed, Mapping):
+    raise ValueError(f"config key {key!r} is a group keyed by your names: expected a dict, "
+                     f"e.g. {{'glass': {{'epochs': 100}}}}, or set one key of it "
+                     f"(--config.{key}.NAME=VALUE); got {value!r}")
+  return dict(parsed)
+
+
 def _resolve_parent(config: ml_collections.ConfigDict, key: str):
   parts = key.split(".")
   if not all(parts):
     raise ValueError(f"bad config key {key!r}")
   node = config
   for depth, part in enumerate(parts):
+    if (isinstance(node, ml_collections.ConfigDict) and part not in node
+        and _in_open_group(".".join(parts[:depth]))):
+      if depth == len(parts) - 1:
+        return node, part        # a new key of an open group
+      node[part] = ml_collections.ConfigDict()
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       where = ".".join(parts[:depth])
       known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []

@@ -172,6 +172,48 @@ def test_overrides_take_the_field_types():
     assert c[group][field] == value
 
 
+def test_open_groups_take_new_keys_and_whole_dicts():
+  """eval.method_settings and eval.class_resize are keyed by the user's names: an override adds
+  keys (typed by their text) or replaces the whole group with a dict; elsewhere a new key is
+  still an error."""
+  c = default_config()
+  _, overrides = config_loading.split_overrides(
+      ["--config.eval.method_settings.glass.epochs=100",
+       "--config.eval.method_settings.glass.projection=false",
+       "--config.eval.method_settings.glass.texture_annulus=(2.0, 3.0)",
+       "--config.eval.method_settings.cflow.backbone_name=none",
+       "--config.eval.class_resize.metal-nut=256"])
+  config_loading.apply_overrides(c, overrides)
+  assert c.eval.method_settings.to_dict() == {
+      "glass": {"epochs": 100, "projection": False, "texture_annulus": (2.0, 3.0)},
+      "cflow": {"backbone_name": None}}
+  assert c.eval.class_resize.to_dict() == {"metal-nut": 256}
+  # A key set before keeps its type.
+  with pytest.raises(ValueError, match="'eval.method_settings.glass.epochs': expected an "
+                                       "integer, got 'many'"):
+    config_loading.apply_overrides(c, [("eval.method_settings.glass.epochs", "many")])
+  # A whole group: JSON, a Python literal (as emitted sweep commands write it) or a dict.
+  for text in ('{"patchcore": {"coreset_ratio": 0.1, "exact": true}}',
+               "{'patchcore': {'coreset_ratio': 0.1, 'exact': True}}"):
+    config_loading.apply_overrides(c, [("eval.method_settings", text)])
+    assert c.eval.method_settings.to_dict() == {"patchcore": {"coreset_ratio": 0.1,
+                                                              "exact": True}}
+  value = {"glass": {"epochs": 3}}
+  _, pairs = config_loading.split_overrides(
+      [config_loading.format_override("eval.method_settings", value)])
+  config_loading.apply_overrides(c, pairs)
+  assert c.eval.method_settings.to_dict() == value
+  config_loading.apply_overrides(c, {"eval.class_resize": {"wood": 256}})
+  assert c.eval.class_resize.to_dict() == {"wood": 256}
+  with pytest.raises(ValueError, match="'eval.method_settings' is a group keyed by your names: "
+                                       "expected a dict"):
+    config_loading.apply_overrides(c, [("eval.method_settings", "glass")])
+  with pytest.raises(ValueError, match="unknown config key 'eval.shot'"):
+    config_loading.apply_overrides(c, [("eval.shot", "3")])
+  with pytest.raises(ValueError, match="'eval' is a group of settings"):
+    config_loading.apply_overrides(c, [("eval", "{}")])
+
+
 def test_unknown_override_key_names_it():
   c = default_config()
   with pytest.raises(ValueError, match=r"unknown config key 'loss\.angel'; did you mean "
