@@ -25,7 +25,9 @@ break the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import json
 import os
 import subprocess
@@ -380,6 +382,36 @@ def _command_of(argv: Sequence[str]) -> str | None:
   return None
 
 
+class _StderrLines(logging.Handler):
+  """Writes records to the sys.stderr of the moment (tests and tqdm may swap it)."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      print(self.format(record), file=sys.stderr)
+    except Exception:  # noqa: BLE001 (logging's own contract: report, do not raise)
+      self.handleError(record)
+
+
+@contextlib.contextmanager
+def _library_messages_on_stderr():
+  """The library's info messages (a run resumed, an evaluation continued) and warnings on
+  stderr, each once, while a command runs (otherwise info is dropped, and warnings depend on
+  what the imports left on the root logger); the logger is restored afterwards."""
+  logger = logging.getLogger("adjax")
+  saved = (logger.level, logger.propagate)
+  handler = _StderrLines()
+  handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the `adjax` command.
 
@@ -392,6 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     pretraining run, or a sweep's point, saved and stopped on SIGTERM).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
+  with _library_messages_on_stderr():
+    return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
   command = _command_of(argv)
   prefix = f"{PROG} {command}" if command in COMMANDS else PROG
   try:

@@ -155,6 +155,28 @@ def test_evaluate_without_a_run_needs_an_out_folder(tmp_path, monkeypatch, capsy
   assert "--workdir " + str(tmp_path / "none") + ": no such run folder" in _one_error_line(capsys)
 
 
+def test_library_messages_reach_stderr_once_while_a_command_runs(tmp_path, monkeypatch, capsys):
+  """A resumed run's or a continued evaluation's info message is shown (Python drops info by
+  default), warnings once; the library's logger is as it was afterwards."""
+  import logging
+  module = types.ModuleType("adjax.evaluate")
+
+  def evaluate(config, workdir, out_dir):
+    logging.getLogger("adjax.evaluate").info("continuing the evaluation in %s", out_dir)
+    logging.getLogger("adjax.data").warning("a warning")
+    return {}
+
+  module.evaluate = evaluate
+  monkeypatch.setitem(sys.modules, "adjax.evaluate", module)
+  logger = logging.getLogger("adjax")
+  before = (logger.level, logger.propagate, list(logger.handlers))
+  assert main(["evaluate", "--out", str(tmp_path)]) == 0
+  err = capsys.readouterr().err
+  assert err.count(f"adjax.evaluate: continuing the evaluation in {tmp_path}\n") == 1
+  assert err.count("a warning") == 1
+  assert (logger.level, logger.propagate, list(logger.handlers)) == before
+
+
 def test_library_value_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
   _fake_module(monkeypatch, "adjax.train",
                pretrain=ValueError("data.pretrain_root '' is not a folder\n(set it)"))
