@@ -2,10 +2,11 @@
 
 After every method of every class the results so far go to `<out>/results.partial.json`, with
 the settings that made them. A rerun into the same folder reads them back and skips every
-(method, class, kind) already scored, if its settings would give the same numbers; otherwise
-it stops with an error rather than mix results of two evaluations into one table. Results
-outside a rerun's classes, methods or kinds stay in the file (which is then kept after the
-rerun finishes) for a later run that covers them.
+(method, class, kind) already scored, if its settings would give the same numbers; otherwise it
+stops with an error rather than mix results of two evaluations into one table (a setting of one
+method only counts if the file holds results of that method). Results outside a rerun's classes,
+methods or kinds stay in the file (which is then kept after the rerun finishes) for a later run
+that covers them.
 """
 
 from __future__ import annotations
@@ -61,11 +62,28 @@ def _shown(settings: Mapping[str, Any], key: str) -> str:
   return repr(settings[key]) if key in settings else "unset"
 
 
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+# Settings that change one method's numbers only: a difference counts only when the file holds
+# results of that method (so another GLASS setting does not hold up PatchCore's resume).
+_METHOD_KEYS = {"eval.best_over_test": ("cflow", "glass"),
+                "eval.aligned_references": ("featurenorm",)}
+
+
+def _methods_of(key: str) -> Optional[tuple[str, ...]]:
+  """The methods whose numbers `key` alone changes; None: every method's."""
+  if key.startswith("eval.method_settings."):
+    return (key.split(".")[2],)
+  if key.startswith("eval.glass_"):
+    return ("glass",)
+  return _METHOD_KEYS.get(key)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                 methods_with_results: set[str]) -> list[str]:
   was, now = old["config"], new["config"]
   changes = [f"{key} ({_shown(was, key)} there, {_shown(now, key)} here)"
              for key in sorted(set(was) | set(now))
-             if key not in was or key not in now or was[key] != now[key]]
+             if (key not in was or key not in now or was[key] != now[key])
+             and (_methods_of(key) is None or methods_with_results & set(_methods_of(key)))]
   if old["backbone"] != new["backbone"]:
     changes.append("the backbone's parameters (another weights file)")
   # Only the projectors both evaluations loaded (a method added here may load another).
@@ -98,7 +116,8 @@ def read_partial(out_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"{path} holds results of an interrupted evaluation without the settings "
                      "that made them (an older adjax): remove it to start afresh, or pass "
                      "another --out")
-  changes = _differences(old, settings)
+  results = partial.get("results", {})
+  changes = _differences(old, settings, {m for m, per_class in results.items() if per_class})
   if changes:
     raise ValueError(f"{path} holds results of an interrupted evaluation with other settings: "
                      f"{'; '.join(changes)}. Rerun with its settings to continue it, remove "

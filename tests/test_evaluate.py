@@ -230,6 +230,18 @@ def test_partial_results_are_kept_only_for_the_same_settings(tmp_path):
                              "uniad": {"cable": {"original": {"x": 0.1}}}}
   assert kept["fitted_on"] == {"uniad": ["cable"]}
   assert set(kept["settings"]["projectors"]) == {"norm", "angle"}
+  # A setting of a method the file holds no results of is no difference (GLASS here); one of
+  # a method it holds results of is (CFLOW's via eval.best_over_test, below).
+  glass_changed = configs.default_config()
+  glass_changed.eval.method_settings = {"glass": {"epochs": 5}}
+  glass_changed.eval.glass_texture_rounds = 2
+  eval_progress.read_partial(str(tmp_path), eval_progress.evaluation_settings(
+      glass_changed, backbone, projectors))
+  glass_changed.eval.best_over_test = True
+  with pytest.raises(ValueError, match=r"other settings: eval.best_over_test \(False there, "
+                     r"True here\)\. Rerun"):
+    eval_progress.read_partial(str(tmp_path), eval_progress.evaluation_settings(
+        glass_changed, backbone, projectors))
   # Refused: a setting, the backbone's parameters, a shared projector's parameters.
   other = {"norm": {"l1_proj": {"w": np.arange(6.0).reshape(2, 3) + 1e-3}}}
   moved.eval.method_settings = {"cflow": {"epochs": 2}}
