@@ -383,26 +383,40 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 
 class _StderrLines(logging.Handler):
-  """Writes records to the sys.stderr of the moment (tests and tqdm may swap it)."""
+  """Writes records as lines on stderr, above any progress bar (tqdm.write)."""
 
   def emit(self, record: logging.LogRecord) -> None:
     try:
-      print(self.format(record), file=sys.stderr)
+      from tqdm import tqdm
+      tqdm.write(self.format(record), file=sys.stderr)
     except Exception:  # noqa: BLE001 (logging's own contract: report, do not raise)
       self.handleError(record)
+
+
+class _PlainInfo(logging.Formatter):
+  """`adjax.part: message` for information, `adjax.part: warning: message` above it."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+    return f"{record.name}: {level}{record.getMessage()}"
 
 
 @contextlib.contextmanager
 def _library_messages_on_stderr():
   """The library's info messages (a run resumed, an evaluation continued) and warnings on
-  stderr, each once, while a command runs (otherwise info is dropped, and warnings depend on
-  what the imports left on the root logger); the logger is restored afterwards."""
+  stderr, each once, while a command runs: otherwise info is dropped, and warnings go to
+  whatever handler the imports left on the root logger (orbax and grain install one). The
+  "adjax" logger is restored afterwards; a command run inside another keeps the outer setup."""
   logger = logging.getLogger("adjax")
+  if any(isinstance(h, _StderrLines) for h in logger.handlers):
+    yield
+    return
   saved = (logger.level, logger.propagate)
   handler = _StderrLines()
-  handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+  handler.setFormatter(_PlainInfo())
   logger.addHandler(handler)
-  logger.setLevel(logging.INFO)
+  if logger.getEffectiveLevel() > logging.INFO:   # a caller's DEBUG stays
+    logger.setLevel(logging.INFO)
   logger.propagate = False
   try:
     yield

@@ -375,12 +375,16 @@ def _check_typed(value: Any, current: Any, what: str, field_type: type | None) -
 
 def format_override(key: str, value: Any) -> str:
   """The command-line form of one override, `--config.key=value`, that `coerce` reads back."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
   if isinstance(value, bool):
     text = "true" if value else "false"
   elif isinstance(value, (tuple, list)):
     text = ",".join(str(v) for v in value) if value else "()"
   elif value is None:
     text = "none"
+  elif isinstance(value, Mapping):
+    text = repr(dict(value))   # a Python literal, which _group_value reads back
   else:
     text = str(value)
   return f"{OVERRIDE_PREFIX}{key}={text}"

@@ -309,7 +309,7 @@ def score_method(name: str, settings: dict, train_levels, test_levels, image_siz
       result, scores, maps = check(state)
       # fmax: a metric that is NaN (one test label) stays NaN, never beats a number.
       best = {k: float(np.fmax(best.get(k, np.nan), v)) for k, v in result.items()}
-      log.info("%s after %d epochs: %s", name, state["epochs"], result)
+      log.debug("%s after %d epochs: %s", name, state["epochs"], result)
     return best, scores, maps, state
   if state is None:  # (no training features: a method that fits nothing, e.g. FeatureNorm)
     state = method.fit(train, jax.random.PRNGKey(seed), **(fit_extras or {}))
@@ -371,16 +371,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     raise ValueError("config.eval.root is empty: give the evaluation dataset's folder "
                      "(--config.eval.root=DIR)")
   out_dir = out_dir or os.path.join(workdir or ".", "eval")
-  os.makedirs(out_dir, exist_ok=True)
   kinds = tuple(ev.features)
   unknown = [k for k in kinds if k not in FEATURE_KINDS]
   if unknown:
     raise ValueError(f"config.eval.features has unknown kinds {unknown}; choose from "
                      f"{FEATURE_KINDS}")
-  methods = tuple(ev.methods)
+  if "pretrained" in kinds and not workdir:
+    raise ValueError("pretrained features need a run: pass --workdir RUN, or evaluate the "
+                     "backbone's own features alone with --config.eval.features=original,residual")
+  # Config errors before the backbone's weights are read. Names are lower-case from here on
+  # (get_method takes any case; the tables, checkpoints and settings are keyed by them).
+  methods = tuple(str(m).lower() for m in ev.methods)
   checkpoint_choice = ev.get("checkpoint", "auto")
-  for method in methods:  # config errors before the backbone's weights are read
+  for method in methods:
     checkpoint_kind_for(method, checkpoint_choice)
+  from adjax.methods import checked_settings, get_method
+  method_settings = {str(m).lower(): checked_settings(m, s, f"eval.method_settings.{m}")
+                     for m, s in dict(ev.get("method_settings", {}) or {}).items()}
+  for method in methods:   # the settings together, as each kind will use them
+    for kind in kinds:
+      get_method(method, **method_settings_for(method, kind, method_settings))
   textures = None
   if ev.get("glass_textures", "") and "glass" in methods:
     from data_pipelines.texture_anomalies import list_textures
@@ -397,8 +407,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
                 "refreshes image-space texture anomalies; ignored")
   projector = {}
   if "pretrained" in kinds:
-    if not workdir:
-      raise ValueError("pretrained features need a run: pass --workdir RUN")
     projector = load_projectors(workdir, [checkpoint_kind_for(m, checkpoint_choice)
                                           for m in methods])
   if backbone is None:
@@ -409,9 +417,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
                        max_similarities=config.train.max_similarities)
   records = read_dataset(ev.format, ev.root, split_classes(ev.classes))
   class_names = sorted({r.class_name for r in records})
-  method_settings = dict(ev.get("method_settings", {}) or {})
   # An interrupted evaluation into the same folder is continued (or refused, with other
   # settings) before any class is evaluated.
+  os.makedirs(out_dir, exist_ok=True)
   done_so_far = eval_progress.EvaluationProgress(
       out_dir, eval_progress.evaluation_settings(config, backbone_params, projector), methods,
       class_names, kinds, PER_DATASET_METHODS)
@@ -517,7 +525,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     del data, features, synthetic
 
   if per_dataset:
-    from adjax.methods import get_method
     for method in per_dataset:
       for kind in kinds:
         model = get_method(method, **method_settings_for(method, kind, method_settings))

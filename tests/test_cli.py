@@ -173,7 +173,23 @@ def test_library_messages_reach_stderr_once_while_a_command_runs(tmp_path, monke
   assert main(["evaluate", "--out", str(tmp_path)]) == 0
   err = capsys.readouterr().err
   assert err.count(f"adjax.evaluate: continuing the evaluation in {tmp_path}\n") == 1
-  assert err.count("a warning") == 1
+  assert err.count("adjax.data: warning: a warning\n") == 1
+  assert (logger.level, logger.propagate, list(logger.handlers)) == before
+  # A command run inside another (a script calling main) prints each message once too.
+  inner = types.ModuleType("adjax.evaluate")
+  inner.evaluate = evaluate
+  calls = []
+
+  def outer(config, workdir, out_dir):
+    calls.append(out_dir)
+    monkeypatch.setitem(sys.modules, "adjax.evaluate", inner)
+    assert main(["evaluate", "--out", str(tmp_path / "inner")]) == 0
+    return {}
+
+  module.evaluate = outer
+  assert main(["evaluate", "--out", str(tmp_path)]) == 0
+  err = capsys.readouterr().err
+  assert calls and err.count("continuing the evaluation in") == 1
   assert (logger.level, logger.propagate, list(logger.handlers)) == before
 
 

@@ -257,3 +257,40 @@ def test_partial_results_are_kept_only_for_the_same_settings(tmp_path):
   last.finish()
   assert not (tmp_path / "results.partial.json").exists()
   assert eval_progress.read_partial(str(tmp_path), settings) == {}
+
+
+def test_method_settings_are_checked_and_typed_before_any_work(tmp_path, monkeypatch):
+  """eval.method_settings, typed on the command line as text's best guess, take each setting's
+  own type; an unknown method or setting, or a value of the wrong type, fails before the
+  backbone's weights are read, naming the setting and the nearest name."""
+  from adjax import configs
+  from adjax.methods import checked_settings
+  assert checked_settings("GLASS", {"projection": "off", "epochs": 100.0, "limit": None,
+                                    "texture_annulus": "2,3", "lr": 1}, "s") == {
+      "projection": False, "epochs": 100, "limit": None, "texture_annulus": (2.0, 3.0),
+      "lr": 1.0}
+  config = configs.default_config()
+  config.eval.root, config.eval.features = str(tmp_path), ("original",)
+  config.eval.methods = ("PatchCore", "glass")
+  monkeypatch.setattr("adjax.train.build_backbone",
+                      lambda *args, **kwargs: pytest.fail("the backbone was built"))
+  for settings, message in (
+      ({"glas": {"epochs": 2}}, r"eval.method_settings.glas: unknown method 'glas'; did you "
+                                r"mean 'glass'\?"),
+      ({"glass": {"epoch": 2}}, r"eval.method_settings.glass.epoch: glass has no such "
+                                r"setting; did you mean 'epochs'\?"),
+      ({"glass": {"projection": "maybe"}}, r"eval.method_settings.glass.projection: expected "
+                                           r"a boolean"),
+      ({"PatchCore": {"coreset_ratio": "most"}}, r"eval.method_settings.PatchCore."
+                                                 r"coreset_ratio: expected a number")):
+    config.eval.method_settings = settings
+    with pytest.raises(ValueError, match=message):
+      evaluate_lib.evaluate(config, None, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()   # nothing made for a run that could not start
+  config.eval.method_settings = {}
+  config.eval.features = ("original", "pretrained")
+  with pytest.raises(ValueError, match=r"pretrained features need a run: pass --workdir RUN, "
+                     r"or evaluate the backbone's own features alone with "
+                     r"--config.eval.features=original,residual"):
+    evaluate_lib.evaluate(config, None, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()

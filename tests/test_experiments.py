@@ -192,17 +192,18 @@ def test_open_groups_take_new_keys_and_whole_dicts():
   with pytest.raises(ValueError, match="'eval.method_settings.glass.epochs': expected an "
                                        "integer, got 'many'"):
     config_loading.apply_overrides(c, [("eval.method_settings.glass.epochs", "many")])
-  # A whole group: JSON, a Python literal (as emitted sweep commands write it) or a dict.
+  # A whole group: JSON, a Python literal (as format_override writes it) or a dict.
   for text in ('{"patchcore": {"coreset_ratio": 0.1, "exact": true}}',
                "{'patchcore': {'coreset_ratio': 0.1, 'exact': True}}"):
     config_loading.apply_overrides(c, [("eval.method_settings", text)])
     assert c.eval.method_settings.to_dict() == {"patchcore": {"coreset_ratio": 0.1,
                                                               "exact": True}}
-  value = {"glass": {"epochs": 3}}
-  _, pairs = config_loading.split_overrides(
-      [config_loading.format_override("eval.method_settings", value)])
-  config_loading.apply_overrides(c, pairs)
-  assert c.eval.method_settings.to_dict() == value
+  value = {"glass": {"epochs": 3, "texture_annulus": (2.0, 3.0)}}
+  for given in (value, ml_collections.ConfigDict(value)):
+    _, pairs = config_loading.split_overrides(
+        [config_loading.format_override("eval.method_settings", given)])
+    config_loading.apply_overrides(c, pairs)
+    assert c.eval.method_settings.to_dict() == value
   config_loading.apply_overrides(c, {"eval.class_resize": {"wood": 256}})
   assert c.eval.class_resize.to_dict() == {"wood": 256}
   with pytest.raises(ValueError, match="'eval.method_settings' is a group keyed by your names: "

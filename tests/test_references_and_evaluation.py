@@ -273,7 +273,8 @@ def test_an_interrupted_evaluation_is_continued(dataset, tmp_path, monkeypatch):
   classes = sorted(os.listdir(root))
 
   def make_config(tsne=True):
-    config = _eval_config(dataset, methods, kinds, tsne=tsne)
+    # Method names in any case (as get_method takes them): results are keyed in lower case.
+    config = _eval_config(dataset, ("featurenorm", "PatchCore", "UniAD"), kinds, tsne=tsne)
     config.eval.root = str(root)
     config.eval.method_settings = {"uniad": {"epochs": 1, "hidden_dim": 16, "ffn_dim": 16,
                                              "neighbour_size": 3, "encoder_layers": 1,
@@ -283,7 +284,7 @@ def test_an_interrupted_evaluation_is_continued(dataset, tmp_path, monkeypatch):
   whole = evaluate_lib.evaluate(make_config(tsne=False), None, str(tmp_path / "whole"),
                                 progress=False)
   config = make_config()
-  assert whole["classes"] == classes
+  assert whole["classes"] == classes and set(whole["results"]) == set(methods)
   scored, fail_at = [], {}
   score_method = evaluate_lib.score_method
 

@@ -57,5 +57,47 @@ def get_method(name: str, **overrides: Any):
   return cls(**overrides)
 
 
-__all__ = ["METHODS", "get_method", "CFlow", "FeatureNorm", "Glass", "PaDiM", "PatchCore",
+def checked_settings(name: str, settings: Any, what: str) -> dict[str, Any]:
+  """A method's user settings, checked and typed by its own fields.
+
+  Settings typed on the command line arrive as their text's best guess (`--config.eval.
+  method_settings.glass.projection=off` is the string "off"); each is converted to the type of
+  the field's default (bool, int, float, tuple, str), as config overrides are.
+
+  Args:
+    name: the method (case-insensitive).
+    settings: {setting: value}.
+    what: how to name them in errors, e.g. "eval.method_settings.glass".
+
+  Raises:
+    ValueError: an unknown method or setting (with the nearest name), or a value that does not
+      fit the setting's type.
+  """
+  import difflib
+  from adjax.config_loading import coerce
+  key = str(name).lower()
+  if key not in METHODS:
+    close = difflib.get_close_matches(key, sorted(METHODS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{what}: unknown method {name!r}{hint} (methods: {sorted(METHODS)})")
+  defaults = {f.name: f.default for f in dataclasses.fields(METHODS[key])}
+  checked = {}
+  for setting, value in dict(settings or {}).items():
+    if setting not in defaults:
+      close = difflib.get_close_matches(setting, sorted(defaults), n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"{what}.{setting}: {key} has no such setting{hint} (its settings: "
+                       f"{', '.join(sorted(defaults))})")
+    default = defaults[setting]
+    if value is None or default is None or default is dataclasses.MISSING:
+      checked[setting] = value   # nothing to type by
+      continue
+    if isinstance(value, list):
+      value = tuple(value)
+    text = value if isinstance(value, str) else repr(value)
+    checked[setting] = coerce(text, default, f"{what}.{setting}")
+  return checked
+
+
+__all__ = ["METHODS", "checked_settings", "get_method", "CFlow", "FeatureNorm", "Glass", "PaDiM", "PatchCore",
            "UniAD"]
