@@ -206,9 +206,13 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
       train_step.residual_update = update_then_term
       config = tiny_config({dataset!r}); config.optim.max_steps = 50
       config.train.checkpoint_every = 1000
-      config.train.compilation_cache = "xla_cache"
+      # The tests' shared cache when there is one (its programs are those of the other tiny
+      # runs: a folder of its own would compile all of them again).
+      config.train.compilation_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "xla_cache")
       summary = pretrain(config, "run_c", progress=False)  # relative, as users type it
+      import jax
       print("PREEMPTED", summary["preempted"], summary["steps"])
+      print("CACHE", jax.config.jax_compilation_cache_dir)
   """)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600,
                         cwd=str(tmp_path))
@@ -216,8 +220,27 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
   assert b"PREEMPTED True 1" in proc.stdout
   steps = [int(p) for p in os.listdir(run_layout.checkpoints_dir(workdir)) if p.isdigit()]
   assert steps == [1]
-  # train.compilation_cache: the run's programs were stored for the next attempt.
-  assert any(name.endswith("-cache") for name in os.listdir(tmp_path / "xla_cache"))
+  # train.compilation_cache: the run used the folder and its programs are there for the next
+  # attempt (that a new program is written is test_compilation_cache_stores_programs's).
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path / "xla_cache")
+  assert f"CACHE {os.path.abspath(cache)}".encode() in proc.stdout
+  assert any(name.endswith("-cache") for name in os.listdir(cache))
+
+
+def test_compilation_cache_stores_programs(tmp_path):
+  """use_compilation_cache: a program compiled after it is written to the folder (in a
+  process of its own: the setting is process-wide)."""
+  script = textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {str(REPO)!r})
+      import jax, jax.numpy as jnp
+      from adjax.compilation_cache import use_compilation_cache
+      assert use_compilation_cache({str(tmp_path / "cache")!r}, min_compile_seconds=0)
+      print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((3, 3))).sum()))
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+  assert any(name.endswith("-cache") for name in os.listdir(tmp_path / "cache"))
 
 
 def test_compilation_cache_setting_is_checked(tmp_path):
