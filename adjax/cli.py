@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import logging
 import json
+import logging
 import os
 import subprocess
 import sys

@@ -214,13 +214,12 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 
 def _new_value(text: str) -> Any:
-  """A new key's value from its text: true/false, none/null, a Python literal, else the text."""
+  """A new key's value from its text: true/false, else as `coerce` reads a field without a
+  type (none/null, a Python literal, else the text)."""
   word = text.strip().lower()
   if word in ("true", "false"):
     return word == "true"
-  if word in ("none", "null"):
-    return None
-  return _literal_or_text(text.strip())
+  return coerce(text.strip(), None, "a new config key")
 
 
 def _in_open_group(key: str) -> bool:

@@ -57,6 +57,13 @@ def get_method(name: str, **overrides: Any):
   return cls(**overrides)
 
 
+def _did_you_mean(name: str, choices: Any) -> str:
+  """"; did you mean 'x'?" for the nearest of `choices`, or ""."""
+  import difflib
+  close = difflib.get_close_matches(name, sorted(choices), n=1)
+  return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def checked_settings(name: str, settings: Any, what: str) -> dict[str, Any]:
   """A method's user settings, checked and typed by its own fields.
 
@@ -73,20 +80,17 @@ def checked_settings(name: str, settings: Any, what: str) -> dict[str, Any]:
     ValueError: an unknown method or setting (with the nearest name), or a value that does not
       fit the setting's type.
   """
-  import difflib
   from adjax.config_loading import coerce
   key = str(name).lower()
   if key not in METHODS:
-    close = difflib.get_close_matches(key, sorted(METHODS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"{what}: unknown method {name!r}{hint} (methods: {sorted(METHODS)})")
+    raise ValueError(f"{what}: unknown method {name!r}{_did_you_mean(key, METHODS)} "
+                     f"(methods: {sorted(METHODS)})")
   defaults = {f.name: f.default for f in dataclasses.fields(METHODS[key])}
   checked = {}
   for setting, value in dict(settings or {}).items():
     if setting not in defaults:
-      close = difflib.get_close_matches(setting, sorted(defaults), n=1)
-      hint = f"; did you mean {close[0]!r}?" if close else ""
-      raise ValueError(f"{what}.{setting}: {key} has no such setting{hint} (its settings: "
+      raise ValueError(f"{what}.{setting}: {key} has no such setting"
+                       f"{_did_you_mean(setting, defaults)} (its settings: "
                        f"{', '.join(sorted(defaults))})")
     default = defaults[setting]
     if value is None or default is None or default is dataclasses.MISSING:
@@ -99,5 +103,5 @@ def checked_settings(name: str, settings: Any, what: str) -> dict[str, Any]:
   return checked
 
 
-__all__ = ["METHODS", "checked_settings", "get_method", "CFlow", "FeatureNorm", "Glass", "PaDiM", "PatchCore",
-           "UniAD"]
+__all__ = ["METHODS", "checked_settings", "get_method", "CFlow", "FeatureNorm", "Glass", "PaDiM",
+           "PatchCore", "UniAD"]
