@@ -94,3 +94,87 @@ def test_bad_arguments_are_named():
     reference_attention(q, k, v, implementation="flash")
   with pytest.raises(ValueError, match=r"q \(H, T, d\)"):
     reference_attention(q, k[:, :, :4], v)
+
+
+# The native kernel (adjax/kernels/reference_attention_cpu.cc): same values and gradients.
+
+def _needs_native_kernel():
+  from adjax.kernels import native
+  if not native.available():
+    pytest.skip("the native CPU kernel cannot run on this machine (no AVX-512 or no compiler)")
+
+
+@pytest.mark.parametrize("dim,queries,refs", [(16, 37, 50), (48, 64, 2048), (64, 9, 7),
+                                              (32, 130, 33)])
+def test_fused_cpu_matches_numpy_and_dense_gradients(dim, queries, refs):
+  # Queries not a multiple of 8 (padded), keys not a multiple of the kernel's 32-wide panels
+  # (masked), fewer keys than one panel, more queries than one 64-query block.
+  _needs_native_kernel()
+  q, k, v, cotangent = _inputs(heads=3, queries=queries, refs=refs, dim=dim, seed=dim)
+  q = q / np.sqrt(dim)
+  got, vjp = jax.vjp(jax.jit(lambda a, b, c: reference_attention(
+      a, b, c, implementation="fused-cpu")), q, k, v)
+  np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v), atol=3e-6)
+  _, dense_vjp = jax.vjp(dense_attention, q, k, v)
+  for name, g, d in zip("qkv", vjp(cotangent), dense_vjp(cotangent)):
+    scale = float(np.max(np.abs(np.asarray(d))))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(d), atol=2e-6 * max(scale, 1.0),
+                               err_msg=name)
+
+
+def test_fused_cpu_gradients_match_finite_differences():
+  _needs_native_kernel()
+  q, k, v, cotangent = _inputs(heads=2, queries=3, refs=5, dim=16, seed=2)
+  q, k, v, cotangent = (np.asarray(a, np.float64) for a in (q, k, v, cotangent))
+  q = q / 4
+  _, vjp = jax.vjp(lambda a, b, c: reference_attention(a, b, c, implementation="fused-cpu"),
+                   *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+  grads = [np.asarray(g, np.float64) for g in vjp(jnp.asarray(cotangent, jnp.float32))]
+  eps = 1e-5
+  for index, name in enumerate("qkv"):
+    args = [q, k, v]
+    numeric = np.zeros_like(args[index])
+    for position in np.ndindex(args[index].shape):
+      shifted = [a.copy() for a in args]
+      shifted[index][position] += eps
+      up = np.sum(_numpy_attention(*shifted) * cotangent)
+      shifted[index][position] -= 2 * eps
+      down = np.sum(_numpy_attention(*shifted) * cotangent)
+      numeric[position] = (up - down) / (2 * eps)
+    np.testing.assert_allclose(grads[index], numeric, atol=1e-4, err_msg=name)
+
+
+def test_fused_cpu_large_logits_stay_finite_and_auto_uses_it():
+  _needs_native_kernel()
+  q, k, v, cotangent = _inputs(heads=2, queries=16, refs=40, dim=32)
+  q = q * 100.0   # logits in the thousands: exp would overflow without the max shift
+  got, vjp = jax.vjp(lambda a, b, c: reference_attention(a, b, c, implementation="fused-cpu"),
+                     q, k, v)
+  np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v), atol=1e-4)
+  assert all(np.isfinite(np.asarray(g)).all() for g in vjp(cotangent))
+  # On a single CPU device, float32 with a supported width: "auto" is the kernel, and its
+  # backward pass calls the kernel's backward.
+  program = jax.jit(jax.grad(lambda a, b, c: jnp.sum(reference_attention(a, b, c)),
+                             argnums=(0, 1, 2))).lower(q, k, v).as_text()
+  assert "adjax_reference_attention_forward" in program
+  assert "adjax_reference_attention_backward" in program
+  # An unsupported width or dtype falls back to the blocked form.
+  narrow = jax.jit(lambda a, b, c: reference_attention(a, b, c)).lower(
+      q[..., :8], k[..., :8], v[..., :8]).as_text()
+  assert "adjax_reference_attention" not in narrow
+
+
+def test_fused_cpu_refuses_what_it_cannot_take(monkeypatch):
+  from adjax.kernels import native
+  q, k, v, _ = _inputs(heads=1, queries=8, refs=8, dim=8)
+  with pytest.raises(ValueError, match=r"fused-cpu.*d in \(16, 32, 48, 64\).*d=8"):
+    reference_attention(q, k, v, implementation="fused-cpu")
+  monkeypatch.setattr(native, "available", lambda: False)
+  q, k, v, _ = _inputs(heads=1, queries=8, refs=8, dim=16)
+  with pytest.raises(ValueError, match="kernel available: False"):
+    reference_attention(q, k, v, implementation="fused-cpu")
+  # "auto" then runs the blocked form, with the same result.
+  program = jax.jit(lambda a, b, c: reference_attention(a, b, c)).lower(q, k, v).as_text()
+  assert "adjax_reference_attention" not in program
+  np.testing.assert_allclose(np.asarray(reference_attention(q, k, v)),
+                             _numpy_attention(q, k, v), atol=3e-6)

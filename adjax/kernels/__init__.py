@@ -1,0 +1,1 @@
+"""Native kernels, registered with XLA through its FFI where the machine can run them."""

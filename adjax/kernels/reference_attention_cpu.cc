@@ -1,0 +1,444 @@
+// softmax(q k^T) v per head on x86 CPUs with AVX-512: the projector's reference attention as
+// one fused pass per block of queries, forward and backward, called from JAX through XLA's FFI.
+//
+// Why a kernel: XLA:CPU runs this attention (16 heads of d = 48 over 2,048 reference tokens)
+// at about half the rate of its large matmuls. Its products have a 48-wide inner or outer
+// dimension, each goes through a general GEMM that packs its operands and writes its whole
+// (block, R) result before the softmax reads it again, and the key panels of a row-major
+// (d, R) operand sit 8 KB apart, so they fall into one L1 set. Here the keys and values of a
+// head are packed once into contiguous (d, 32) panels, the 8 x 32 output tiles stay in
+// registers over the whole 48-long contraction, and the exponentials run on rows still in L2.
+//
+// Math (per head; q is already scaled by the caller):
+//   forward:  s = q k^T, lse = logsumexp_r s, out = exp(s - lse) v
+//   backward: p = exp(q k^T - lse), dp = d_out v^T, ds = p (dp - <d_out, out>),
+//             dq = ds k, dk = ds^T q, dv = p^T d_out
+// the same as adjax/models/reference_attention.py's "blocked" implementation.
+//
+// Shapes: q, out, d_out (H, T, D); k, v (H, R, D); lse (H, T); float32, row-major.
+// D is 16, 32, 48 or 64 and T a multiple of 8 (the Python side pads queries); any R >= 1.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kPanel = 32;        // key columns per panel: two 16-float vectors
+constexpr int kBlock = 64;        // queries per block: the block's (64, R) rows stay in L2
+constexpr int kRowPad = 16;       // extra floats per (block, R) row, so rows are not 8 KB apart
+
+// exp(x) for float32 lanes: Cody-Waite reduction to [-ln2/2, ln2/2], a degree-7 polynomial,
+// and scalef for the power of two (no integer bit tricks). Lanes below -87 give exactly 0,
+// so masked (-inf) logits contribute nothing.
+inline __m512 Exp(__m512 x) {
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
+}
+
+// (R, D) rows -> panels [ceil(R / 32)][D][32], zero beyond R.
+template <int D>
+void PackPanels(const float* rows, int r, float* panels) {
+  const int num_panels = (r + kPanel - 1) / kPanel;
+  std::memset(panels, 0, sizeof(float) * num_panels * D * kPanel);
+  for (int j = 0; j < r; ++j) {
+    float* column = panels + (j / kPanel) * D * kPanel + j % kPanel;
+    for (int k = 0; k < D; ++k) column[k * kPanel] = rows[j * D + k];
+  }
+}
+
+// The inverse of PackPanels for the first r columns.
+template <int D>
+void UnpackPanels(const float* panels, int r, float* rows) {
+  for (int j = 0; j < r; ++j) {
+    const float* column = panels + (j / kPanel) * D * kPanel + j % kPanel;
+    for (int k = 0; k < D; ++k) rows[j * D + k] = column[k * kPanel];
+  }
+}
+
+// out[i, j] = sum_k a[i, k] panels[j / 32][k][j % 32] for rows i < rows (a multiple of 8) and
+// every column of every panel; out has row stride ld.
+template <int D>
+void RowsTimesPanels(const float* a, const float* panels, int num_panels, float* out, int ld,
+                     int rows) {
+  for (int p = 0; p < num_panels; ++p) {
+    const float* panel = panels + p * D * kPanel;
+    for (int i = 0; i < rows; i += 8) {
+      __m512 c[8][2];
+      for (int t = 0; t < 8; ++t) c[t][0] = c[t][1] = _mm512_setzero_ps();
+      for (int k = 0; k < D; ++k) {
+        const __m512 b0 = _mm512_loadu_ps(panel + k * kPanel);
+        const __m512 b1 = _mm512_loadu_ps(panel + k * kPanel + 16);
+        for (int t = 0; t < 8; ++t) {
+          const __m512 x = _mm512_set1_ps(a[(i + t) * D + k]);
+          c[t][0] = _mm512_fmadd_ps(x, b0, c[t][0]);
+          c[t][1] = _mm512_fmadd_ps(x, b1, c[t][1]);
+        }
+      }
+      for (int t = 0; t < 8; ++t) {
+        _mm512_storeu_ps(out + (i + t) * ld + p * kPanel, c[t][0]);
+        _mm512_storeu_ps(out + (i + t) * ld + p * kPanel + 16, c[t][1]);
+      }
+    }
+  }
+}
+
+// out[i, :] = sum_{j < r} w[i, j] x[j, :] for rows i < rows; w has row stride ld, x is (r, D).
+template <int D>
+void WeightsTimesRows(const float* w, int ld, const float* x, int r, float* out, int rows) {
+  constexpr int kVectors = D / 16;
+  constexpr int kTile = kVectors <= 3 ? 8 : 4;  // accumulators + operands fit 32 registers
+  for (int i = 0; i < rows; i += kTile) {
+    __m512 c[kTile][kVectors];
+    for (int t = 0; t < kTile; ++t)
+      for (int u = 0; u < kVectors; ++u) c[t][u] = _mm512_setzero_ps();
+    for (int j = 0; j < r; ++j) {
+      __m512 b[kVectors];
+      for (int u = 0; u < kVectors; ++u) b[u] = _mm512_loadu_ps(x + j * D + 16 * u);
+      for (int t = 0; t < kTile; ++t) {
+        const __m512 y = _mm512_set1_ps(w[(i + t) * ld + j]);
+        for (int u = 0; u < kVectors; ++u) c[t][u] = _mm512_fmadd_ps(y, b[u], c[t][u]);
+      }
+    }
+    for (int t = 0; t < kTile; ++t)
+      for (int u = 0; u < kVectors; ++u) _mm512_storeu_ps(out + (i + t) * D + 16 * u, c[t][u]);
+  }
+}
+
+// panels[j / 32][k][j % 32] += sum_i a[i, k] w[i, j] over rows i < rows: a^T w accumulated
+// into the packed layout (a is (rows, D); w has row stride ld and num_panels * 32 columns).
+template <int D>
+void AccumulateTransposedProduct(const float* a, const float* w, int ld, int rows,
+                                 int num_panels, float* panels) {
+  for (int p = 0; p < num_panels; ++p) {
+    float* panel = panels + p * D * kPanel;
+    for (int k0 = 0; k0 < D; k0 += 8) {
+      __m512 c[8][2];
+      for (int t = 0; t < 8; ++t) {
+        c[t][0] = _mm512_loadu_ps(panel + (k0 + t) * kPanel);
+        c[t][1] = _mm512_loadu_ps(panel + (k0 + t) * kPanel + 16);
+      }
+      for (int i = 0; i < rows; ++i) {
+        if (k0 == 0 && p + 1 < num_panels) {
+          // Rows are ld apart, each in its own 4 KB page, where the hardware prefetcher does
+          // not follow: fetch the next panel's columns while this one is summed.
+          _mm_prefetch(reinterpret_cast<const char*>(w + i * ld + (p + 1) * kPanel), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w + i * ld + (p + 1) * kPanel + 16),
+                       _MM_HINT_T0);
+        }
+        const __m512 w0 = _mm512_loadu_ps(w + i * ld + p * kPanel);
+        const __m512 w1 = _mm512_loadu_ps(w + i * ld + p * kPanel + 16);
+        for (int t = 0; t < 8; ++t) {
+          const __m512 x = _mm512_set1_ps(a[i * D + k0 + t]);
+          c[t][0] = _mm512_fmadd_ps(x, w0, c[t][0]);
+          c[t][1] = _mm512_fmadd_ps(x, w1, c[t][1]);
+        }
+      }
+      for (int t = 0; t < 8; ++t) {
+        _mm512_storeu_ps(panel + (k0 + t) * kPanel, c[t][0]);
+        _mm512_storeu_ps(panel + (k0 + t) * kPanel + 16, c[t][1]);
+      }
+    }
+  }
+}
+
+// The backward pass's per-block core, in one sweep over the (rows, R) tiles: for each 4 x 32
+// tile, s = q k^T and dp = d_out v^T stay in registers through the 48-long contraction, then
+// p = exp(s - lse) and ds = p (dp - row_dot) are stored: the logits never reach memory.
+// Columns at or beyond r get p = ds = 0.
+template <int D>
+void WeightsAndLogitGradients(const float* q, const float* d_out, const float* key_panels,
+                              const float* value_panels, int num_panels, int r,
+                              const float* lse, const float* row_dot, float* weights,
+                              float* d_logits, int ld, int rows) {
+  for (int p = 0; p < num_panels; ++p) {
+    const float* keys = key_panels + p * D * kPanel;
+    const float* values = value_panels + p * D * kPanel;
+    const int valid = std::min(kPanel, r - p * kPanel);
+    const __mmask16 mask0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+    const __mmask16 mask1 =
+        valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+    for (int i = 0; i < rows; i += 4) {
+      __m512 s[4][2], dp[4][2];
+      for (int t = 0; t < 4; ++t) s[t][0] = s[t][1] = dp[t][0] = dp[t][1] = _mm512_setzero_ps();
+      for (int k = 0; k < D; ++k) {
+        const __m512 k0 = _mm512_loadu_ps(keys + k * kPanel);
+        const __m512 k1 = _mm512_loadu_ps(keys + k * kPanel + 16);
+        const __m512 v0 = _mm512_loadu_ps(values + k * kPanel);
+        const __m512 v1 = _mm512_loadu_ps(values + k * kPanel + 16);
+        for (int t = 0; t < 4; ++t) {
+          const __m512 x = _mm512_set1_ps(q[(i + t) * D + k]);
+          const __m512 y = _mm512_set1_ps(d_out[(i + t) * D + k]);
+          s[t][0] = _mm512_fmadd_ps(x, k0, s[t][0]);
+          s[t][1] = _mm512_fmadd_ps(x, k1, s[t][1]);
+          dp[t][0] = _mm512_fmadd_ps(y, v0, dp[t][0]);
+          dp[t][1] = _mm512_fmadd_ps(y, v1, dp[t][1]);
+        }
+      }
+      for (int t = 0; t < 4; ++t) {
+        const __m512 shift = _mm512_set1_ps(lse[i + t]);
+        const __m512 dot = _mm512_set1_ps(row_dot[i + t]);
+        const __m512 p0 = _mm512_maskz_mov_ps(mask0, Exp(_mm512_sub_ps(s[t][0], shift)));
+        const __m512 p1 = _mm512_maskz_mov_ps(mask1, Exp(_mm512_sub_ps(s[t][1], shift)));
+        float* w_row = weights + (i + t) * ld + p * kPanel;
+        float* ds_row = d_logits + (i + t) * ld + p * kPanel;
+        _mm512_storeu_ps(w_row, p0);
+        _mm512_storeu_ps(w_row + 16, p1);
+        _mm512_storeu_ps(ds_row, _mm512_mul_ps(p0, _mm512_sub_ps(dp[t][0], dot)));
+        _mm512_storeu_ps(ds_row + 16, _mm512_mul_ps(p1, _mm512_sub_ps(dp[t][1], dot)));
+      }
+    }
+  }
+}
+
+// Sets the columns r .. num_panels * 32 of each row to -inf (their weights become 0).
+void MaskPaddedColumns(float* s, int ld, int rows, int r, int num_panels) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = r; j < num_panels * kPanel; ++j) s[i * ld + j] = -INFINITY;
+}
+
+inline float HorizontalMax(__m512 x) { return _mm512_reduce_max_ps(x); }
+inline float HorizontalSum(__m512 x) { return _mm512_reduce_add_ps(x); }
+
+// Per-thread scratch, kept between calls so that pages are touched once.
+struct Scratch {
+  std::vector<float> key_panels, value_panels, d_key_panels, d_value_panels, logits, d_logits;
+  static float* Sized(std::vector<float>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+template <int D>
+void ForwardHead(const float* q, const float* k, const float* v, int t, int r, float* out,
+                 float* lse) {
+  Scratch& scratch = ThreadScratch();
+  const int num_panels = (r + kPanel - 1) / kPanel;
+  const int ld = num_panels * kPanel + kRowPad;
+  float* key_panels = Scratch::Sized(scratch.key_panels, size_t(num_panels) * D * kPanel);
+  float* s = Scratch::Sized(scratch.logits, size_t(kBlock) * ld);
+  PackPanels<D>(k, r, key_panels);
+  float inverse_total[kBlock];
+  for (int b = 0; b < t; b += kBlock) {
+    const int rows = std::min(kBlock, t - b);
+    RowsTimesPanels<D>(q + b * D, key_panels, num_panels, s, ld, rows);
+    MaskPaddedColumns(s, ld, rows, r, num_panels);
+    for (int i = 0; i < rows; ++i) {
+      float* row = s + i * ld;
+      __m512 running_max = _mm512_set1_ps(-INFINITY);
+      for (int j = 0; j < num_panels * kPanel; j += 16)
+        running_max = _mm512_max_ps(running_max, _mm512_loadu_ps(row + j));
+      const float row_max = HorizontalMax(running_max);
+      const __m512 shift = _mm512_set1_ps(row_max);
+      __m512 total = _mm512_setzero_ps();
+      for (int j = 0; j < num_panels * kPanel; j += 16) {
+        const __m512 e = Exp(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
+        _mm512_storeu_ps(row + j, e);
+        total = _mm512_add_ps(total, e);
+      }
+      const float row_total = HorizontalSum(total);
+      inverse_total[i] = 1.0f / row_total;
+      lse[b + i] = row_max + std::log(row_total);
+    }
+    float* out_block = out + b * D;
+    WeightsTimesRows<D>(s, ld, v, r, out_block, rows);
+    // Normalising the (rows, D) output is cheaper than the (rows, R) weights.
+    for (int i = 0; i < rows; ++i)
+      for (int k = 0; k < D; ++k) out_block[i * D + k] *= inverse_total[i];
+  }
+}
+
+template <int D>
+void BackwardHead(const float* q, const float* k, const float* v, const float* out,
+                  const float* lse, const float* d_out, int t, int r, float* d_q, float* d_k,
+                  float* d_v) {
+  Scratch& scratch = ThreadScratch();
+  const int num_panels = (r + kPanel - 1) / kPanel;
+  const int ld = num_panels * kPanel + kRowPad;
+  const size_t panel_floats = size_t(num_panels) * D * kPanel;
+  float* key_panels = Scratch::Sized(scratch.key_panels, panel_floats);
+  float* value_panels = Scratch::Sized(scratch.value_panels, panel_floats);
+  float* d_key_panels = Scratch::Sized(scratch.d_key_panels, panel_floats);
+  float* d_value_panels = Scratch::Sized(scratch.d_value_panels, panel_floats);
+  float* weights = Scratch::Sized(scratch.logits, size_t(kBlock) * ld);
+  float* d_logits = Scratch::Sized(scratch.d_logits, size_t(kBlock) * ld);
+  PackPanels<D>(k, r, key_panels);
+  PackPanels<D>(v, r, value_panels);
+  std::memset(d_key_panels, 0, sizeof(float) * panel_floats);
+  std::memset(d_value_panels, 0, sizeof(float) * panel_floats);
+  for (int b = 0; b < t; b += kBlock) {
+    const int rows = std::min(kBlock, t - b);
+    const float* q_block = q + b * D;
+    const float* d_out_block = d_out + b * D;
+    float row_dot[kBlock];   // sum_r p dp = <d_out, out> for each query
+    for (int i = 0; i < rows; ++i) {
+      float dot = 0.0f;
+      for (int c = 0; c < D; ++c) dot += d_out_block[i * D + c] * out[(b + i) * D + c];
+      row_dot[i] = dot;
+    }
+    WeightsAndLogitGradients<D>(q_block, d_out_block, key_panels, value_panels, num_panels, r,
+                                lse + b, row_dot, weights, d_logits, ld, rows);
+    WeightsTimesRows<D>(d_logits, ld, k, r, d_q + b * D, rows);
+    AccumulateTransposedProduct<D>(q_block, d_logits, ld, rows, num_panels, d_key_panels);
+    AccumulateTransposedProduct<D>(d_out_block, weights, ld, rows, num_panels, d_value_panels);
+  }
+  UnpackPanels<D>(d_key_panels, r, d_k);
+  UnpackPanels<D>(d_value_panels, r, d_v);
+}
+
+// Runs work(h) for h < heads on the calling thread and on XLA's intra-op pool. The caller waits
+// only for heads that another thread has started, never for a task still queued, so a busy
+// pool cannot deadlock it.
+template <typename Work>
+void ForEachHead(ffi::ThreadPool& pool, int heads, Work work) {
+  struct Shared {
+    std::atomic<int> next{0};
+    int done = 0;
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto shared = std::make_shared<Shared>();
+  auto run = [shared, heads, work]() {
+    int finished_here = 0;
+    for (int h; (h = shared->next.fetch_add(1)) < heads; ++finished_here) work(h);
+    if (finished_here > 0) {
+      std::lock_guard<std::mutex> lock(shared->mutex);
+      shared->done += finished_here;
+      if (shared->done == heads) shared->finished.notify_all();
+    }
+  };
+  const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), heads) - 1);
+  for (int i = 0; i < helpers; ++i) pool.Schedule(decltype(run)(run));
+  run();
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  shared->finished.wait(lock, [&] { return shared->done == heads; });
+}
+
+struct Dims {
+  int heads, t, r, d;
+};
+
+ffi::Error CheckedDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                       ffi::Buffer<ffi::F32>& v, Dims* dims) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || kd[0] != qd[0] || kd[2] != qd[2] ||
+      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2])
+    return ffi::Error::InvalidArgument("expected q (H, T, D) and k, v (H, R, D)");
+  *dims = {static_cast<int>(qd[0]), static_cast<int>(qd[1]), static_cast<int>(kd[1]),
+           static_cast<int>(qd[2])};
+  if (dims->t % 8 != 0) return ffi::Error::InvalidArgument("T must be a multiple of 8");
+  if (dims->r < 1) return ffi::Error::InvalidArgument("R must be at least 1");
+  if (dims->d != 16 && dims->d != 32 && dims->d != 48 && dims->d != 64)
+    return ffi::Error::InvalidArgument("D must be 16, 32, 48 or 64");
+  return ffi::Error::Success();
+}
+
+template <template <int> class Op, typename... Args>
+void Dispatch(int d, Args... args) {
+  switch (d) {
+    case 16: Op<16>::Run(args...); break;
+    case 32: Op<32>::Run(args...); break;
+    case 48: Op<48>::Run(args...); break;
+    default: Op<64>::Run(args...); break;
+  }
+}
+
+template <int D>
+struct Forward {
+  static void Run(ffi::ThreadPool* pool, Dims n, const float* q, const float* k, const float* v,
+                  float* out, float* lse) {
+    ForEachHead(*pool, n.heads, [=](int h) {
+      ForwardHead<D>(q + size_t(h) * n.t * D, k + size_t(h) * n.r * D, v + size_t(h) * n.r * D,
+                     n.t, n.r, out + size_t(h) * n.t * D, lse + size_t(h) * n.t);
+    });
+  }
+};
+
+template <int D>
+struct Backward {
+  static void Run(ffi::ThreadPool* pool, Dims n, const float* q, const float* k, const float* v,
+                  const float* out, const float* lse, const float* d_out, float* d_q, float* d_k,
+                  float* d_v) {
+    ForEachHead(*pool, n.heads, [=](int h) {
+      const size_t tq = size_t(h) * n.t * D, tk = size_t(h) * n.r * D;
+      BackwardHead<D>(q + tq, k + tk, v + tk, out + tq, lse + size_t(h) * n.t, d_out + tq, n.t,
+                      n.r, d_q + tq, d_k + tk, d_v + tk);
+    });
+  }
+};
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> lse) {
+  Dims n;
+  if (ffi::Error error = CheckedDims(q, k, v, &n); error.failure()) return error;
+  Dispatch<Forward>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(),
+                    out->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
+                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
+                        ffi::ResultBuffer<ffi::F32> d_q, ffi::ResultBuffer<ffi::F32> d_k,
+                        ffi::ResultBuffer<ffi::F32> d_v) {
+  Dims n;
+  if (ffi::Error error = CheckedDims(q, k, v, &n); error.failure()) return error;
+  Dispatch<Backward>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(),
+                     out.typed_data(), lse.typed_data(), d_out.typed_data(), d_q->typed_data(),
+                     d_k->typed_data(), d_v->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

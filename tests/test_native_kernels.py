@@ -1,0 +1,44 @@
+"""Building and loading the native CPU kernels (adjax/kernels/native.py)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from adjax.kernels import native
+
+
+def test_build_reuses_the_cached_library_and_names_it_by_source(tmp_path, monkeypatch):
+  if native._compiler() is None:
+    pytest.skip("no C++ compiler on this machine")
+  if not native.available():
+    pytest.skip("the native CPU kernel cannot run on this machine")
+  built = native.build()          # the library this process loaded (cached by now)
+  assert built.name.startswith("reference_attention_cpu-") and built.suffix == ".so"
+  shutil.copy(built, tmp_path / built.name)
+
+  def no_compiler(*args, **kwargs):
+    raise AssertionError("the compiler ran although the cache held the library")
+
+  monkeypatch.setattr(subprocess, "run", no_compiler)
+  assert native.build(tmp_path) == tmp_path / built.name
+  # Another source text gets another name: an edited kernel is never confused with a stale one.
+  assert native._library_name(b"// edited") != built.name
+
+
+def test_a_failing_compiler_leaves_nothing_behind_and_says_so(tmp_path, monkeypatch):
+  monkeypatch.setenv("CXX", shutil.which("false") or "/bin/false")
+  with pytest.raises(RuntimeError, match="failed"):
+    native.build(tmp_path)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_switched_off_by_the_environment():
+  code = ("import logging; logging.basicConfig(level=logging.INFO);"
+          "from adjax.kernels import native; print(native.available())")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "ADJAX_NATIVE_KERNELS": "0"}, check=True)
+  assert result.stdout.strip() == "False"
+  assert "ADJAX_NATIVE_KERNELS=0" in result.stderr
