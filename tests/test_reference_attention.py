@@ -71,7 +71,8 @@ def test_implementations_agree_under_jit_and_bfloat16():
     assert blocked.dtype == dtype and dense.dtype == dtype
     np.testing.assert_allclose(np.asarray(blocked, np.float32), np.asarray(dense, np.float32),
                                atol=atol)
-  # On a single CPU device (this test process) "auto" is the blocked implementation.
+  # On a single CPU device (this test process) "auto" is a custom-VJP form (fused-cpu where the
+  # native kernel runs, else blocked), never the dense autodiff.
   auto = reference_attention(*(jnp.asarray(a) for a in (q, k, v)))
   assert "custom_vjp" in str(jax.make_jaxpr(reference_attention)(q, k, v))
   assert "custom_vjp" not in str(jax.make_jaxpr(
