@@ -124,6 +124,9 @@ def main() -> None:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  # Which attention ran: the native kernel (its FLOPs are not in xla_gflops) or XLA's own.
+  attention = ("fused-cpu" if "adjax_reference_attention_forward" in compiled.as_text()
+               else "xla")
   state, metrics = compiled(state, res1, res2, masks, centers)   # warm-up
   jax.block_until_ready(metrics["loss"])
   reference = ReferenceSteps(args) if args.measure_reference else None
@@ -155,7 +158,7 @@ def main() -> None:
       "matmul_gflops_per_s": round(peak, 1),
       "share_of_matmul_rate": round(flops / seconds / 1e9 / peak, 3),
       "xla_gflops": round(xla_flops / 1e9, 1), "compile_s": round(compile_s, 1),
-      "loss": float(metrics["loss"]),
+      "attention": attention, "loss": float(metrics["loss"]),
       "reference_seconds_per_step": reference["seconds_per_step"],
       "reference_source": reference["source"],
       "speedup_vs_reference": round(reference["seconds_per_step"] / seconds, 2)}))
