@@ -6,8 +6,10 @@
 // dimension, each goes through a general GEMM that packs its operands and writes its whole
 // (block, R) result before the softmax reads it again, and the key panels of a row-major
 // (d, R) operand sit 8 KB apart, so they fall into one L1 set. Here the keys and values of a
-// head are packed once into contiguous (d, 32) panels, the 8 x 32 output tiles stay in
-// registers over the whole 48-long contraction, and the exponentials run on rows still in L2.
+// head are packed once into contiguous (d, 32) panels; output tiles (4 x 64 in the forward
+// logits, 8 x 32 or 8 x d elsewhere) stay in registers over the whole 48-long contraction; a
+// block's (64, R) logits are kept panel-major in L2, each row's maximum taken as its tiles are
+// made; and the backward pass forms the weights and their gradients tile by tile in registers.
 //
 // Math (per head; q is already scaled by the caller):
 //   forward:  s = q k^T, lse = logsumexp_r s, out = exp(s - lse) v
@@ -38,7 +40,6 @@ namespace {
 
 constexpr int kPanel = 32;        // key columns per panel: two 16-float vectors
 constexpr int kBlock = 64;        // queries per block: the block's (64, R) rows stay in L2
-constexpr int kRowPad = 16;       // extra floats per (block, R) row, so rows are not 8 KB apart
 
 // exp(x) for float32 lanes: Cody-Waite reduction to [-ln2/2, ln2/2], a degree-7 polynomial,
 // and scalef for the power of two (no integer bit tricks). Lanes below -87 give exactly 0,
@@ -80,48 +81,111 @@ void UnpackPanels(const float* panels, int r, float* rows) {
   }
 }
 
-// out[i, j] = sum_k a[i, k] panels[j / 32][k][j % 32] for rows i < rows (a multiple of 8) and
-// every column of every panel; out has row stride ld.
+// The (rows, R) logits, weights and their gradients of a block of queries are kept panel-major:
+// element (i, j) at [j / 32][i][j % 32], so that each 32-column panel of the block is one
+// contiguous 8 KB run. Row-major (64, 2048) rows would be 8 KB apart, each in its own page,
+// where neither the L1 sets, the TLB nor the hardware prefetcher serve a column sweep well.
+inline float* Tile(float* block, int panel, int row) {
+  return block + (size_t(panel) * kBlock + row) * kPanel;
+}
+inline const float* Tile(const float* block, int panel, int row) {
+  return block + (size_t(panel) * kBlock + row) * kPanel;
+}
+
+// Lane masks of the columns below r in panel p (both all-ones but in the last panel).
+inline void ValidColumns(int p, int r, __mmask16* mask0, __mmask16* mask1) {
+  const int valid = std::min(kPanel, r - p * kPanel);
+  *mask0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  *mask1 = valid >= 32 ? 0xFFFF
+                       : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+}
+
+// The forward pass's logits: s = a panels for rows i < rows (a multiple of 8), with -inf in
+// the columns at or beyond r, and each row's maximum, kept as it is made.
 template <int D>
-void RowsTimesPanels(const float* a, const float* panels, int num_panels, float* out, int ld,
-                     int rows) {
-  for (int p = 0; p < num_panels; ++p) {
-    const float* panel = panels + p * D * kPanel;
-    for (int i = 0; i < rows; i += 8) {
-      __m512 c[8][2];
-      for (int t = 0; t < 8; ++t) c[t][0] = c[t][1] = _mm512_setzero_ps();
+void LogitsAndRowMax(const float* a, const float* panels, int num_panels, int r, float* s,
+                     float* row_max, int rows) {
+  __m512 running[kBlock];
+  for (int i = 0; i < rows; ++i) running[i] = _mm512_set1_ps(-INFINITY);
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  // Two panels at a time (4 rows x 64 columns): 4 panel loads and 4 broadcasts feed 16 FMAs.
+  for (int p = 0; p < num_panels; p += 2) {
+    const bool pair = p + 1 < num_panels;
+    const float* panel0 = panels + p * D * kPanel;
+    const float* panel1 = pair ? panel0 + D * kPanel : panel0;
+    __mmask16 mask[4];
+    ValidColumns(p, r, &mask[0], &mask[1]);
+    if (pair) ValidColumns(p + 1, r, &mask[2], &mask[3]); else mask[2] = mask[3] = 0;
+    for (int i = 0; i < rows; i += 4) {
+      __m512 c[4][4];
+      for (int t = 0; t < 4; ++t)
+        for (int u = 0; u < 4; ++u) c[t][u] = _mm512_setzero_ps();
       for (int k = 0; k < D; ++k) {
-        const __m512 b0 = _mm512_loadu_ps(panel + k * kPanel);
-        const __m512 b1 = _mm512_loadu_ps(panel + k * kPanel + 16);
-        for (int t = 0; t < 8; ++t) {
+        const __m512 b0 = _mm512_loadu_ps(panel0 + k * kPanel);
+        const __m512 b1 = _mm512_loadu_ps(panel0 + k * kPanel + 16);
+        const __m512 b2 = _mm512_loadu_ps(panel1 + k * kPanel);
+        const __m512 b3 = _mm512_loadu_ps(panel1 + k * kPanel + 16);
+        for (int t = 0; t < 4; ++t) {
           const __m512 x = _mm512_set1_ps(a[(i + t) * D + k]);
           c[t][0] = _mm512_fmadd_ps(x, b0, c[t][0]);
           c[t][1] = _mm512_fmadd_ps(x, b1, c[t][1]);
+          c[t][2] = _mm512_fmadd_ps(x, b2, c[t][2]);
+          c[t][3] = _mm512_fmadd_ps(x, b3, c[t][3]);
         }
       }
-      for (int t = 0; t < 8; ++t) {
-        _mm512_storeu_ps(out + (i + t) * ld + p * kPanel, c[t][0]);
-        _mm512_storeu_ps(out + (i + t) * ld + p * kPanel + 16, c[t][1]);
+      for (int t = 0; t < 4; ++t) {
+        __m512 m = running[i + t];
+        for (int u = 0; u < (pair ? 4 : 2); ++u) {
+          const __m512 x = _mm512_mask_mov_ps(minus_inf, mask[u], c[t][u]);
+          _mm512_storeu_ps(Tile(s, p + u / 2, i + t) + 16 * (u % 2), x);
+          m = _mm512_max_ps(m, x);
+        }
+        running[i + t] = m;
       }
     }
   }
+  for (int i = 0; i < rows; ++i) row_max[i] = _mm512_reduce_max_ps(running[i]);
 }
 
-// out[i, :] = sum_{j < r} w[i, j] x[j, :] for rows i < rows; w has row stride ld, x is (r, D).
+// s <- exp(s - row_max) in place; returns each row's sum in total.
+void ExponentialsAndRowSums(float* s, const float* row_max, int num_panels, float* total,
+                            int rows) {
+  __m512 sums[kBlock];
+  for (int i = 0; i < rows; ++i) sums[i] = _mm512_setzero_ps();
+  for (int p = 0; p < num_panels; ++p) {
+    for (int i = 0; i < rows; ++i) {
+      const __m512 shift = _mm512_set1_ps(row_max[i]);
+      float* tile = Tile(s, p, i);
+      const __m512 e0 = Exp(_mm512_sub_ps(_mm512_loadu_ps(tile), shift));
+      const __m512 e1 = Exp(_mm512_sub_ps(_mm512_loadu_ps(tile + 16), shift));
+      _mm512_storeu_ps(tile, e0);
+      _mm512_storeu_ps(tile + 16, e1);
+      sums[i] = _mm512_add_ps(sums[i], _mm512_add_ps(e0, e1));
+    }
+  }
+  for (int i = 0; i < rows; ++i) total[i] = _mm512_reduce_add_ps(sums[i]);
+}
+
+// out[i, :] = sum_{j < r} w[i, j] x[j, :] for rows i < rows; w panel-major, x is (r, D).
 template <int D>
-void WeightsTimesRows(const float* w, int ld, const float* x, int r, float* out, int rows) {
+void WeightsTimesRows(const float* w, const float* x, int r, float* out, int rows) {
   constexpr int kVectors = D / 16;
   constexpr int kTile = kVectors <= 3 ? 8 : 4;  // accumulators + operands fit 32 registers
   for (int i = 0; i < rows; i += kTile) {
     __m512 c[kTile][kVectors];
     for (int t = 0; t < kTile; ++t)
       for (int u = 0; u < kVectors; ++u) c[t][u] = _mm512_setzero_ps();
-    for (int j = 0; j < r; ++j) {
-      __m512 b[kVectors];
-      for (int u = 0; u < kVectors; ++u) b[u] = _mm512_loadu_ps(x + j * D + 16 * u);
-      for (int t = 0; t < kTile; ++t) {
-        const __m512 y = _mm512_set1_ps(w[(i + t) * ld + j]);
-        for (int u = 0; u < kVectors; ++u) c[t][u] = _mm512_fmadd_ps(y, b[u], c[t][u]);
+    for (int p = 0; p * kPanel < r; ++p) {
+      const float* tile = Tile(w, p, i);
+      const int columns = std::min(kPanel, r - p * kPanel);
+      for (int jj = 0; jj < columns; ++jj) {
+        const float* x_row = x + (p * kPanel + jj) * D;
+        __m512 b[kVectors];
+        for (int u = 0; u < kVectors; ++u) b[u] = _mm512_loadu_ps(x_row + 16 * u);
+        for (int t = 0; t < kTile; ++t) {
+          const __m512 y = _mm512_set1_ps(tile[t * kPanel + jj]);
+          for (int u = 0; u < kVectors; ++u) c[t][u] = _mm512_fmadd_ps(y, b[u], c[t][u]);
+        }
       }
     }
     for (int t = 0; t < kTile; ++t)
@@ -130,12 +194,13 @@ void WeightsTimesRows(const float* w, int ld, const float* x, int r, float* out,
 }
 
 // panels[j / 32][k][j % 32] += sum_i a[i, k] w[i, j] over rows i < rows: a^T w accumulated
-// into the packed layout (a is (rows, D); w has row stride ld and num_panels * 32 columns).
+// into the packed layout (a is (rows, D); w panel-major with num_panels panels).
 template <int D>
-void AccumulateTransposedProduct(const float* a, const float* w, int ld, int rows,
-                                 int num_panels, float* panels) {
+void AccumulateTransposedProduct(const float* a, const float* w, int rows, int num_panels,
+                                 float* panels) {
   for (int p = 0; p < num_panels; ++p) {
     float* panel = panels + p * D * kPanel;
+    const float* w_panel = Tile(w, p, 0);
     for (int k0 = 0; k0 < D; k0 += 8) {
       __m512 c[8][2];
       for (int t = 0; t < 8; ++t) {
@@ -143,15 +208,8 @@ void AccumulateTransposedProduct(const float* a, const float* w, int ld, int row
         c[t][1] = _mm512_loadu_ps(panel + (k0 + t) * kPanel + 16);
       }
       for (int i = 0; i < rows; ++i) {
-        if (k0 == 0 && p + 1 < num_panels) {
-          // Rows are ld apart, each in its own 4 KB page, where the hardware prefetcher does
-          // not follow: fetch the next panel's columns while this one is summed.
-          _mm_prefetch(reinterpret_cast<const char*>(w + i * ld + (p + 1) * kPanel), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(w + i * ld + (p + 1) * kPanel + 16),
-                       _MM_HINT_T0);
-        }
-        const __m512 w0 = _mm512_loadu_ps(w + i * ld + p * kPanel);
-        const __m512 w1 = _mm512_loadu_ps(w + i * ld + p * kPanel + 16);
+        const __m512 w0 = _mm512_loadu_ps(w_panel + i * kPanel);
+        const __m512 w1 = _mm512_loadu_ps(w_panel + i * kPanel + 16);
         for (int t = 0; t < 8; ++t) {
           const __m512 x = _mm512_set1_ps(a[i * D + k0 + t]);
           c[t][0] = _mm512_fmadd_ps(x, w0, c[t][0]);
@@ -174,14 +232,12 @@ template <int D>
 void WeightsAndLogitGradients(const float* q, const float* d_out, const float* key_panels,
                               const float* value_panels, int num_panels, int r,
                               const float* lse, const float* row_dot, float* weights,
-                              float* d_logits, int ld, int rows) {
+                              float* d_logits, int rows) {
   for (int p = 0; p < num_panels; ++p) {
     const float* keys = key_panels + p * D * kPanel;
     const float* values = value_panels + p * D * kPanel;
-    const int valid = std::min(kPanel, r - p * kPanel);
-    const __mmask16 mask0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-    const __mmask16 mask1 =
-        valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+    __mmask16 mask0, mask1;
+    ValidColumns(p, r, &mask0, &mask1);
     for (int i = 0; i < rows; i += 4) {
       __m512 s[4][2], dp[4][2];
       for (int t = 0; t < 4; ++t) s[t][0] = s[t][1] = dp[t][0] = dp[t][1] = _mm512_setzero_ps();
@@ -204,25 +260,16 @@ void WeightsAndLogitGradients(const float* q, const float* d_out, const float* k
         const __m512 dot = _mm512_set1_ps(row_dot[i + t]);
         const __m512 p0 = _mm512_maskz_mov_ps(mask0, Exp(_mm512_sub_ps(s[t][0], shift)));
         const __m512 p1 = _mm512_maskz_mov_ps(mask1, Exp(_mm512_sub_ps(s[t][1], shift)));
-        float* w_row = weights + (i + t) * ld + p * kPanel;
-        float* ds_row = d_logits + (i + t) * ld + p * kPanel;
-        _mm512_storeu_ps(w_row, p0);
-        _mm512_storeu_ps(w_row + 16, p1);
-        _mm512_storeu_ps(ds_row, _mm512_mul_ps(p0, _mm512_sub_ps(dp[t][0], dot)));
-        _mm512_storeu_ps(ds_row + 16, _mm512_mul_ps(p1, _mm512_sub_ps(dp[t][1], dot)));
+        float* w_tile = Tile(weights, p, i + t);
+        float* ds_tile = Tile(d_logits, p, i + t);
+        _mm512_storeu_ps(w_tile, p0);
+        _mm512_storeu_ps(w_tile + 16, p1);
+        _mm512_storeu_ps(ds_tile, _mm512_mul_ps(p0, _mm512_sub_ps(dp[t][0], dot)));
+        _mm512_storeu_ps(ds_tile + 16, _mm512_mul_ps(p1, _mm512_sub_ps(dp[t][1], dot)));
       }
     }
   }
 }
-
-// Sets the columns r .. num_panels * 32 of each row to -inf (their weights become 0).
-void MaskPaddedColumns(float* s, int ld, int rows, int r, int num_panels) {
-  for (int i = 0; i < rows; ++i)
-    for (int j = r; j < num_panels * kPanel; ++j) s[i * ld + j] = -INFINITY;
-}
-
-inline float HorizontalMax(__m512 x) { return _mm512_reduce_max_ps(x); }
-inline float HorizontalSum(__m512 x) { return _mm512_reduce_add_ps(x); }
 
 // Per-thread scratch, kept between calls so that pages are touched once.
 struct Scratch {
@@ -243,37 +290,22 @@ void ForwardHead(const float* q, const float* k, const float* v, int t, int r, f
                  float* lse) {
   Scratch& scratch = ThreadScratch();
   const int num_panels = (r + kPanel - 1) / kPanel;
-  const int ld = num_panels * kPanel + kRowPad;
   float* key_panels = Scratch::Sized(scratch.key_panels, size_t(num_panels) * D * kPanel);
-  float* s = Scratch::Sized(scratch.logits, size_t(kBlock) * ld);
+  float* s = Scratch::Sized(scratch.logits, size_t(num_panels) * kBlock * kPanel);
   PackPanels<D>(k, r, key_panels);
-  float inverse_total[kBlock];
+  float row_max[kBlock], total[kBlock];
   for (int b = 0; b < t; b += kBlock) {
     const int rows = std::min(kBlock, t - b);
-    RowsTimesPanels<D>(q + b * D, key_panels, num_panels, s, ld, rows);
-    MaskPaddedColumns(s, ld, rows, r, num_panels);
-    for (int i = 0; i < rows; ++i) {
-      float* row = s + i * ld;
-      __m512 running_max = _mm512_set1_ps(-INFINITY);
-      for (int j = 0; j < num_panels * kPanel; j += 16)
-        running_max = _mm512_max_ps(running_max, _mm512_loadu_ps(row + j));
-      const float row_max = HorizontalMax(running_max);
-      const __m512 shift = _mm512_set1_ps(row_max);
-      __m512 total = _mm512_setzero_ps();
-      for (int j = 0; j < num_panels * kPanel; j += 16) {
-        const __m512 e = Exp(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
-        _mm512_storeu_ps(row + j, e);
-        total = _mm512_add_ps(total, e);
-      }
-      const float row_total = HorizontalSum(total);
-      inverse_total[i] = 1.0f / row_total;
-      lse[b + i] = row_max + std::log(row_total);
-    }
+    LogitsAndRowMax<D>(q + b * D, key_panels, num_panels, r, s, row_max, rows);
+    ExponentialsAndRowSums(s, row_max, num_panels, total, rows);
     float* out_block = out + b * D;
-    WeightsTimesRows<D>(s, ld, v, r, out_block, rows);
+    WeightsTimesRows<D>(s, v, r, out_block, rows);
     // Normalising the (rows, D) output is cheaper than the (rows, R) weights.
-    for (int i = 0; i < rows; ++i)
-      for (int k = 0; k < D; ++k) out_block[i * D + k] *= inverse_total[i];
+    for (int i = 0; i < rows; ++i) {
+      lse[b + i] = row_max[i] + std::log(total[i]);
+      const float inverse = 1.0f / total[i];
+      for (int c = 0; c < D; ++c) out_block[i * D + c] *= inverse;
+    }
   }
 }
 
@@ -283,33 +315,32 @@ void BackwardHead(const float* q, const float* k, const float* v, const float* o
                   float* d_v) {
   Scratch& scratch = ThreadScratch();
   const int num_panels = (r + kPanel - 1) / kPanel;
-  const int ld = num_panels * kPanel + kRowPad;
   const size_t panel_floats = size_t(num_panels) * D * kPanel;
   float* key_panels = Scratch::Sized(scratch.key_panels, panel_floats);
   float* value_panels = Scratch::Sized(scratch.value_panels, panel_floats);
   float* d_key_panels = Scratch::Sized(scratch.d_key_panels, panel_floats);
   float* d_value_panels = Scratch::Sized(scratch.d_value_panels, panel_floats);
-  float* weights = Scratch::Sized(scratch.logits, size_t(kBlock) * ld);
-  float* d_logits = Scratch::Sized(scratch.d_logits, size_t(kBlock) * ld);
+  float* weights = Scratch::Sized(scratch.logits, size_t(num_panels) * kBlock * kPanel);
+  float* d_logits = Scratch::Sized(scratch.d_logits, size_t(num_panels) * kBlock * kPanel);
   PackPanels<D>(k, r, key_panels);
   PackPanels<D>(v, r, value_panels);
   std::memset(d_key_panels, 0, sizeof(float) * panel_floats);
   std::memset(d_value_panels, 0, sizeof(float) * panel_floats);
+  float row_dot[kBlock];   // sum_r p dp = <d_out, out> for each query
   for (int b = 0; b < t; b += kBlock) {
     const int rows = std::min(kBlock, t - b);
     const float* q_block = q + b * D;
     const float* d_out_block = d_out + b * D;
-    float row_dot[kBlock];   // sum_r p dp = <d_out, out> for each query
     for (int i = 0; i < rows; ++i) {
       float dot = 0.0f;
       for (int c = 0; c < D; ++c) dot += d_out_block[i * D + c] * out[(b + i) * D + c];
       row_dot[i] = dot;
     }
     WeightsAndLogitGradients<D>(q_block, d_out_block, key_panels, value_panels, num_panels, r,
-                                lse + b, row_dot, weights, d_logits, ld, rows);
-    WeightsTimesRows<D>(d_logits, ld, k, r, d_q + b * D, rows);
-    AccumulateTransposedProduct<D>(q_block, d_logits, ld, rows, num_panels, d_key_panels);
-    AccumulateTransposedProduct<D>(d_out_block, weights, ld, rows, num_panels, d_value_panels);
+                                lse + b, row_dot, weights, d_logits, rows);
+    WeightsTimesRows<D>(d_logits, k, r, d_q + b * D, rows);
+    AccumulateTransposedProduct<D>(q_block, d_logits, rows, num_panels, d_key_panels);
+    AccumulateTransposedProduct<D>(d_out_block, weights, rows, num_panels, d_value_panels);
   }
   UnpackPanels<D>(d_key_panels, r, d_k);
   UnpackPanels<D>(d_value_panels, r, d_v);
