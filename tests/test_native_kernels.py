@@ -42,3 +42,15 @@ def test_switched_off_by_the_environment():
                           env={**os.environ, "ADJAX_NATIVE_KERNELS": "0"}, check=True)
   assert result.stdout.strip() == "False"
   assert "ADJAX_NATIVE_KERNELS=0" in result.stderr
+
+
+def test_a_cpu_without_avx512_is_refused_before_any_build(monkeypatch):
+  monkeypatch.delenv("ADJAX_NATIVE_KERNELS", raising=False)
+  monkeypatch.setattr(native, "cpu_flags", lambda: {"sse4_2", "avx2", "fma"})
+
+  def no_build(*args, **kwargs):
+    raise AssertionError("built a kernel this CPU cannot run")
+
+  monkeypatch.setattr(native, "build", no_build)
+  reason = native._load.__wrapped__()   # the uncached check
+  assert reason == "the CPU lacks avx512f, avx512dq"

@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -39,6 +40,7 @@ TARGETS = {
     "AdjaxReferenceAttentionBackward": "adjax_reference_attention_backward",
 }
 DISABLE_VARIABLE = "ADJAX_NATIVE_KERNELS"
+_LOAD_LOCK = threading.Lock()   # two threads tracing at once build and register once
 
 
 def cpu_flags() -> set[str]:
@@ -131,7 +133,8 @@ def _load() -> str | None:
 
 def available() -> bool:
   """Whether the native CPU kernels are registered (built on first call); logs why not once."""
-  reason = _load()
+  with _LOAD_LOCK:
+    reason = _load()
   if reason is not None:
     _log_unavailable_once(reason)
   return reason is None
