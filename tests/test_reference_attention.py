@@ -179,3 +179,23 @@ def test_fused_cpu_refuses_what_it_cannot_take(monkeypatch):
   assert "adjax_reference_attention" not in program
   np.testing.assert_allclose(np.asarray(reference_attention(q, k, v)),
                              _numpy_attention(q, k, v), atol=3e-6)
+
+
+def test_fused_cpu_takes_bfloat16_in_float32():
+  # bfloat16 operands are widened exactly, so the kernel's output is the float32 attention of
+  # the bfloat16 values, rounded once; gradients come back in bfloat16.
+  _needs_native_kernel()
+  q, k, v, cotangent = _inputs(heads=2, queries=20, refs=40, dim=16, seed=5)
+  q16, k16, v16 = (jnp.asarray(a / 2, jnp.bfloat16) for a in (q, k, v))
+  got, vjp = jax.vjp(lambda a, b, c: reference_attention(a, b, c), q16, k16, v16)
+  assert got.dtype == jnp.bfloat16
+  want = _numpy_attention(*(np.asarray(a, np.float32) for a in (q16, k16, v16)))
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=1e-2)
+  assert "adjax_reference_attention_forward" in jax.jit(reference_attention).lower(
+      q16, k16, v16).as_text()
+  grads = vjp(jnp.asarray(cotangent, jnp.bfloat16))
+  _, wide_vjp = jax.vjp(dense_attention, *(jnp.asarray(a, jnp.float32) for a in (q16, k16, v16)))
+  for name, g, d in zip("qkv", grads, wide_vjp(jnp.asarray(cotangent, jnp.float32))):
+    assert g.dtype == jnp.bfloat16, name
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(d), atol=5e-2, rtol=2e-2,
+                               err_msg=name)

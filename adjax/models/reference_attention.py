@@ -17,10 +17,11 @@ softmax(q k^T) v per head, for q (H, T, d) and keys/values (H, R, d) shared by t
   AVX-512, through XLA's FFI): per block of 64 queries the logits, exponentials and products
   run in one pass over data in cache, and the keys and values are packed once per head into
   panels that the 48-long contractions read contiguously. About 1.4x the blocked form's speed
-  on this project's CPUs (forward + backward of one level). float32, d of 16, 32, 48 or 64.
+  on this project's CPUs (forward + backward of one level). d of 16, 32, 48 or 64; computes in
+  float32 (bfloat16 and float16 operands are widened, the output rounded back).
 
 "auto" picks "fused-cpu" on a single CPU device where the kernel is available (x86-64 with
-AVX-512, a C++ compiler, float32, a supported d; see adjax.kernels.native), else "blocked" on a
+AVX-512, a C++ compiler, a supported d; see adjax.kernels.native), else "blocked" on a
 single CPU device, and "dense" elsewhere: on GPUs and TPUs, and on several CPU devices, where
 XLA partitions the dense form's batched matmuls over the batch but would gather the blocked
 loops' tokens onto every device (measured: 3x slower than one device on 8 virtual CPU devices).
@@ -191,24 +192,34 @@ def _fused_cpu_bwd(residuals, d_out):
 _fused_cpu.defvjp(_fused_cpu_fwd, _fused_cpu_bwd)
 
 
-def fused_cpu_supported(q: Array, k: Array) -> bool:
+FUSED_CPU_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def fused_cpu_supported(q: Array, k: Array, v: Array) -> bool:
   """Whether "fused-cpu" can take these operands here (dtype, head width, kernel built)."""
-  return (q.dtype == jnp.float32 and k.dtype == jnp.float32
+  return (all(x.dtype in FUSED_CPU_DTYPES for x in (q, k, v))
           and q.shape[-1] in FUSED_CPU_HEAD_DIMS and native.available())
 
 
 def fused_cpu_attention(q: Array, k: Array, v: Array) -> Array:
-  """The "fused-cpu" implementation; T need not be a multiple of 8 (padded)."""
-  if not fused_cpu_supported(q, k) or v.dtype != jnp.float32:
+  """The "fused-cpu" implementation; T need not be a multiple of 8 (padded).
+
+  The kernel computes in float32. bfloat16 or float16 operands are widened on the way in
+  (exactly) and the output rounded to q's dtype on the way out: a CPU has no faster bfloat16
+  arithmetic to offer, so this is the blocked form's accuracy or better at the kernel's speed.
+  """
+  if not fused_cpu_supported(q, k, v):
     raise ValueError(
-        f"implementation='fused-cpu' needs float32 q, k, v with d in {FUSED_CPU_HEAD_DIMS} and "
-        f"the native kernel built (got {q.dtype}, {k.dtype}, {v.dtype}, d={q.shape[-1]}, "
-        f"kernel available: {native.available()}; see adjax.kernels.native)")
+        f"implementation='fused-cpu' needs float32, bfloat16 or float16 q, k, v with d in "
+        f"{FUSED_CPU_HEAD_DIMS} and the native kernel built (got {q.dtype}, {k.dtype}, "
+        f"{v.dtype}, d={q.shape[-1]}, kernel available: {native.available()}; see "
+        "adjax.kernels.native)")
   t = q.shape[1]
   padded = math.ceil(t / _FUSED_CPU_ROWS) * _FUSED_CPU_ROWS
   if padded != t:   # zero query rows, sliced off: they add nothing to the key/value gradients
     q = jnp.pad(q, ((0, 0), (0, padded - t), (0, 0)))
-  return _fused_cpu(q, k, v)[:, :t]
+  wide = [x.astype(jnp.float32) for x in (q, k, v)]
+  return _fused_cpu(*wide)[:, :t].astype(q.dtype)
 
 
 def reference_attention(q: Array, k: Array, v: Array, *, implementation: str = "auto",
@@ -233,7 +244,7 @@ def reference_attention(q: Array, k: Array, v: Array, *, implementation: str = "
     single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
     if not single_cpu:
       implementation = "dense"
-    elif v.dtype == jnp.float32 and fused_cpu_supported(q, k):
+    elif fused_cpu_supported(q, k, v):
       implementation = "fused-cpu"
     else:
       implementation = "blocked"
