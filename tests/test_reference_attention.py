@@ -40,14 +40,11 @@ def test_blocked_matches_numpy_and_dense_gradients(block):
     np.testing.assert_allclose(np.asarray(g), np.asarray(d), atol=2e-5, err_msg=name)
 
 
-def test_gradients_match_finite_differences():
-  # An independent check of the custom VJP (not through the dense autodiff).
-  q, k, v, cotangent = _inputs(heads=2, queries=5, refs=7, dim=3, seed=1)
+def _finite_difference_check(attention, q, k, v, cotangent, eps=1e-5):
+  """attention's float32 VJP against central differences of the float64 numpy softmax."""
   q, k, v, cotangent = (np.asarray(a, np.float64) for a in (q, k, v, cotangent))
-  _, vjp = jax.vjp(lambda a, b, c: blocked_attention(a, b, c, 2),
-                   *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+  _, vjp = jax.vjp(attention, *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
   grads = [np.asarray(g, np.float64) for g in vjp(jnp.asarray(cotangent, jnp.float32))]
-  eps = 1e-5
   for index, name in enumerate("qkv"):
     args = [q, k, v]
     numeric = np.zeros_like(args[index])
@@ -59,6 +56,12 @@ def test_gradients_match_finite_differences():
       down = np.sum(_numpy_attention(*shifted) * cotangent)
       numeric[position] = (up - down) / (2 * eps)
     np.testing.assert_allclose(grads[index], numeric, atol=1e-4, err_msg=name)
+
+
+def test_gradients_match_finite_differences():
+  # An independent check of the custom VJP (not through the dense autodiff).
+  q, k, v, cotangent = _inputs(heads=2, queries=5, refs=7, dim=3, seed=1)
+  _finite_difference_check(lambda a, b, c: blocked_attention(a, b, c, 2), q, k, v, cotangent)
 
 
 def test_implementations_agree_under_jit_and_bfloat16():
@@ -126,23 +129,9 @@ def test_fused_cpu_matches_numpy_and_dense_gradients(dim, queries, refs):
 def test_fused_cpu_gradients_match_finite_differences():
   _needs_native_kernel()
   q, k, v, cotangent = _inputs(heads=2, queries=3, refs=5, dim=16, seed=2)
-  q, k, v, cotangent = (np.asarray(a, np.float64) for a in (q, k, v, cotangent))
-  q = q / 4
-  _, vjp = jax.vjp(lambda a, b, c: reference_attention(a, b, c, implementation="fused-cpu"),
-                   *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
-  grads = [np.asarray(g, np.float64) for g in vjp(jnp.asarray(cotangent, jnp.float32))]
-  eps = 1e-5
-  for index, name in enumerate("qkv"):
-    args = [q, k, v]
-    numeric = np.zeros_like(args[index])
-    for position in np.ndindex(args[index].shape):
-      shifted = [a.copy() for a in args]
-      shifted[index][position] += eps
-      up = np.sum(_numpy_attention(*shifted) * cotangent)
-      shifted[index][position] -= 2 * eps
-      down = np.sum(_numpy_attention(*shifted) * cotangent)
-      numeric[position] = (up - down) / (2 * eps)
-    np.testing.assert_allclose(grads[index], numeric, atol=1e-4, err_msg=name)
+  _finite_difference_check(
+      lambda a, b, c: reference_attention(a, b, c, implementation="fused-cpu"), q / 4, k, v,
+      cotangent)
 
 
 def test_fused_cpu_large_logits_stay_finite_and_auto_uses_it():
