@@ -188,3 +188,15 @@ def test_fused_cpu_takes_bfloat16_in_float32():
     assert g.dtype == jnp.bfloat16, name
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(d), atol=5e-2, rtol=2e-2,
                                err_msg=name)
+
+
+def test_fused_cpu_keeps_nan_visible():
+  # A diverged projector must still give a non-finite loss (the train step then skips the
+  # update and counts it): a NaN query makes its own output row NaN, as in the dense form.
+  _needs_native_kernel()
+  q, k, v, _ = _inputs(heads=2, queries=16, refs=40, dim=16, seed=3)
+  q[1, 5, 2] = np.nan
+  got = np.asarray(reference_attention(q, k, v, implementation="fused-cpu"))
+  want = np.asarray(dense_attention(q, k, v))
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  assert np.isnan(got[1, 5]).all() and np.isfinite(np.delete(got[1], 5, axis=0)).all()

@@ -43,10 +43,11 @@ constexpr int kBlock = 64;        // queries per block: the block's (64, R) rows
 
 // exp(x) for float32 lanes: Cody-Waite reduction to [-ln2/2, ln2/2], a degree-7 polynomial,
 // and scalef for the power of two (no integer bit tricks). Lanes below -87 give exactly 0,
-// so masked (-inf) logits contribute nothing.
+// so masked (-inf) logits contribute nothing; NaN stays NaN (so a diverged step is still seen
+// as non-finite downstream, as with XLA's exp).
 inline __m512 Exp(__m512 x) {
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);   // maxps returns its second operand for NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
