@@ -41,6 +41,8 @@ namespace {
 constexpr int kPanel = 32;        // key columns per panel: two 16-float vectors
 constexpr int kBlock = 64;        // queries per block: the block's (64, R) rows stay in L2
 
+inline int NumPanels(int r) { return (r + kPanel - 1) / kPanel; }
+
 // exp(x) for float32 lanes: Cody-Waite reduction to [-ln2/2, ln2/2], a degree-7 polynomial,
 // and scalef for the power of two (no integer bit tricks). Lanes below -87 give exactly 0,
 // so masked (-inf) logits contribute nothing; NaN stays NaN (so a diverged step is still seen
@@ -65,7 +67,7 @@ inline __m512 Exp(__m512 x) {
 // (R, D) rows -> panels [ceil(R / 32)][D][32], zero beyond R.
 template <int D>
 void PackPanels(const float* rows, int r, float* panels) {
-  const int num_panels = (r + kPanel - 1) / kPanel;
+  const int num_panels = NumPanels(r);
   std::memset(panels, 0, sizeof(float) * num_panels * D * kPanel);
   for (int j = 0; j < r; ++j) {
     float* column = panels + (j / kPanel) * D * kPanel + j % kPanel;
@@ -92,6 +94,8 @@ inline float* Tile(float* block, int panel, int row) {
 inline const float* Tile(const float* block, int panel, int row) {
   return block + (size_t(panel) * kBlock + row) * kPanel;
 }
+// Floats in one such block (all of R, padded to whole panels).
+inline size_t BlockFloats(int num_panels) { return size_t(num_panels) * kBlock * kPanel; }
 
 // Lane masks of the columns below r in panel p (both all-ones but in the last panel).
 inline void ValidColumns(int p, int r, __mmask16* mask0, __mmask16* mask1) {
@@ -290,9 +294,9 @@ template <int D>
 void ForwardHead(const float* q, const float* k, const float* v, int t, int r, float* out,
                  float* lse) {
   Scratch& scratch = ThreadScratch();
-  const int num_panels = (r + kPanel - 1) / kPanel;
+  const int num_panels = NumPanels(r);
   float* key_panels = Scratch::Sized(scratch.key_panels, size_t(num_panels) * D * kPanel);
-  float* s = Scratch::Sized(scratch.logits, size_t(num_panels) * kBlock * kPanel);
+  float* s = Scratch::Sized(scratch.logits, BlockFloats(num_panels));
   PackPanels<D>(k, r, key_panels);
   float row_max[kBlock], total[kBlock];
   for (int b = 0; b < t; b += kBlock) {
@@ -315,14 +319,14 @@ void BackwardHead(const float* q, const float* k, const float* v, const float* o
                   const float* lse, const float* d_out, int t, int r, float* d_q, float* d_k,
                   float* d_v) {
   Scratch& scratch = ThreadScratch();
-  const int num_panels = (r + kPanel - 1) / kPanel;
+  const int num_panels = NumPanels(r);
   const size_t panel_floats = size_t(num_panels) * D * kPanel;
   float* key_panels = Scratch::Sized(scratch.key_panels, panel_floats);
   float* value_panels = Scratch::Sized(scratch.value_panels, panel_floats);
   float* d_key_panels = Scratch::Sized(scratch.d_key_panels, panel_floats);
   float* d_value_panels = Scratch::Sized(scratch.d_value_panels, panel_floats);
-  float* weights = Scratch::Sized(scratch.logits, size_t(num_panels) * kBlock * kPanel);
-  float* d_logits = Scratch::Sized(scratch.d_logits, size_t(num_panels) * kBlock * kPanel);
+  float* weights = Scratch::Sized(scratch.logits, BlockFloats(num_panels));
+  float* d_logits = Scratch::Sized(scratch.d_logits, BlockFloats(num_panels));
   PackPanels<D>(k, r, key_panels);
   PackPanels<D>(v, r, value_panels);
   std::memset(d_key_panels, 0, sizeof(float) * panel_floats);

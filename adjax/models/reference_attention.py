@@ -44,6 +44,7 @@ Array = jax.Array
 DEFAULT_QUERY_BLOCK = 256
 IMPLEMENTATIONS = ("auto", "blocked", "dense", "fused-cpu")
 FUSED_CPU_HEAD_DIMS = (16, 32, 48, 64)
+FUSED_CPU_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)   # widened to float32 in the kernel
 _FUSED_CPU_ROWS = 8   # the kernel takes queries in multiples of 8
 
 
@@ -192,9 +193,6 @@ def _fused_cpu_bwd(residuals, d_out):
 _fused_cpu.defvjp(_fused_cpu_fwd, _fused_cpu_bwd)
 
 
-FUSED_CPU_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
 def fused_cpu_supported(q: Array, k: Array, v: Array) -> bool:
   """Whether "fused-cpu" can take these operands here (dtype, head width, kernel built)."""
   return (all(x.dtype in FUSED_CPU_DTYPES for x in (q, k, v))
@@ -214,6 +212,11 @@ def fused_cpu_attention(q: Array, k: Array, v: Array) -> Array:
         f"{FUSED_CPU_HEAD_DIMS} and the native kernel built (got {q.dtype}, {k.dtype}, "
         f"{v.dtype}, d={q.shape[-1]}, kernel available: {native.available()}; see "
         "adjax.kernels.native)")
+  return _fused_cpu_attention(q, k, v)
+
+
+def _fused_cpu_attention(q: Array, k: Array, v: Array) -> Array:
+  """fused_cpu_attention for operands already known to be supported."""
   t = q.shape[1]
   padded = math.ceil(t / _FUSED_CPU_ROWS) * _FUSED_CPU_ROWS
   if padded != t:   # zero query rows, sliced off: they add nothing to the key/value gradients
@@ -245,7 +248,7 @@ def reference_attention(q: Array, k: Array, v: Array, *, implementation: str = "
     if not single_cpu:
       implementation = "dense"
     elif fused_cpu_supported(q, k, v):
-      implementation = "fused-cpu"
+      return _fused_cpu_attention(q, k, v)   # checked just now
     else:
       implementation = "blocked"
   if implementation == "fused-cpu":
