@@ -17,6 +17,10 @@ def add_step_size_arguments(parser: argparse.ArgumentParser) -> None:
   for name, default in STEP_SIZES:
     parser.add_argument(f"--{name}", type=int, default=default)
   parser.add_argument(
+      "--dtype", default="float32", choices=["float32", "bfloat16"],
+      help="compute dtype (parameters stay float32); bfloat16 is the paper's recipe. The PyTorch "
+      "reference runs it under torch.autocast, as mixed-precision PyTorch training does")
+  parser.add_argument(
       "--anomalous-share", type=float, default=None,
       help="share of each view's tokens whose patches are anomalous (whole patches, in raster "
       "order over the batch); default: the top-left third of image 0 (36 of 1,024 tokens at "
@@ -28,6 +32,7 @@ def step_size_flags(args: argparse.Namespace) -> list[str]:
   flags = []
   for name, _ in STEP_SIZES:
     flags += [f"--{name}", str(getattr(args, name.replace("-", "_")))]
+  flags += ["--dtype", args.dtype]
   if args.anomalous_share is not None:
     flags += ["--anomalous-share", repr(args.anomalous_share)]
   return flags

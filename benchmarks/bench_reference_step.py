@@ -65,13 +65,18 @@ def main() -> None:
   def tokens(x):   # (B, C, H, W) -> (B * H * W, C)
     return x.flatten(2).transpose(1, 2).reshape(-1, x.shape[1])
 
+  # bfloat16: torch's mixed precision (float32 parameters, matmuls in bfloat16 on the CPU's
+  # matrix units through oneDNN), the counterpart of adjax's compute_dtype.
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
   def step():
-    out1, out2 = model(res1), model(res2)
-    loss = 0.0
-    for e1, e2 in zip(out1, out2):
-      e1, e2 = tokens(e1), tokens(e2)
-      loss = (loss + angle_loss_dense(e1, e2, patch_labels, center)
-              + norm_loss(e1, nearest_labels) + norm_loss(e2, nearest_labels))
+    with autocast:
+      out1, out2 = model(res1), model(res2)
+      loss = 0.0
+      for e1, e2 in zip(out1, out2):
+        e1, e2 = tokens(e1), tokens(e2)
+        loss = (loss + angle_loss_dense(e1, e2, patch_labels, center)
+                + norm_loss(e1, nearest_labels) + norm_loss(e2, nearest_labels))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -89,7 +94,7 @@ def main() -> None:
   print(json.dumps({
       "bench": "reference_step", "framework": f"torch {torch.__version__}",
       "threads": torch.get_num_threads(), "batch": args.batch, "dim": args.dim,
-      "levels": args.levels, "side": args.side, "num_ref": args.num_ref,
+      "levels": args.levels, "side": args.side, "num_ref": args.num_ref, "dtype": args.dtype,
       "seconds_per_step": round(seconds, 4), "seconds_min": round(min(times), 4),
       "seconds_max": round(max(times), 4), "images_per_s": round(args.batch / seconds, 3),
       "loss": loss}))

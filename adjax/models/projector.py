@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adjax.models.matmul import matmul
 from adjax.models.reference_attention import reference_attention
 
 Array = jax.Array
@@ -109,7 +110,7 @@ class _Linear(nn.Module):
       bias = jax.lax.stop_gradient(bias)
     dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
     flat = x.reshape(-1, x.shape[-1]).astype(dtype)
-    y = flat @ kernel.astype(dtype) + bias.astype(dtype)
+    y = matmul(flat, kernel.astype(dtype)) + bias.astype(dtype)
     return y.reshape(*x.shape[:-1], self.features)
 
 
@@ -232,7 +233,7 @@ class _SqueezeExciteMLP(nn.Module):
     mlp_dim = 4 * self.dim
     kernel, bias = _LinearParams(self.dim, mlp_dim, name="fc1")()
     dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
-    y = x.astype(dtype) @ kernel.astype(dtype)                                  # (T, 4C)
+    y = matmul(x.astype(dtype), kernel.astype(dtype))                           # (T, 4C)
     se = _SqueezeExciteParams(mlp_dim, name="se")()
     hidden = _gated_gelu(y, bias.astype(dtype), se, self.tokens_per_image)
     return _torch_linear(self.dim, mlp_dim, self.dtype, "fc2")(hidden)
