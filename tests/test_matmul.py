@@ -1,5 +1,9 @@
 """adjax.models.matmul: bfloat16 products with float32 accumulation and their own VJP."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +82,31 @@ def test_no_product_falls_back_to_float32_on_cpu():
   # d_x and d_w: each product is one YNNPACK fusion, and no other dot is left.
   assert text.count('"kind":"__ynn_fusion"') == 2
   assert text.count(" dot(") == 2
+
+
+_SHARDED_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from adjax.models.matmul import matmul
+assert jax.device_count() == 8
+mesh = Mesh(np.array(jax.devices()), ("data",))
+x = jax.random.normal(jax.random.key(0), (8 * 36, 64), jnp.bfloat16)
+w = jax.random.normal(jax.random.key(1), (64, 48), jnp.bfloat16)
+grads = lambda x, w: jax.grad(
+    lambda x, w: jnp.sum(jnp.sin(matmul(x, w).astype(jnp.float32))), argnums=(0, 1))(x, w)
+one = jax.jit(grads)(x, w)
+many = jax.jit(grads)(jax.device_put(x, NamedSharding(mesh, P("data"))),
+                      jax.device_put(w, NamedSharding(mesh, P())))
+for a, b in zip(one, many):
+  np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+print("same")
+"""
+
+
+def test_sharded_over_eight_devices_equals_one_device():
+  """The weight gradient's transpose copy and barrier, split over a data-parallel mesh (tokens
+  sharded, 36 per device: not a multiple of 8 tokens per device), give the one-device values."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "-c", _SHARDED_CHECK], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0 and "same" in result.stdout, result.stderr[-2000:]
