@@ -54,3 +54,26 @@ def test_a_cpu_without_avx512_is_refused_before_any_build(monkeypatch):
   monkeypatch.setattr(native, "build", no_build)
   reason = native._load.__wrapped__()   # the uncached check
   assert reason == "the CPU lacks avx512f, avx512dq"
+
+
+def test_amx_handlers_need_the_cpu_flags(monkeypatch):
+  # An AVX-512 CPU without AMX (or without AVX512-BF16 for the conversions between tile
+  # products) keeps bfloat16 on the float32 handlers, whatever Linux would grant.
+  monkeypatch.setattr(native, "available", lambda: True)
+  monkeypatch.setattr(native, "_amx_permission", lambda: True)
+  full = {"avx512f", "avx512dq", "fma", *native.AMX_CPU_FLAGS}
+  monkeypatch.setattr(native, "cpu_flags", lambda: full)
+  assert native.amx_available()
+  for missing in native.AMX_CPU_FLAGS:
+    monkeypatch.setattr(native, "cpu_flags", lambda: full - {missing})
+    assert not native.amx_available(), missing
+  monkeypatch.setattr(native, "cpu_flags", lambda: full)
+  monkeypatch.setattr(native, "_amx_permission", lambda: False)   # Linux said no
+  assert not native.amx_available()
+
+
+def test_amx_permission_is_asked_of_linux():
+  if not native.available() or not all(f in native.cpu_flags() for f in native.AMX_CPU_FLAGS):
+    pytest.skip("no AMX on this CPU")
+  # The library's own arch_prctl request: granted on a Linux that supports AMX (5.16 and later).
+  assert native._amx_permission.__wrapped__() is True

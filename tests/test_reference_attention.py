@@ -170,24 +170,87 @@ def test_fused_cpu_refuses_what_it_cannot_take(monkeypatch):
                              _numpy_attention(q, k, v), atol=3e-6)
 
 
-def test_fused_cpu_takes_bfloat16_in_float32():
-  # bfloat16 operands are widened exactly, so the kernel's output is the float32 attention of
-  # the bfloat16 values, rounded once; gradients come back in bfloat16.
+def test_fused_cpu_takes_bfloat16_in_float32(monkeypatch):
+  # Without AMX, bfloat16 operands are widened exactly, so the kernel's output is the float32
+  # attention of the bfloat16 values, rounded once; gradients come back in bfloat16.
   _needs_native_kernel()
+  from adjax.kernels import native
+  monkeypatch.setattr(native, "amx_available", lambda: False)
   q, k, v, cotangent = _inputs(heads=2, queries=20, refs=40, dim=16, seed=5)
   q16, k16, v16 = (jnp.asarray(a / 2, jnp.bfloat16) for a in (q, k, v))
   got, vjp = jax.vjp(lambda a, b, c: reference_attention(a, b, c), q16, k16, v16)
   assert got.dtype == jnp.bfloat16
   want = _numpy_attention(*(np.asarray(a, np.float32) for a in (q16, k16, v16)))
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=1e-2)
-  assert "adjax_reference_attention_forward" in jax.jit(reference_attention).lower(
-      q16, k16, v16).as_text()
+  program = jax.jit(reference_attention).lower(q16, k16, v16).as_text()
+  assert "adjax_reference_attention_forward" in program and "_amx" not in program
   grads = vjp(jnp.asarray(cotangent, jnp.bfloat16))
   _, wide_vjp = jax.vjp(dense_attention, *(jnp.asarray(a, jnp.float32) for a in (q16, k16, v16)))
   for name, g, d in zip("qkv", grads, wide_vjp(jnp.asarray(cotangent, jnp.float32))):
     assert g.dtype == jnp.bfloat16, name
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(d), atol=5e-2, rtol=2e-2,
                                err_msg=name)
+
+
+def _needs_amx():
+  from adjax.kernels import native
+  if not native.amx_available():
+    pytest.skip("this CPU (or Linux) offers no AMX tiles: the bfloat16 AMX handlers cannot run")
+
+
+def _numpy_gradients(q, k, v, cotangent):
+  """Independent float64 backward of softmax(q k^T) v: (dq, dk, dv)."""
+  q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, cotangent))
+  logits = np.einsum("htd,hrd->htr", q, k)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  d_weights = np.einsum("htd,hrd->htr", g, v)
+  d_logits = weights * (d_weights - np.sum(d_weights * weights, -1, keepdims=True))
+  return (np.einsum("htr,hrd->htd", d_logits, k), np.einsum("htr,htd->hrd", d_logits, q),
+          np.einsum("htr,htd->hrd", weights, g))
+
+
+@pytest.mark.parametrize("dim,queries,refs,scale", [
+    (48, 64, 2048, 1.0),   # the paper's head width and key count
+    (16, 37, 50, 1.0),     # queries not a multiple of 32 (padded), keys not of 16 (masked)
+    (64, 9, 7, 1.0),       # fewer keys than one 16-key tile
+    (32, 130, 33, 1.0),    # several 32-query blocks, one key past a 32-key pair block
+    (48, 32, 40, 30.0)])   # logits in the hundreds: exp would overflow without the max shift
+def test_fused_cpu_bfloat16_on_amx_matches_float64(dim, queries, refs, scale):
+  # The AMX handlers: bfloat16 products accumulated in float32, softmax and its gradient in
+  # float32, weights and logit gradients rounded to bfloat16 before their products. Checked
+  # against a float64 softmax of the same bfloat16 inputs, to bfloat16 accuracy.
+  _needs_native_kernel()
+  _needs_amx()
+  q, k, v, cotangent = _inputs(heads=3, queries=queries, refs=refs, dim=dim, seed=dim + refs)
+  q16, k16, v16, g16 = (jnp.asarray(a, jnp.bfloat16)
+                        for a in (q * scale / np.sqrt(dim), k, v, cotangent))
+  program = jax.jit(jax.grad(lambda a, b, c: jnp.sum(reference_attention(a, b, c)),
+                             argnums=(0, 1, 2))).lower(q16, k16, v16).as_text()
+  assert "adjax_reference_attention_forward_amx" in program
+  assert "adjax_reference_attention_backward_amx" in program
+  got, vjp = jax.vjp(jax.jit(lambda a, b, c: reference_attention(
+      a, b, c, implementation="fused-cpu")), q16, k16, v16)
+  assert got.dtype == jnp.bfloat16
+  wide = [np.asarray(a, np.float32) for a in (q16, k16, v16, g16)]
+  want = _numpy_attention(*wide[:3])
+  np.testing.assert_allclose(np.asarray(got, np.float32), want,
+                             atol=1e-2 * np.abs(want).max())
+  for name, g, d in zip("qkv", vjp(g16), _numpy_gradients(*wide)):
+    assert g.dtype == jnp.bfloat16, name
+    np.testing.assert_allclose(np.asarray(g, np.float32), d, atol=1.5e-2 * np.abs(d).max(),
+                               err_msg=name)
+
+
+def test_fused_cpu_bfloat16_on_amx_keeps_nan_visible():
+  _needs_native_kernel()
+  _needs_amx()
+  q, k, v, _ = _inputs(heads=2, queries=32, refs=40, dim=16, seed=3)
+  q[1, 5, 2] = np.nan
+  q16, k16, v16 = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+  got = np.asarray(reference_attention(q16, k16, v16, implementation="fused-cpu"), np.float32)
+  assert np.isnan(got[1, 5]).all() and np.isfinite(np.delete(got[1], 5, axis=0)).all()
+  assert np.isfinite(got[0]).all()
 
 
 def test_fused_cpu_keeps_nan_visible():

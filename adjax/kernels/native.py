@@ -38,7 +38,11 @@ COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512dq", "-mfma", "-shar
 TARGETS = {
     "AdjaxReferenceAttentionForward": "adjax_reference_attention_forward",
     "AdjaxReferenceAttentionBackward": "adjax_reference_attention_backward",
+    "AdjaxReferenceAttentionForwardAmx": "adjax_reference_attention_forward_amx",
+    "AdjaxReferenceAttentionBackwardAmx": "adjax_reference_attention_backward_amx",
 }
+# The AMX handlers (bfloat16 operands) also need these, and Linux's permission for the tiles.
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl")
 DISABLE_VARIABLE = "ADJAX_NATIVE_KERNELS"
 _LOAD_LOCK = threading.Lock()   # two threads tracing at once build and register once
 
@@ -129,7 +133,11 @@ def _load() -> str | None:
   for symbol, target in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
+  _LOADED.append(library)
   return None
+
+
+_LOADED: list[ctypes.CDLL] = []   # the library _load registered, for amx_available
 
 
 def available() -> bool:
@@ -139,6 +147,23 @@ def available() -> bool:
   if reason is not None:
     _log_unavailable_once(reason)
   return reason is None
+
+
+def amx_available() -> bool:
+  """Whether the AMX handlers can run here: the kernels are available, the CPU has AMX with
+  bfloat16 (and AVX512-BF16 for the conversions between the tile products), and Linux granted
+  this process the tile registers. Elsewhere bfloat16 operands use the float32 handlers."""
+  if not available() or not all(flag in cpu_flags() for flag in AMX_CPU_FLAGS):
+    return False
+  return _amx_permission()
+
+
+@functools.cache
+def _amx_permission() -> bool:
+  granted = bool(_LOADED[-1].AdjaxAmxReady())
+  if not granted:
+    log.info("Linux did not grant this process the AMX tile registers: the float32 kernel runs")
+  return granted
 
 
 @functools.cache

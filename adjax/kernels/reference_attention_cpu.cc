@@ -19,8 +19,12 @@
 //
 // Shapes: q, out, d_out (H, T, D); k, v (H, R, D); lse (H, T); float32, row-major.
 // D is 16, 32, 48 or 64 and T a multiple of 8 (the Python side pads queries); any R >= 1.
+// The *Amx handlers at the end take bfloat16 q, k, v, out, d_out (lse float32) and T a
+// multiple of 32, and run every product on the AMX tile unit.
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -383,8 +387,8 @@ struct Dims {
   int heads, t, r, d;
 };
 
-ffi::Error CheckedDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
-                       ffi::Buffer<ffi::F32>& v, Dims* dims) {
+template <typename Buffer>
+ffi::Error CheckedDims(Buffer& q, Buffer& k, Buffer& v, Dims* dims) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || kd[0] != qd[0] || kd[2] != qd[2] ||
       vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2])
@@ -455,6 +459,434 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 operands (the recipe's compute dtype) on CPUs with AMX: every product of the scheme
+// on the tile matrix unit (TDPBF16PS: a 16 x 32 by 32 x 16 bfloat16 product into 16 x 16
+// float32 per instruction), the softmax and its gradient in float32 on AVX-512 between them.
+// Logits, exponentials, row sums, log-sum-exps and every accumulation are float32; the softmax
+// weights and logit gradients are rounded to bfloat16 before their products (as PyTorch's
+// bfloat16 autocast does). All tiles are configured 16 rows x 64 bytes. Compiled for these
+// instructions function by function: the rest of the library still runs on AVX-512 CPUs
+// without them, and Python uses these handlers only where the CPU has them and Linux has
+// granted this process the tile state (AdjaxAmxReady).
+//
+// Layouts, per head (R32: keys rounded up to 32; Dp: features rounded up to 32; all zero-padded):
+//   feature pairs (logits and dp, operand B): [R32 / 16][Dp / 2][16 keys][2 features]
+//   key pairs (products with V or K, operand B): [R32 / 32][D / 16][16 key pairs][16 f][2 keys]
+//   query pairs (dk, dv, operand B): [R32 / 16][16 query pairs][16 keys][2 queries]
+
+#define ADJAX_AMX                                                                          \
+  __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")))
+
+using bf16 = uint16_t;
+
+constexpr int kAmxQueries = 32;   // queries per backward block (the forward takes 16 at a time)
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+ADJAX_AMX void ConfigureTiles() {
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) {
+    config.colsb[i] = 64;
+    config.rows[i] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+ADJAX_AMX inline __m512 WidenBf16(const bf16* p) {   // 16 bfloat16 -> 16 float32
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+ADJAX_AMX inline __m256i Narrow(__m512 x) {   // 16 float32 -> 16 bfloat16, nearest even
+  return (__m256i)_mm512_cvtneps_pbh(x);
+}
+
+ADJAX_AMX inline __m512i NarrowPair(__m512 low, __m512 high) {   // low's 16, then high's 16
+  return (__m512i)_mm512_cvtne2ps_pbh(high, low);
+}
+
+ADJAX_AMX inline __m512i Interleave(__m512 a, __m512 b) {   // a0 b0 a1 b1 ... as bfloat16
+  const __m512i index = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+  return _mm512_permutexvar_epi16(index, NarrowPair(a, b));
+}
+
+inline bf16 NarrowScalar(float x) {   // nearest even, as vcvtneps2bf16 (NaN kept a NaN)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<bf16>((bits >> 16) | 0x40);
+  return static_cast<bf16>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline float WidenScalar(bf16 x) {
+  const uint32_t bits = uint32_t(x) << 16;
+  float y;
+  std::memcpy(&y, &bits, sizeof(y));
+  return y;
+}
+
+constexpr int PaddedFeatures(int d) { return (d + 31) / 32 * 32; }
+inline int Keys32(int r) { return (r + 31) / 32 * 32; }
+
+template <int D>
+void PackFeaturePairs(const bf16* rows, int r, bf16* out) {
+  constexpr int kPairs = PaddedFeatures(D) / 2;
+  const int r32 = Keys32(r);
+  std::memset(out, 0, sizeof(bf16) * size_t(r32) * kPairs * 2);
+  for (int j = 0; j < r; ++j) {
+    bf16* base = out + (size_t(j / 16) * kPairs * 16 + j % 16) * 2;
+    for (int m = 0; m < D / 2; ++m) {
+      base[m * 32] = rows[j * D + 2 * m];
+      base[m * 32 + 1] = rows[j * D + 2 * m + 1];
+    }
+  }
+}
+
+template <int D>
+void PackKeyPairs(const bf16* rows, int r, bf16* out) {
+  const int r32 = Keys32(r);
+  std::memset(out, 0, sizeof(bf16) * size_t(r32) * D);
+  for (int j = 0; j < r; ++j)
+    for (int c = 0; c < D; ++c) {
+      const size_t tile = size_t(j / 32) * (D / 16) + c / 16;
+      out[(tile * 16 + (j % 32) / 2) * 32 + (c % 16) * 2 + j % 2] = rows[j * D + c];
+    }
+}
+
+// rows (n, D) bfloat16 -> (n, Dp) with zero features beyond D.
+template <int D>
+void PadFeatures(const bf16* rows, int n, bf16* out) {
+  constexpr int kDp = PaddedFeatures(D);
+  for (int i = 0; i < n; ++i) {
+    std::memcpy(out + i * kDp, rows + i * D, sizeof(bf16) * D);
+    std::memset(out + i * kDp + D, 0, sizeof(bf16) * (kDp - D));
+  }
+}
+
+// Lanes of key block kb (16 keys) below r.
+inline __mmask16 ValidKeys(int kb, int r) {
+  const int valid = r - kb * 16;
+  return valid >= 16 ? 0xFFFF : valid <= 0 ? 0 : static_cast<__mmask16>((1u << valid) - 1);
+}
+
+// Logits of 16 queries (q_pad: 16 x Dp) against key blocks [kb0, kb0 + 2): into s, one
+// 16 x 16 float32 tile per key block ([kb][16][16]).
+#define ADJAX_LOGIT_TILE(C, KB)                                                          \
+  do {                                                                                   \
+    _tile_zero(C);                                                                       \
+    _tile_loadd(6, keys + size_t(KB) * kDp * 16, 64);                                    \
+    _tile_dpbf16ps(C, 4, 6);                                                             \
+    if (kDp == 64) {                                                                     \
+      _tile_loadd(7, keys + size_t(KB) * kDp * 16 + 16 * 32, 64);                       \
+      _tile_dpbf16ps(C, 5, 7);                                                           \
+    }                                                                                    \
+    _tile_stored(C, s + size_t(KB) * 256, 64);                                           \
+  } while (0)
+
+template <int D>
+ADJAX_AMX void AmxLogits(const bf16* q_pad, const bf16* keys, int num_key_blocks, float* s) {
+  constexpr int kDp = PaddedFeatures(D);
+  _tile_loadd(4, q_pad, kDp * 2);
+  if (kDp == 64) _tile_loadd(5, q_pad + 32, kDp * 2);
+  int kb = 0;
+  for (; kb + 4 <= num_key_blocks; kb += 4) {
+    ADJAX_LOGIT_TILE(0, kb);
+    ADJAX_LOGIT_TILE(1, kb + 1);
+    ADJAX_LOGIT_TILE(2, kb + 2);
+    ADJAX_LOGIT_TILE(3, kb + 3);
+  }
+  for (; kb < num_key_blocks; ++kb) ADJAX_LOGIT_TILE(0, kb);
+}
+
+// out (16 x D float32, row stride D) = a (16 x R32 bfloat16: 16 x 32 tiles with row stride 32,
+// a_block_stride elements apart) times the key-pair layout b.
+template <int D>
+ADJAX_AMX void AmxRowsTimesKeyPairs(const bf16* a, size_t a_block_stride, const bf16* b,
+                                    int num_key_pairs_blocks, float* out) {
+  constexpr int kF = D / 16;
+  _tile_zero(0);
+  if (kF > 1) _tile_zero(1);
+  if (kF > 2) _tile_zero(2);
+  if (kF > 3) _tile_zero(3);
+  for (int j = 0; j < num_key_pairs_blocks; ++j) {
+    _tile_loadd(4, a + size_t(j) * a_block_stride, 64);
+    const bf16* bj = b + size_t(j) * kF * 512;
+    _tile_loadd(5, bj, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if (kF > 1) { _tile_loadd(6, bj + 512, 64); _tile_dpbf16ps(1, 4, 6); }
+    if (kF > 2) { _tile_loadd(7, bj + 1024, 64); _tile_dpbf16ps(2, 4, 7); }
+    if (kF > 3) { _tile_loadd(5, bj + 1536, 64); _tile_dpbf16ps(3, 4, 5); }
+  }
+  _tile_stored(0, out, D * 4);
+  if (kF > 1) _tile_stored(1, out + 16, D * 4);
+  if (kF > 2) _tile_stored(2, out + 32, D * 4);
+  if (kF > 3) _tile_stored(3, out + 48, D * 4);
+}
+
+struct AmxScratch {
+  std::vector<bf16> key_features, value_features, key_pairs, value_pairs, q_pad, d_out_pad,
+      weights, d_logits_rows, d_logits_pairs, weight_pairs, q_t, d_out_t;
+  std::vector<float> logits, d_weights, block_out, d_key_t, d_value_t;
+  template <typename T>
+  static T* Sized(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+};
+
+AmxScratch& ThreadAmxScratch() {
+  thread_local AmxScratch scratch;
+  return scratch;
+}
+
+template <int D>
+ADJAX_AMX void AmxForwardHead(const bf16* q, const bf16* k, const bf16* v, int t, int r,
+                              bf16* out, float* lse) {
+  constexpr int kDp = PaddedFeatures(D);
+  AmxScratch& scratch = ThreadAmxScratch();
+  const int r32 = Keys32(r), key_blocks = r32 / 16, pair_blocks = r32 / 32;
+  bf16* keys = AmxScratch::Sized(scratch.key_features, size_t(r32) * kDp);
+  bf16* value_pairs = AmxScratch::Sized(scratch.value_pairs, size_t(r32) * D);
+  bf16* q_pad = AmxScratch::Sized(scratch.q_pad, size_t(16) * kDp);
+  float* s = AmxScratch::Sized(scratch.logits, size_t(key_blocks) * 256);
+  bf16* weights = AmxScratch::Sized(scratch.weights, size_t(pair_blocks) * 512);
+  float* block_out = AmxScratch::Sized(scratch.block_out, size_t(16) * D);
+  PackFeaturePairs<D>(k, r, keys);
+  PackKeyPairs<D>(v, r, value_pairs);
+  ConfigureTiles();
+  for (int b = 0; b < t; b += 16) {
+    PadFeatures<D>(q + size_t(b) * D, 16, q_pad);
+    AmxLogits<D>(q_pad, keys, key_blocks, s);
+    __m512 running[16];
+    for (int i = 0; i < 16; ++i) running[i] = _mm512_set1_ps(-INFINITY);
+    for (int kb = 0; kb < key_blocks; ++kb) {
+      const __mmask16 valid = ValidKeys(kb, r);
+      for (int i = 0; i < 16; ++i) {
+        float* row = s + size_t(kb) * 256 + i * 16;
+        const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_loadu_ps(row));
+        _mm512_storeu_ps(row, x);
+        running[i] = _mm512_max_ps(running[i], x);
+      }
+    }
+    float row_max[16], total[16];
+    __m512 sums[16];
+    for (int i = 0; i < 16; ++i) {
+      row_max[i] = _mm512_reduce_max_ps(running[i]);
+      sums[i] = _mm512_setzero_ps();
+    }
+    for (int j = 0; j < pair_blocks; ++j)
+      for (int i = 0; i < 16; ++i) {
+        const __m512 shift = _mm512_set1_ps(row_max[i]);
+        const __m512 e0 = Exp(_mm512_sub_ps(_mm512_loadu_ps(s + size_t(2 * j) * 256 + i * 16), shift));
+        const __m512 e1 =
+            Exp(_mm512_sub_ps(_mm512_loadu_ps(s + size_t(2 * j + 1) * 256 + i * 16), shift));
+        sums[i] = _mm512_add_ps(sums[i], _mm512_add_ps(e0, e1));
+        _mm512_storeu_si512(weights + size_t(j) * 512 + i * 32, NarrowPair(e0, e1));
+      }
+    AmxRowsTimesKeyPairs<D>(weights, 512, value_pairs, pair_blocks, block_out);
+    for (int i = 0; i < 16; ++i) {
+      total[i] = _mm512_reduce_add_ps(sums[i]);
+      lse[b + i] = row_max[i] + std::log(total[i]);
+      const __m512 inverse = _mm512_set1_ps(1.0f / total[i]);
+      for (int c = 0; c < D; c += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + size_t(b + i) * D + c),
+                            Narrow(_mm512_mul_ps(_mm512_loadu_ps(block_out + i * D + c), inverse)));
+    }
+  }
+  _tile_release();
+}
+
+// (n x D) rows -> [D / 16][16 features][32 rows] (operand A of the key and value gradients).
+template <int D>
+void TransposeBlock(const bf16* rows, bf16* out) {
+  for (int i = 0; i < kAmxQueries; ++i)
+    for (int c = 0; c < D; ++c) out[(c / 16) * 512 + (c % 16) * 32 + i] = rows[i * D + c];
+}
+
+#define ADJAX_GRADIENT_TILES(KB)                                                         \
+  do {                                                                                   \
+    _tile_zero(0);                                                                       \
+    _tile_zero(1);                                                                       \
+    _tile_zero(2);                                                                       \
+    _tile_zero(3);                                                                       \
+    for (int c = 0; c < kDp / 32; ++c) {                                                 \
+      _tile_loadd(5, keys + (size_t(KB) * kDp / 2 + 16 * c) * 32, 64);                   \
+      _tile_loadd(4, q_pad + 32 * c, kDp * 2);                                           \
+      _tile_dpbf16ps(0, 4, 5);                                                           \
+      _tile_loadd(4, q_pad + 16 * kDp + 32 * c, kDp * 2);                                \
+      _tile_dpbf16ps(1, 4, 5);                                                           \
+      _tile_loadd(5, values + (size_t(KB) * kDp / 2 + 16 * c) * 32, 64);                 \
+      _tile_loadd(4, d_out_pad + 32 * c, kDp * 2);                                       \
+      _tile_dpbf16ps(2, 4, 5);                                                           \
+      _tile_loadd(4, d_out_pad + 16 * kDp + 32 * c, kDp * 2);                            \
+      _tile_dpbf16ps(3, 4, 5);                                                           \
+    }                                                                                    \
+    _tile_stored(0, s + size_t(KB) * 512, 64);                                           \
+    _tile_stored(1, s + size_t(KB) * 512 + 256, 64);                                     \
+    _tile_stored(2, dp + size_t(KB) * 512, 64);                                          \
+    _tile_stored(3, dp + size_t(KB) * 512 + 256, 64);                                    \
+  } while (0)
+
+template <int D>
+ADJAX_AMX void AmxBackwardHead(const bf16* q, const bf16* k, const bf16* v, const bf16* out,
+                               const float* lse, const bf16* d_out, int t, int r, bf16* d_q,
+                               bf16* d_k, bf16* d_v) {
+  constexpr int kDp = PaddedFeatures(D);
+  constexpr int kF = D / 16;
+  AmxScratch& scratch = ThreadAmxScratch();
+  const int r32 = Keys32(r), key_blocks = r32 / 16, pair_blocks = r32 / 32;
+  bf16* keys = AmxScratch::Sized(scratch.key_features, size_t(r32) * kDp);
+  bf16* values = AmxScratch::Sized(scratch.value_features, size_t(r32) * kDp);
+  bf16* key_pairs = AmxScratch::Sized(scratch.key_pairs, size_t(r32) * D);
+  bf16* q_pad = AmxScratch::Sized(scratch.q_pad, size_t(kAmxQueries) * kDp);
+  bf16* d_out_pad = AmxScratch::Sized(scratch.d_out_pad, size_t(kAmxQueries) * kDp);
+  bf16* q_t = AmxScratch::Sized(scratch.q_t, size_t(kF) * 512);
+  bf16* d_out_t = AmxScratch::Sized(scratch.d_out_t, size_t(kF) * 512);
+  float* s = AmxScratch::Sized(scratch.logits, size_t(key_blocks) * 512);
+  float* dp = AmxScratch::Sized(scratch.d_weights, size_t(key_blocks) * 512);
+  bf16* ds_rows = AmxScratch::Sized(scratch.d_logits_rows, size_t(pair_blocks) * 1024);
+  bf16* ds_pairs = AmxScratch::Sized(scratch.d_logits_pairs, size_t(key_blocks) * 512);
+  bf16* p_pairs = AmxScratch::Sized(scratch.weight_pairs, size_t(key_blocks) * 512);
+  float* block_out = AmxScratch::Sized(scratch.block_out, size_t(16) * D);
+  float* d_key_t = AmxScratch::Sized(scratch.d_key_t, size_t(kF) * key_blocks * 256);
+  float* d_value_t = AmxScratch::Sized(scratch.d_value_t, size_t(kF) * key_blocks * 256);
+  PackFeaturePairs<D>(k, r, keys);
+  PackFeaturePairs<D>(v, r, values);
+  PackKeyPairs<D>(k, r, key_pairs);
+  std::memset(d_key_t, 0, sizeof(float) * kF * key_blocks * 256);
+  std::memset(d_value_t, 0, sizeof(float) * kF * key_blocks * 256);
+  ConfigureTiles();
+  for (int b = 0; b < t; b += kAmxQueries) {
+    const bf16* q_block = q + size_t(b) * D;
+    const bf16* d_out_block = d_out + size_t(b) * D;
+    PadFeatures<D>(q_block, kAmxQueries, q_pad);
+    PadFeatures<D>(d_out_block, kAmxQueries, d_out_pad);
+    TransposeBlock<D>(q_block, q_t);
+    TransposeBlock<D>(d_out_block, d_out_t);
+    float row_dot[kAmxQueries];   // <d_out, out> per query
+    for (int i = 0; i < kAmxQueries; ++i) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < D; c += 16)
+        acc = _mm512_fmadd_ps(WidenBf16(d_out_block + i * D + c),
+                              WidenBf16(out + size_t(b + i) * D + c), acc);
+      row_dot[i] = _mm512_reduce_add_ps(acc);
+    }
+    // s = q k^T and dp = d_out v^T, per key block: rows 0-15 then 16-31.
+    for (int kb = 0; kb < key_blocks; ++kb) ADJAX_GRADIENT_TILES(kb);
+    // p = exp(s - lse) and ds = p (dp - row_dot), stored for the three products below.
+    for (int kb = 0; kb < key_blocks; ++kb) {
+      const __mmask16 valid = ValidKeys(kb, r);
+      for (int n = 0; n < kAmxQueries / 2; ++n) {
+        __m512 p[2], ds[2];
+        for (int e = 0; e < 2; ++e) {
+          const int i = 2 * n + e;
+          const size_t at = size_t(kb) * 512 + i * 16;
+          p[e] = _mm512_maskz_mov_ps(
+              valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + at), _mm512_set1_ps(lse[b + i]))));
+          ds[e] = _mm512_mul_ps(p[e], _mm512_sub_ps(_mm512_loadu_ps(dp + at),
+                                                    _mm512_set1_ps(row_dot[i])));
+          _mm256_storeu_si256(
+              reinterpret_cast<__m256i*>(ds_rows + size_t(kb / 2) * 1024 + i * 32 + (kb % 2) * 16),
+              Narrow(ds[e]));
+        }
+        _mm512_storeu_si512(ds_pairs + size_t(kb) * 512 + n * 32, Interleave(ds[0], ds[1]));
+        _mm512_storeu_si512(p_pairs + size_t(kb) * 512 + n * 32, Interleave(p[0], p[1]));
+      }
+    }
+    // dq = ds k, 16 queries at a time.
+    for (int h = 0; h < 2; ++h) {
+      AmxRowsTimesKeyPairs<D>(ds_rows + h * 512, 1024, key_pairs, pair_blocks, block_out);
+      for (int i = 0; i < 16; ++i)
+        for (int c = 0; c < D; c += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(d_q + size_t(b + 16 * h + i) * D + c),
+                              Narrow(_mm512_loadu_ps(block_out + i * D + c)));
+    }
+    // dk^T += q^T ds and dv^T += d_out^T p, one 16-feature block at a time.
+    for (int f = 0; f < kF; ++f) {
+      _tile_loadd(4, q_t + f * 512, 64);
+      _tile_loadd(6, d_out_t + f * 512, 64);
+      float* dk_tiles = d_key_t + size_t(f) * key_blocks * 256;
+      float* dv_tiles = d_value_t + size_t(f) * key_blocks * 256;
+      for (int kb = 0; kb < key_blocks; ++kb) {
+        _tile_loadd(0, dk_tiles + size_t(kb) * 256, 64);
+        _tile_loadd(1, dv_tiles + size_t(kb) * 256, 64);
+        _tile_loadd(5, ds_pairs + size_t(kb) * 512, 64);
+        _tile_loadd(7, p_pairs + size_t(kb) * 512, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 6, 7);
+        _tile_stored(0, dk_tiles + size_t(kb) * 256, 64);
+        _tile_stored(1, dv_tiles + size_t(kb) * 256, 64);
+      }
+    }
+  }
+  _tile_release();
+  for (int j = 0; j < r; ++j)
+    for (int c = 0; c < D; ++c) {
+      const size_t at = (size_t(c / 16) * key_blocks + j / 16) * 256 + (c % 16) * 16 + j % 16;
+      d_k[size_t(j) * D + c] = NarrowScalar(d_key_t[at]);
+      d_v[size_t(j) * D + c] = NarrowScalar(d_value_t[at]);
+    }
+}
+
+template <int D>
+struct AmxForward {
+  static void Run(ffi::ThreadPool* pool, Dims n, const bf16* q, const bf16* k, const bf16* v,
+                  bf16* out, float* lse) {
+    ForEachHead(*pool, n.heads, [=](int h) {
+      AmxForwardHead<D>(q + size_t(h) * n.t * D, k + size_t(h) * n.r * D,
+                        v + size_t(h) * n.r * D, n.t, n.r, out + size_t(h) * n.t * D,
+                        lse + size_t(h) * n.t);
+    });
+  }
+};
+
+template <int D>
+struct AmxBackward {
+  static void Run(ffi::ThreadPool* pool, Dims n, const bf16* q, const bf16* k, const bf16* v,
+                  const bf16* out, const float* lse, const bf16* d_out, bf16* d_q, bf16* d_k,
+                  bf16* d_v) {
+    ForEachHead(*pool, n.heads, [=](int h) {
+      const size_t tq = size_t(h) * n.t * D, tk = size_t(h) * n.r * D;
+      AmxBackwardHead<D>(q + tq, k + tk, v + tk, out + tq, lse + size_t(h) * n.t, d_out + tq,
+                         n.t, n.r, d_q + tq, d_k + tk, d_v + tk);
+    });
+  }
+};
+
+ffi::Error AmxForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
+                          ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                          ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> lse) {
+  Dims n;
+  if (ffi::Error error = CheckedDims(q, k, v, &n); error.failure()) return error;
+  if (n.t % kAmxQueries != 0) return ffi::Error::InvalidArgument("T must be a multiple of 32");
+  Dispatch<AmxForward>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(),
+                       out->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error AmxBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
+                           ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                           ffi::Buffer<ffi::BF16> out, ffi::Buffer<ffi::F32> lse,
+                           ffi::Buffer<ffi::BF16> d_out, ffi::ResultBuffer<ffi::BF16> d_q,
+                           ffi::ResultBuffer<ffi::BF16> d_k, ffi::ResultBuffer<ffi::BF16> d_v) {
+  Dims n;
+  if (ffi::Error error = CheckedDims(q, k, v, &n); error.failure()) return error;
+  if (n.t % kAmxQueries != 0) return ffi::Error::InvalidArgument("T must be a multiple of 32");
+  Dispatch<AmxBackward>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(),
+                        out.typed_data(), lse.typed_data(), d_out.typed_data(),
+                        d_q->typed_data(), d_k->typed_data(), d_v->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionForward, ForwardImpl,
@@ -478,3 +910,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionBackward, BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionForwardAmx, AmxForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionBackwardAmx, AmxBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+// 1 where Linux lets this process use the AMX tile registers (asking for them once: the
+// permission is the whole process's), else 0. Python calls it before choosing the AMX handlers.
+extern "C" int AdjaxAmxReady() {
+  constexpr long kRequestPermission = 0x1023;   // ARCH_REQ_XCOMP_PERM
+  constexpr long kTileData = 18;                // XFEATURE_XTILEDATA
+  static const int ready = syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0 ? 1 : 0;
+  return ready;
+}

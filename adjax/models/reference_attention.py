@@ -18,7 +18,11 @@ softmax(q k^T) v per head, for q (H, T, d) and keys/values (H, R, d) shared by t
   run in one pass over data in cache, and the keys and values are packed once per head into
   panels that the 48-long contractions read contiguously. About 1.4x the blocked form's speed
   on this project's CPUs (forward + backward of one level). d of 16, 32, 48 or 64; computes in
-  float32 (bfloat16 and float16 operands are widened, the output rounded back).
+  float32 (float16 operands, and bfloat16 ones on CPUs without AMX, are widened, the output
+  rounded back). bfloat16 operands on CPUs with AMX (and Linux's permission for its tiles) go to
+  the kernel's AMX handlers instead: every product on the tile unit in bfloat16 with float32
+  accumulation, the softmax and its gradient in float32, the weights and logit gradients
+  rounded to bfloat16 before their products (PyTorch's bfloat16 autocast does the same).
 
 "auto" picks "fused-cpu" on a single CPU device where the kernel is available (x86-64 with
 AVX-512, a C++ compiler, a supported d; see adjax.kernels.native), else "blocked" on a
@@ -46,6 +50,7 @@ IMPLEMENTATIONS = ("auto", "blocked", "dense", "fused-cpu")
 FUSED_CPU_HEAD_DIMS = (16, 32, 48, 64)
 FUSED_CPU_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)   # widened to float32 in the kernel
 _FUSED_CPU_ROWS = 8   # the kernel takes queries in multiples of 8
+_FUSED_AMX_ROWS = 32  # its AMX handlers, in multiples of 32
 
 
 def dense_attention(q: Array, k: Array, v: Array) -> Array:
@@ -193,6 +198,34 @@ def _fused_cpu_bwd(residuals, d_out):
 _fused_cpu.defvjp(_fused_cpu_fwd, _fused_cpu_bwd)
 
 
+def _fused_amx_forward(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
+  h, t, _ = q.shape
+  return jax.ffi.ffi_call(
+      native.TARGETS["AdjaxReferenceAttentionForwardAmx"],
+      (jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), jax.ShapeDtypeStruct((h, t), jnp.float32)),
+      vmap_method="sequential")(q, k, v)
+
+
+@jax.custom_vjp
+def _fused_amx(q: Array, k: Array, v: Array) -> Array:
+  return _fused_amx_forward(q, k, v)[0]
+
+
+def _fused_amx_fwd(q, k, v):
+  out, lse = _fused_amx_forward(q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _fused_amx_bwd(residuals, d_out):
+  q, k, v, _, _ = residuals
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in (q, k, v))
+  return jax.ffi.ffi_call(native.TARGETS["AdjaxReferenceAttentionBackwardAmx"], shapes,
+                          vmap_method="sequential")(*residuals, d_out.astype(jnp.bfloat16))
+
+
+_fused_amx.defvjp(_fused_amx_fwd, _fused_amx_bwd)
+
+
 def fused_cpu_supported(q: Array, k: Array, v: Array) -> bool:
   """Whether "fused-cpu" can take these operands here (dtype, head width, kernel built)."""
   return (all(x.dtype in FUSED_CPU_DTYPES for x in (q, k, v))
@@ -200,11 +233,13 @@ def fused_cpu_supported(q: Array, k: Array, v: Array) -> bool:
 
 
 def fused_cpu_attention(q: Array, k: Array, v: Array) -> Array:
-  """The "fused-cpu" implementation; T need not be a multiple of 8 (padded).
+  """The "fused-cpu" implementation; T need not be a multiple of 8 (or 32 on AMX; padded).
 
-  The kernel computes in float32. bfloat16 or float16 operands are widened on the way in
-  (exactly) and the output rounded to q's dtype on the way out: a CPU has no faster bfloat16
-  arithmetic to offer, so this is the blocked form's accuracy or better at the kernel's speed.
+  bfloat16 q, k, v on a CPU with AMX (adjax.kernels.native.amx_available): the AMX handlers,
+  products in bfloat16 with float32 accumulation. Otherwise the kernel computes in float32:
+  bfloat16 or float16 operands are widened on the way in (exactly) and the output rounded to
+  q's dtype on the way out (AVX512-BF16 pair products were measured no faster than float32
+  FMAs), the blocked form's accuracy or better at the kernel's speed.
   """
   if not fused_cpu_supported(q, k, v):
     raise ValueError(
@@ -218,9 +253,13 @@ def fused_cpu_attention(q: Array, k: Array, v: Array) -> Array:
 def _fused_cpu_attention(q: Array, k: Array, v: Array) -> Array:
   """fused_cpu_attention for operands already known to be supported."""
   t = q.shape[1]
-  padded = math.ceil(t / _FUSED_CPU_ROWS) * _FUSED_CPU_ROWS
+  amx = all(x.dtype == jnp.bfloat16 for x in (q, k, v)) and native.amx_available()
+  rows = _FUSED_AMX_ROWS if amx else _FUSED_CPU_ROWS
+  padded = math.ceil(t / rows) * rows
   if padded != t:   # zero query rows, sliced off: they add nothing to the key/value gradients
     q = jnp.pad(q, ((0, 0), (0, padded - t), (0, 0)))
+  if amx:
+    return _fused_amx(q, k, v)[:, :t]
   wide = [x.astype(jnp.float32) for x in (q, k, v)]
   return _fused_cpu(*wide)[:, :t].astype(q.dtype)
 
