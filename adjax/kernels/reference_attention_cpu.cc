@@ -578,8 +578,8 @@ inline __mmask16 ValidKeys(int kb, int r) {
   return valid >= 16 ? 0xFFFF : valid <= 0 ? 0 : static_cast<__mmask16>((1u << valid) - 1);
 }
 
-// Logits of 16 queries (q_pad: 16 x Dp) against key blocks [kb0, kb0 + 2): into s, one
-// 16 x 16 float32 tile per key block ([kb][16][16]).
+// The logits of key block KB into tile C, then into s at [KB][16][16]; the queries' feature
+// chunks are in tiles 4 and 5 (5 only for Dp = 64), the keys' pass through tiles 6 and 7.
 #define ADJAX_LOGIT_TILE(C, KB)                                                          \
   do {                                                                                   \
     _tile_zero(C);                                                                       \
@@ -592,8 +592,28 @@ inline __mmask16 ValidKeys(int kb, int r) {
     _tile_stored(C, s + size_t(KB) * 256, 64);                                           \
   } while (0)
 
+// Folds the logit tiles of key blocks [kb, kb + count) into each row's running maximum; keys
+// at or beyond r are set to -inf on the way (their weights are then exactly 0).
+ADJAX_AMX inline void FoldRowMax(float* s, int kb, int count, int r, __m512* running) {
+  for (int u = kb; u < kb + count; ++u) {
+    float* tile = s + size_t(u) * 256;
+    const __mmask16 valid = ValidKeys(u, r);
+    for (int i = 0; i < 16; ++i) {
+      __m512 x = _mm512_loadu_ps(tile + i * 16);
+      if (valid != 0xFFFF) {
+        x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, x);
+        _mm512_storeu_ps(tile + i * 16, x);
+      }
+      running[i] = _mm512_max_ps(running[i], x);
+    }
+  }
+}
+
+// Logits of 16 queries (q_pad: 16 x Dp) against every key block, one 16 x 16 float32 tile per
+// key block ([kb][16][16]) in s, and each row's maximum, taken while the tiles are in L1.
 template <int D>
-ADJAX_AMX void AmxLogits(const bf16* q_pad, const bf16* keys, int num_key_blocks, float* s) {
+ADJAX_AMX void AmxLogits(const bf16* q_pad, const bf16* keys, int num_key_blocks, int r,
+                         float* s, __m512* running) {
   constexpr int kDp = PaddedFeatures(D);
   _tile_loadd(4, q_pad, kDp * 2);
   if (kDp == 64) _tile_loadd(5, q_pad + 32, kDp * 2);
@@ -603,8 +623,12 @@ ADJAX_AMX void AmxLogits(const bf16* q_pad, const bf16* keys, int num_key_blocks
     ADJAX_LOGIT_TILE(1, kb + 1);
     ADJAX_LOGIT_TILE(2, kb + 2);
     ADJAX_LOGIT_TILE(3, kb + 3);
+    FoldRowMax(s, kb, 4, r, running);
   }
-  for (; kb < num_key_blocks; ++kb) ADJAX_LOGIT_TILE(0, kb);
+  for (; kb < num_key_blocks; ++kb) {
+    ADJAX_LOGIT_TILE(0, kb);
+    FoldRowMax(s, kb, 1, r, running);
+  }
 }
 
 // out (16 x D float32, row stride D) = a (16 x R32 bfloat16: 16 x 32 tiles with row stride 32,
@@ -665,18 +689,9 @@ ADJAX_AMX void AmxForwardHead(const bf16* q, const bf16* k, const bf16* v, int t
   ConfigureTiles();
   for (int b = 0; b < t; b += 16) {
     PadFeatures<D>(q + size_t(b) * D, 16, q_pad);
-    AmxLogits<D>(q_pad, keys, key_blocks, s);
     __m512 running[16];
     for (int i = 0; i < 16; ++i) running[i] = _mm512_set1_ps(-INFINITY);
-    for (int kb = 0; kb < key_blocks; ++kb) {
-      const __mmask16 valid = ValidKeys(kb, r);
-      for (int i = 0; i < 16; ++i) {
-        float* row = s + size_t(kb) * 256 + i * 16;
-        const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_loadu_ps(row));
-        _mm512_storeu_ps(row, x);
-        running[i] = _mm512_max_ps(running[i], x);
-      }
-    }
+    AmxLogits<D>(q_pad, keys, key_blocks, r, s, running);
     float row_max[16], total[16];
     __m512 sums[16];
     for (int i = 0; i < 16; ++i) {
@@ -730,10 +745,10 @@ void TransposeBlock(const bf16* rows, bf16* out) {
       _tile_loadd(4, d_out_pad + 16 * kDp + 32 * c, kDp * 2);                            \
       _tile_dpbf16ps(3, 4, 5);                                                           \
     }                                                                                    \
-    _tile_stored(0, s + size_t(KB) * 512, 64);                                           \
-    _tile_stored(1, s + size_t(KB) * 512 + 256, 64);                                     \
-    _tile_stored(2, dp + size_t(KB) * 512, 64);                                          \
-    _tile_stored(3, dp + size_t(KB) * 512 + 256, 64);                                    \
+    _tile_stored(0, s, 64);                                                              \
+    _tile_stored(1, s + 256, 64);                                                        \
+    _tile_stored(2, dp, 64);                                                             \
+    _tile_stored(3, dp + 256, 64);                                                       \
   } while (0)
 
 template <int D>
@@ -751,8 +766,8 @@ ADJAX_AMX void AmxBackwardHead(const bf16* q, const bf16* k, const bf16* v, cons
   bf16* d_out_pad = AmxScratch::Sized(scratch.d_out_pad, size_t(kAmxQueries) * kDp);
   bf16* q_t = AmxScratch::Sized(scratch.q_t, size_t(kF) * 512);
   bf16* d_out_t = AmxScratch::Sized(scratch.d_out_t, size_t(kF) * 512);
-  float* s = AmxScratch::Sized(scratch.logits, size_t(key_blocks) * 512);
-  float* dp = AmxScratch::Sized(scratch.d_weights, size_t(key_blocks) * 512);
+  float* s = AmxScratch::Sized(scratch.logits, 512);    // one key block's 32 x 16 tiles
+  float* dp = AmxScratch::Sized(scratch.d_weights, 512);
   bf16* ds_rows = AmxScratch::Sized(scratch.d_logits_rows, size_t(pair_blocks) * 1024);
   bf16* ds_pairs = AmxScratch::Sized(scratch.d_logits_pairs, size_t(key_blocks) * 512);
   bf16* p_pairs = AmxScratch::Sized(scratch.weight_pairs, size_t(key_blocks) * 512);
@@ -780,19 +795,19 @@ ADJAX_AMX void AmxBackwardHead(const bf16* q, const bf16* k, const bf16* v, cons
                               WidenBf16(out + size_t(b + i) * D + c), acc);
       row_dot[i] = _mm512_reduce_add_ps(acc);
     }
-    // s = q k^T and dp = d_out v^T, per key block: rows 0-15 then 16-31.
-    for (int kb = 0; kb < key_blocks; ++kb) ADJAX_GRADIENT_TILES(kb);
-    // p = exp(s - lse) and ds = p (dp - row_dot), stored for the three products below.
+    // Per key block: s = q k^T and dp = d_out v^T on the tiles (rows 0-15 then 16-31, into
+    // four 1 KB tiles that stay in L1), then p = exp(s - lse) and ds = p (dp - row_dot),
+    // stored in the layouts of the three products below.
     for (int kb = 0; kb < key_blocks; ++kb) {
+      ADJAX_GRADIENT_TILES(kb);
       const __mmask16 valid = ValidKeys(kb, r);
       for (int n = 0; n < kAmxQueries / 2; ++n) {
         __m512 p[2], ds[2];
         for (int e = 0; e < 2; ++e) {
           const int i = 2 * n + e;
-          const size_t at = size_t(kb) * 512 + i * 16;
           p[e] = _mm512_maskz_mov_ps(
-              valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + at), _mm512_set1_ps(lse[b + i]))));
-          ds[e] = _mm512_mul_ps(p[e], _mm512_sub_ps(_mm512_loadu_ps(dp + at),
+              valid, Exp(_mm512_sub_ps(_mm512_loadu_ps(s + i * 16), _mm512_set1_ps(lse[b + i]))));
+          ds[e] = _mm512_mul_ps(p[e], _mm512_sub_ps(_mm512_loadu_ps(dp + i * 16),
                                                     _mm512_set1_ps(row_dot[i])));
           _mm256_storeu_si256(
               reinterpret_cast<__m256i*>(ds_rows + size_t(kb / 2) * 1024 + i * 32 + (kb % 2) * 16),
