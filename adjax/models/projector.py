@@ -182,10 +182,14 @@ def _squeeze_excite_gate(squeezed: Array, se: dict[str, Array]) -> Array:
 
 
 def _gated_gelu_forward(y: Array, bias: Array, se: dict[str, Array], tokens_per_image: int):
-  images = (y + bias.astype(y.dtype)).reshape(-1, tokens_per_image, y.shape[-1])   # h
-  squeezed = jnp.mean(images.astype(jnp.float32), axis=1).astype(y.dtype)          # (B, 4C)
+  # Elementwise work in float32 whatever y's dtype: XLA:CPU evaluates bfloat16 erf and exp
+  # element by element (forward on 2048 x 3072: 16.5 ms in bfloat16, 3.8 ms in float32), and
+  # the result is rounded to y's dtype once.
+  wide = jnp.float32
+  images = (y.astype(wide) + bias.astype(wide)).reshape(-1, tokens_per_image, y.shape[-1])  # h
+  squeezed = jnp.mean(images, axis=1)                                                     # (B, 4C)
   gate, gate_vjp = jax.vjp(_squeeze_excite_gate, squeezed, se)
-  out = _exact_gelu(images * gate[:, None, :]).reshape(y.shape)
+  out = _exact_gelu(images * gate[:, None, :]).reshape(y.shape).astype(y.dtype)
   return out, (y, bias, gate, gate_vjp)
 
 
@@ -208,15 +212,17 @@ def _gated_gelu_fwd(y, bias, se, tokens_per_image):
 
 def _gated_gelu_bwd(tokens_per_image, residuals, d_out):
   y, bias, gate, gate_vjp = residuals
-  images = (y + bias.astype(y.dtype)).reshape(-1, tokens_per_image, y.shape[-1])
-  d_gated = d_out.reshape(images.shape) * _exact_gelu_derivative(images * gate[:, None, :])
-  d_gate = jnp.sum((d_gated * images).astype(jnp.float32), axis=1).astype(gate.dtype)
+  wide = jnp.float32   # as in the forward pass
+  images = (y.astype(wide) + bias.astype(wide)).reshape(-1, tokens_per_image, y.shape[-1])
+  d_gated = (d_out.astype(wide).reshape(images.shape)
+             * _exact_gelu_derivative(images * gate[:, None, :]))
+  d_gate = jnp.sum(d_gated * images, axis=1)
   d_squeezed, d_se = gate_vjp(d_gate)
   # h feeds the output through the gated values and the gate through its mean over L tokens.
   d_images = d_gated * gate[:, None, :] + (d_squeezed / tokens_per_image)[:, None, :]
   d_y = d_images.reshape(y.shape)
-  d_bias = jnp.sum(d_y.astype(jnp.float32), axis=0).astype(bias.dtype)
-  return d_y, d_bias, d_se
+  d_bias = jnp.sum(d_y, axis=0).astype(bias.dtype)
+  return d_y.astype(y.dtype), d_bias, d_se
 
 
 _gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
