@@ -263,3 +263,36 @@ def test_fused_cpu_keeps_nan_visible():
   want = np.asarray(dense_attention(q, k, v))
   np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
   assert np.isnan(got[1, 5]).all() and np.isfinite(np.delete(got[1], 5, axis=0)).all()
+
+
+def test_amx_attention_between_xla_amx_products():
+  # XLA's own bfloat16 products (YNNPACK, on AMX too) run on the same threads before and after
+  # the kernel, which sets its own tile configuration and gives the previous one back: values
+  # and gradients of the chain match the float32 chain to bfloat16 accuracy, call after call.
+  _needs_native_kernel()
+  _needs_amx()
+  from adjax.models.matmul import matmul
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(96, 64)).astype(np.float32)
+  w_in, w_out = (rng.normal(size=(64, 64)).astype(np.float32) / 8 for _ in range(2))
+  keys, values = (rng.normal(size=(4, 80, 16)).astype(np.float32) for _ in range(2))
+
+  def chain(x, w_in, w_out, implementation):
+    q = matmul(x, w_in).reshape(96, 4, 16).transpose(1, 0, 2)
+    attended = reference_attention(q, keys.astype(x.dtype), values.astype(x.dtype),
+                                   implementation=implementation)
+    out = matmul(attended.transpose(1, 0, 2).reshape(96, 64), w_out)
+    return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+  narrow = jax.jit(jax.value_and_grad(lambda *a: chain(*a, "fused-cpu"), argnums=(0, 1, 2)))
+  program = narrow.lower(*(jnp.asarray(a, jnp.bfloat16) for a in (x, w_in, w_out))).compile()
+  assert "adjax_reference_attention_forward_amx" in program.as_text()
+  assert "__ynn_fusion" in program.as_text()
+  want_loss, want_grads = jax.value_and_grad(lambda *a: chain(*a, "dense"), argnums=(0, 1, 2))(
+      x, w_in, w_out)
+  for _ in range(3):
+    loss, grads = narrow(*(jnp.asarray(a, jnp.bfloat16) for a in (x, w_in, w_out)))
+    assert abs(float(loss) - float(want_loss)) < 0.02 * max(1.0, abs(float(want_loss)))
+    for g, d in zip(grads, want_grads):
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(d),
+                                 atol=0.03 * float(np.abs(d).max()))

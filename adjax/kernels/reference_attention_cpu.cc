@@ -491,14 +491,34 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-ADJAX_AMX void ConfigureTiles() {
-  TileConfig config;
-  for (int i = 0; i < 8; ++i) {
-    config.colsb[i] = 64;
-    config.rows[i] = 16;
+// Configures the tiles for this kernel (8 tiles of 16 rows x 64 bytes) on the calling thread
+// for the lifetime of the object, then gives back the thread's previous configuration: the
+// pool's threads also run XLA's own AMX products (YNNPACK), whose libraries may keep a tile
+// configuration across calls on a thread.
+class TileScope {
+ public:
+  ADJAX_AMX TileScope() {
+    _tile_storeconfig(&saved_);
+    TileConfig config;
+    for (int i = 0; i < 8; ++i) {
+      config.colsb[i] = 64;
+      config.rows[i] = 16;
+    }
+    _tile_loadconfig(&config);
   }
-  _tile_loadconfig(&config);
-}
+  ADJAX_AMX ~TileScope() {
+    if (saved_.palette != 0) {
+      _tile_loadconfig(&saved_);
+    } else {
+      _tile_release();
+    }
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  TileConfig saved_;
+};
 
 ADJAX_AMX inline __m512 WidenBf16(const bf16* p) {   // 16 bfloat16 -> 16 float32
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -686,7 +706,7 @@ ADJAX_AMX void AmxForwardHead(const bf16* q, const bf16* k, const bf16* v, int t
   float* block_out = AmxScratch::Sized(scratch.block_out, size_t(16) * D);
   PackFeaturePairs<D>(k, r, keys);
   PackKeyPairs<D>(v, r, value_pairs);
-  ConfigureTiles();
+  const TileScope tiles;
   for (int b = 0; b < t; b += 16) {
     PadFeatures<D>(q + size_t(b) * D, 16, q_pad);
     __m512 running[16];
@@ -717,7 +737,6 @@ ADJAX_AMX void AmxForwardHead(const bf16* q, const bf16* k, const bf16* v, int t
                             Narrow(_mm512_mul_ps(_mm512_loadu_ps(block_out + i * D + c), inverse)));
     }
   }
-  _tile_release();
 }
 
 // (n x D) rows -> [D / 16][16 features][32 rows] (operand A of the key and value gradients).
@@ -779,7 +798,7 @@ ADJAX_AMX void AmxBackwardHead(const bf16* q, const bf16* k, const bf16* v, cons
   PackKeyPairs<D>(k, r, key_pairs);
   std::memset(d_key_t, 0, sizeof(float) * kF * key_blocks * 256);
   std::memset(d_value_t, 0, sizeof(float) * kF * key_blocks * 256);
-  ConfigureTiles();
+  const TileScope tiles;
   for (int b = 0; b < t; b += kAmxQueries) {
     const bf16* q_block = q + size_t(b) * D;
     const bf16* d_out_block = d_out + size_t(b) * D;
@@ -843,7 +862,6 @@ ADJAX_AMX void AmxBackwardHead(const bf16* q, const bf16* k, const bf16* v, cons
       }
     }
   }
-  _tile_release();
   for (int j = 0; j < r; ++j)
     for (int c = 0; c < D; ++c) {
       const size_t at = (size_t(c / 16) * key_blocks + j / 16) * 256 + (c % 16) * 16 + j % 16;
