@@ -721,9 +721,9 @@ ADJAX_AMX void AmxForwardHead(const bf16* q, const bf16* k, const bf16* v, int t
     for (int j = 0; j < pair_blocks; ++j)
       for (int i = 0; i < 16; ++i) {
         const __m512 shift = _mm512_set1_ps(row_max[i]);
-        const __m512 e0 = Exp(_mm512_sub_ps(_mm512_loadu_ps(s + size_t(2 * j) * 256 + i * 16), shift));
-        const __m512 e1 =
-            Exp(_mm512_sub_ps(_mm512_loadu_ps(s + size_t(2 * j + 1) * 256 + i * 16), shift));
+        const float* pair = s + size_t(2 * j) * 256 + i * 16;   // row i of key blocks 2j, 2j + 1
+        const __m512 e0 = Exp(_mm512_sub_ps(_mm512_loadu_ps(pair), shift));
+        const __m512 e1 = Exp(_mm512_sub_ps(_mm512_loadu_ps(pair + 256), shift));
         sums[i] = _mm512_add_ps(sums[i], _mm512_add_ps(e0, e1));
         _mm512_storeu_si512(weights + size_t(j) * 512 + i * 32, NarrowPair(e0, e1));
       }

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -170,60 +171,40 @@ def blocked_attention(q: Array, k: Array, v: Array,
   return _blocked(q, k, v, block)[:, :t]
 
 
-def _fused_cpu_forward(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
-  h, t, _ = q.shape
-  return jax.ffi.ffi_call(
-      native.TARGETS["AdjaxReferenceAttentionForward"],
-      (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((h, t), jnp.float32)),
-      vmap_method="sequential")(q, k, v)
+def _kernel_attention(forward: str, backward: str,
+                      dtype) -> Callable[[Array, Array, Array], Array]:
+  """softmax(q k^T) v with a custom VJP through a forward/backward pair of the native kernel's
+  FFI handlers (names as in native.TARGETS), which take and return `dtype` arrays (the
+  per-query log-sum-exp that the forward keeps for the backward is float32)."""
+
+  def forward_call(q, k, v):
+    h, t, _ = q.shape
+    return jax.ffi.ffi_call(
+        native.TARGETS[forward],
+        (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((h, t), jnp.float32)),
+        vmap_method="sequential")(q, k, v)
+
+  @jax.custom_vjp
+  def attention(q, k, v):
+    return forward_call(q, k, v)[0]
+
+  def attention_fwd(q, k, v):
+    out, lse = forward_call(q, k, v)
+    return out, (q, k, v, out, lse)
+
+  def attention_bwd(residuals, d_out):
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, dtype) for x in residuals[:3])
+    return jax.ffi.ffi_call(native.TARGETS[backward], shapes,
+                            vmap_method="sequential")(*residuals, d_out.astype(dtype))
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention
 
 
-@jax.custom_vjp
-def _fused_cpu(q: Array, k: Array, v: Array) -> Array:
-  return _fused_cpu_forward(q, k, v)[0]
-
-
-def _fused_cpu_fwd(q, k, v):
-  out, lse = _fused_cpu_forward(q, k, v)
-  return out, (q, k, v, out, lse)
-
-
-def _fused_cpu_bwd(residuals, d_out):
-  q, k, v, _, _ = residuals
-  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-  return jax.ffi.ffi_call(native.TARGETS["AdjaxReferenceAttentionBackward"], shapes,
-                          vmap_method="sequential")(*residuals, d_out.astype(jnp.float32))
-
-
-_fused_cpu.defvjp(_fused_cpu_fwd, _fused_cpu_bwd)
-
-
-def _fused_amx_forward(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
-  h, t, _ = q.shape
-  return jax.ffi.ffi_call(
-      native.TARGETS["AdjaxReferenceAttentionForwardAmx"],
-      (jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), jax.ShapeDtypeStruct((h, t), jnp.float32)),
-      vmap_method="sequential")(q, k, v)
-
-
-@jax.custom_vjp
-def _fused_amx(q: Array, k: Array, v: Array) -> Array:
-  return _fused_amx_forward(q, k, v)[0]
-
-
-def _fused_amx_fwd(q, k, v):
-  out, lse = _fused_amx_forward(q, k, v)
-  return out, (q, k, v, out, lse)
-
-
-def _fused_amx_bwd(residuals, d_out):
-  q, k, v, _, _ = residuals
-  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in (q, k, v))
-  return jax.ffi.ffi_call(native.TARGETS["AdjaxReferenceAttentionBackwardAmx"], shapes,
-                          vmap_method="sequential")(*residuals, d_out.astype(jnp.bfloat16))
-
-
-_fused_amx.defvjp(_fused_amx_fwd, _fused_amx_bwd)
+_fused_cpu = _kernel_attention("AdjaxReferenceAttentionForward",
+                               "AdjaxReferenceAttentionBackward", jnp.float32)
+_fused_amx = _kernel_attention("AdjaxReferenceAttentionForwardAmx",
+                               "AdjaxReferenceAttentionBackwardAmx", jnp.bfloat16)
 
 
 def fused_cpu_supported(q: Array, k: Array, v: Array) -> bool:
