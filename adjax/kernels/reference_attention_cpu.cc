@@ -547,13 +547,6 @@ inline bf16 NarrowScalar(float x) {   // nearest even, as vcvtneps2bf16 (NaN kep
   return static_cast<bf16>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-inline float WidenScalar(bf16 x) {
-  const uint32_t bits = uint32_t(x) << 16;
-  float y;
-  std::memcpy(&y, &bits, sizeof(y));
-  return y;
-}
-
 constexpr int PaddedFeatures(int d) { return (d + 31) / 32 * 32; }
 inline int Keys32(int r) { return (r + 31) / 32 * 32; }
 
