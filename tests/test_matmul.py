@@ -110,3 +110,22 @@ def test_sharded_over_eight_devices_equals_one_device():
   result = subprocess.run([sys.executable, "-c", _SHARDED_CHECK], env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0 and "same" in result.stdout, result.stderr[-2000:]
+
+
+def test_accumulating_dot_general_for_frozen_modules():
+  from adjax.models.matmul import accumulating_dot_general
+  x, w, _ = _operands(32, 48, 40, seed=5)
+  dims = (((1,), (0,)), ((), ()))
+  got = accumulating_dot_general(x, w, dims)
+  assert got.dtype == jnp.bfloat16
+  want = _as64(x) @ _as64(w)
+  np.testing.assert_allclose(_as64(got), want, rtol=2 ** -8, atol=1e-5 * np.abs(want).max())
+  # In nn.Dense on (B, L, C) inputs, and plain for float32 (the same array as lax.dot_general).
+  import flax.linen as nn
+  dense = nn.Dense(40, dtype=jnp.bfloat16, dot_general=accumulating_dot_general)
+  params = dense.init(jax.random.key(0), x.reshape(4, 8, 48))
+  out = dense.apply(params, x.reshape(4, 8, 48))
+  assert out.shape == (4, 8, 40) and out.dtype == jnp.bfloat16
+  x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+  np.testing.assert_array_equal(np.asarray(accumulating_dot_general(x32, w32, dims)),
+                                np.asarray(jax.lax.dot_general(x32, w32, dims)))

@@ -44,6 +44,19 @@ def matmul(x: Array, w: Array) -> Array:
   return _bf16_matmul(flat, w).reshape(*x.shape[:-1], w.shape[1])
 
 
+def accumulating_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                             preferred_element_type=None) -> Array:
+  """lax.dot_general that accumulates bfloat16 products in float32 and rounds the result to
+  the operands' dtype once: a drop-in `dot_general` for nn.Dense / nn.Conv in modules that are
+  only run forward (the frozen backbones), so that XLA:CPU runs their bfloat16 products on
+  the matrix units (same values; other dtypes are the plain product)."""
+  if lhs.dtype != jnp.bfloat16 or rhs.dtype != jnp.bfloat16 or preferred_element_type is not None:
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
 def _dot(a: Array, b: Array, dimensions) -> Array:
   """A float32-accumulated product, rounded once to bfloat16."""
   return lax.dot_general(a, b, dimensions,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adjax.convert import mapping
+from adjax.models.matmul import accumulating_dot_general
 
 if TYPE_CHECKING:  # base imports nothing from here; the import is lazy only to stay one-way
   from adjax.models.backbones import base
@@ -122,7 +123,8 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     hd = d // self.heads
-    dense = lambda f, name: nn.Dense(f, dtype=self.dtype, name=name)
+    dense = lambda f, name: nn.Dense(f, dtype=self.dtype, dot_general=accumulating_dot_general,
+                                     name=name)
     norm = lambda name: nn.LayerNorm(epsilon=self.eps, use_fast_variance=False,
                                      dtype=self.dtype, name=name)
     ls = lambda name: (self.param(name, nn.initializers.constant(0.1), (d,))
