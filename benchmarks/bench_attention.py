@@ -14,20 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
-
-def best_ms(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))   # compile and warm up
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best * 1e3
+from _timing import best_ms
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from bench_attention import best_ms
+from _timing import best_ms
 
 
 def main() -> None:
