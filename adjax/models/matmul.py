@@ -1,4 +1,6 @@
-"""x @ w for the projector's linear layers, written so that bfloat16 runs on the CPU's matrix units.
+"""bfloat16 products that run on the CPU's matrix units: `matmul` for the projector's linear
+layers (forward and backward), `accumulating_dot_general` for the frozen backbones' dense
+layers (forward only).
 
 XLA:CPU hands a dot to YNNPACK (which uses AMX / AVX512-BF16 where the CPU has them: measured
 1.1-1.5 TFLOP/s on 2 cores of this project's CPU, against 250-300 for float32) only when
@@ -47,9 +49,9 @@ def matmul(x: Array, w: Array) -> Array:
 def accumulating_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
                              preferred_element_type=None) -> Array:
   """lax.dot_general that accumulates bfloat16 products in float32 and rounds the result to
-  the operands' dtype once: a drop-in `dot_general` for nn.Dense / nn.Conv in modules that are
-  only run forward (the frozen backbones), so that XLA:CPU runs their bfloat16 products on
-  the matrix units (same values; other dtypes are the plain product)."""
+  the operands' dtype once: a drop-in `dot_general` for nn.Dense in modules that are only run
+  forward (the frozen backbones), so that XLA:CPU runs their bfloat16 products on the matrix
+  units (the first condition above; same values; other dtypes are the plain product)."""
   if lhs.dtype != jnp.bfloat16 or rhs.dtype != jnp.bfloat16 or preferred_element_type is not None:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
