@@ -34,6 +34,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -280,13 +281,16 @@ void WeightsAndLogitGradients(const float* q, const float* d_out, const float* k
   }
 }
 
-// Per-thread scratch, kept between calls so that pages are touched once.
+// v's storage, grown to at least n elements: per-thread scratch is kept between calls so that
+// its pages are touched once.
+template <typename T>
+T* Sized(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
 struct Scratch {
   std::vector<float> key_panels, value_panels, d_key_panels, d_value_panels, logits, d_logits;
-  static float* Sized(std::vector<float>& v, size_t n) {
-    if (v.size() < n) v.resize(n);
-    return v.data();
-  }
 };
 
 Scratch& ThreadScratch() {
@@ -299,8 +303,8 @@ void ForwardHead(const float* q, const float* k, const float* v, int t, int r, f
                  float* lse) {
   Scratch& scratch = ThreadScratch();
   const int num_panels = NumPanels(r);
-  float* key_panels = Scratch::Sized(scratch.key_panels, size_t(num_panels) * D * kPanel);
-  float* s = Scratch::Sized(scratch.logits, BlockFloats(num_panels));
+  float* key_panels = Sized(scratch.key_panels, size_t(num_panels) * D * kPanel);
+  float* s = Sized(scratch.logits, BlockFloats(num_panels));
   PackPanels<D>(k, r, key_panels);
   float row_max[kBlock], total[kBlock];
   for (int b = 0; b < t; b += kBlock) {
@@ -325,12 +329,12 @@ void BackwardHead(const float* q, const float* k, const float* v, const float* o
   Scratch& scratch = ThreadScratch();
   const int num_panels = NumPanels(r);
   const size_t panel_floats = size_t(num_panels) * D * kPanel;
-  float* key_panels = Scratch::Sized(scratch.key_panels, panel_floats);
-  float* value_panels = Scratch::Sized(scratch.value_panels, panel_floats);
-  float* d_key_panels = Scratch::Sized(scratch.d_key_panels, panel_floats);
-  float* d_value_panels = Scratch::Sized(scratch.d_value_panels, panel_floats);
-  float* weights = Scratch::Sized(scratch.logits, BlockFloats(num_panels));
-  float* d_logits = Scratch::Sized(scratch.d_logits, BlockFloats(num_panels));
+  float* key_panels = Sized(scratch.key_panels, panel_floats);
+  float* value_panels = Sized(scratch.value_panels, panel_floats);
+  float* d_key_panels = Sized(scratch.d_key_panels, panel_floats);
+  float* d_value_panels = Sized(scratch.d_value_panels, panel_floats);
+  float* weights = Sized(scratch.logits, BlockFloats(num_panels));
+  float* d_logits = Sized(scratch.d_logits, BlockFloats(num_panels));
   PackPanels<D>(k, r, key_panels);
   PackPanels<D>(v, r, value_panels);
   std::memset(d_key_panels, 0, sizeof(float) * panel_floats);
@@ -388,14 +392,15 @@ struct Dims {
 };
 
 template <typename Buffer>
-ffi::Error CheckedDims(Buffer& q, Buffer& k, Buffer& v, Dims* dims) {
+ffi::Error CheckedDims(Buffer& q, Buffer& k, Buffer& v, int query_multiple, Dims* dims) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || kd[0] != qd[0] || kd[2] != qd[2] ||
       vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2])
     return ffi::Error::InvalidArgument("expected q (H, T, D) and k, v (H, R, D)");
   *dims = {static_cast<int>(qd[0]), static_cast<int>(qd[1]), static_cast<int>(kd[1]),
            static_cast<int>(qd[2])};
-  if (dims->t % 8 != 0) return ffi::Error::InvalidArgument("T must be a multiple of 8");
+  if (dims->t % query_multiple != 0)
+    return ffi::Error::InvalidArgument("T must be a multiple of " + std::to_string(query_multiple));
   if (dims->r < 1) return ffi::Error::InvalidArgument("R must be at least 1");
   if (dims->d != 16 && dims->d != 32 && dims->d != 48 && dims->d != 64)
     return ffi::Error::InvalidArgument("D must be 16, 32, 48 or 64");
@@ -435,30 +440,6 @@ struct Backward {
     });
   }
 };
-
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                       ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
-                       ffi::ResultBuffer<ffi::F32> lse) {
-  Dims n;
-  if (ffi::Error error = CheckedDims(q, k, v, &n); error.failure()) return error;
-  Dispatch<Forward>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(),
-                    out->typed_data(), lse->typed_data());
-  return ffi::Error::Success();
-}
-
-ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
-                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
-                        ffi::ResultBuffer<ffi::F32> d_q, ffi::ResultBuffer<ffi::F32> d_k,
-                        ffi::ResultBuffer<ffi::F32> d_v) {
-  Dims n;
-  if (ffi::Error error = CheckedDims(q, k, v, &n); error.failure()) return error;
-  Dispatch<Backward>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(),
-                     out.typed_data(), lse.typed_data(), d_out.typed_data(), d_q->typed_data(),
-                     d_k->typed_data(), d_v->typed_data());
-  return ffi::Error::Success();
-}
-
 
 // ---------------------------------------------------------------------------------------------
 // bfloat16 operands (the recipe's compute dtype) on CPUs with AMX: every product of the scheme
@@ -673,11 +654,6 @@ struct AmxScratch {
   std::vector<bf16> key_features, value_features, key_pairs, value_pairs, q_pad, d_out_pad,
       weights, d_logits_rows, d_logits_pairs, weight_pairs, q_t, d_out_t;
   std::vector<float> logits, d_weights, block_out, d_key_t, d_value_t;
-  template <typename T>
-  static T* Sized(std::vector<T>& v, size_t n) {
-    if (v.size() < n) v.resize(n);
-    return v.data();
-  }
 };
 
 AmxScratch& ThreadAmxScratch() {
@@ -691,12 +667,12 @@ ADJAX_AMX void AmxForwardHead(const bf16* q, const bf16* k, const bf16* v, int t
   constexpr int kDp = PaddedFeatures(D);
   AmxScratch& scratch = ThreadAmxScratch();
   const int r32 = Keys32(r), key_blocks = r32 / 16, pair_blocks = r32 / 32;
-  bf16* keys = AmxScratch::Sized(scratch.key_features, size_t(r32) * kDp);
-  bf16* value_pairs = AmxScratch::Sized(scratch.value_pairs, size_t(r32) * D);
-  bf16* q_pad = AmxScratch::Sized(scratch.q_pad, size_t(16) * kDp);
-  float* s = AmxScratch::Sized(scratch.logits, size_t(key_blocks) * 256);
-  bf16* weights = AmxScratch::Sized(scratch.weights, size_t(pair_blocks) * 512);
-  float* block_out = AmxScratch::Sized(scratch.block_out, size_t(16) * D);
+  bf16* keys = Sized(scratch.key_features, size_t(r32) * kDp);
+  bf16* value_pairs = Sized(scratch.value_pairs, size_t(r32) * D);
+  bf16* q_pad = Sized(scratch.q_pad, size_t(16) * kDp);
+  float* s = Sized(scratch.logits, size_t(key_blocks) * 256);
+  bf16* weights = Sized(scratch.weights, size_t(pair_blocks) * 512);
+  float* block_out = Sized(scratch.block_out, size_t(16) * D);
   PackFeaturePairs<D>(k, r, keys);
   PackKeyPairs<D>(v, r, value_pairs);
   const TileScope tiles;
@@ -771,21 +747,21 @@ ADJAX_AMX void AmxBackwardHead(const bf16* q, const bf16* k, const bf16* v, cons
   constexpr int kF = D / 16;
   AmxScratch& scratch = ThreadAmxScratch();
   const int r32 = Keys32(r), key_blocks = r32 / 16, pair_blocks = r32 / 32;
-  bf16* keys = AmxScratch::Sized(scratch.key_features, size_t(r32) * kDp);
-  bf16* values = AmxScratch::Sized(scratch.value_features, size_t(r32) * kDp);
-  bf16* key_pairs = AmxScratch::Sized(scratch.key_pairs, size_t(r32) * D);
-  bf16* q_pad = AmxScratch::Sized(scratch.q_pad, size_t(kAmxQueries) * kDp);
-  bf16* d_out_pad = AmxScratch::Sized(scratch.d_out_pad, size_t(kAmxQueries) * kDp);
-  bf16* q_t = AmxScratch::Sized(scratch.q_t, size_t(kF) * 512);
-  bf16* d_out_t = AmxScratch::Sized(scratch.d_out_t, size_t(kF) * 512);
-  float* s = AmxScratch::Sized(scratch.logits, 512);    // one key block's 32 x 16 tiles
-  float* dp = AmxScratch::Sized(scratch.d_weights, 512);
-  bf16* ds_rows = AmxScratch::Sized(scratch.d_logits_rows, size_t(pair_blocks) * 1024);
-  bf16* ds_pairs = AmxScratch::Sized(scratch.d_logits_pairs, size_t(key_blocks) * 512);
-  bf16* p_pairs = AmxScratch::Sized(scratch.weight_pairs, size_t(key_blocks) * 512);
-  float* block_out = AmxScratch::Sized(scratch.block_out, size_t(16) * D);
-  float* d_key_t = AmxScratch::Sized(scratch.d_key_t, size_t(kF) * key_blocks * 256);
-  float* d_value_t = AmxScratch::Sized(scratch.d_value_t, size_t(kF) * key_blocks * 256);
+  bf16* keys = Sized(scratch.key_features, size_t(r32) * kDp);
+  bf16* values = Sized(scratch.value_features, size_t(r32) * kDp);
+  bf16* key_pairs = Sized(scratch.key_pairs, size_t(r32) * D);
+  bf16* q_pad = Sized(scratch.q_pad, size_t(kAmxQueries) * kDp);
+  bf16* d_out_pad = Sized(scratch.d_out_pad, size_t(kAmxQueries) * kDp);
+  bf16* q_t = Sized(scratch.q_t, size_t(kF) * 512);
+  bf16* d_out_t = Sized(scratch.d_out_t, size_t(kF) * 512);
+  float* s = Sized(scratch.logits, 512);    // one key block's 32 x 16 tiles
+  float* dp = Sized(scratch.d_weights, 512);
+  bf16* ds_rows = Sized(scratch.d_logits_rows, size_t(pair_blocks) * 1024);
+  bf16* ds_pairs = Sized(scratch.d_logits_pairs, size_t(key_blocks) * 512);
+  bf16* p_pairs = Sized(scratch.weight_pairs, size_t(key_blocks) * 512);
+  float* block_out = Sized(scratch.block_out, size_t(16) * D);
+  float* d_key_t = Sized(scratch.d_key_t, size_t(kF) * key_blocks * 256);
+  float* d_value_t = Sized(scratch.d_value_t, size_t(kF) * key_blocks * 256);
   PackFeaturePairs<D>(k, r, keys);
   PackFeaturePairs<D>(v, r, values);
   PackKeyPairs<D>(k, r, key_pairs);
@@ -888,76 +864,73 @@ struct AmxBackward {
   }
 };
 
-ffi::Error AmxForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
-                          ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
-                          ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> lse) {
+// The FFI entry points, one per pass for both handler families: Forward / Backward on float32
+// operands (queries in multiples of 8) and AmxForward / AmxBackward on bfloat16 ones (multiples
+// of kAmxQueries); the log-sum-exp is float32 in both.
+template <ffi::DataType T, template <int> class Op, int kQueryMultiple>
+ffi::Error ForwardEntry(ffi::ThreadPool pool, ffi::Buffer<T> q, ffi::Buffer<T> k,
+                        ffi::Buffer<T> v, ffi::ResultBuffer<T> out,
+                        ffi::ResultBuffer<ffi::F32> lse) {
   Dims n;
-  if (ffi::Error error = CheckedDims(q, k, v, &n); error.failure()) return error;
-  if (n.t % kAmxQueries != 0) return ffi::Error::InvalidArgument("T must be a multiple of 32");
-  Dispatch<AmxForward>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(),
-                       out->typed_data(), lse->typed_data());
+  if (ffi::Error error = CheckedDims(q, k, v, kQueryMultiple, &n); error.failure()) return error;
+  Dispatch<Op>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(),
+               lse->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error AmxBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
-                           ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
-                           ffi::Buffer<ffi::BF16> out, ffi::Buffer<ffi::F32> lse,
-                           ffi::Buffer<ffi::BF16> d_out, ffi::ResultBuffer<ffi::BF16> d_q,
-                           ffi::ResultBuffer<ffi::BF16> d_k, ffi::ResultBuffer<ffi::BF16> d_v) {
+template <ffi::DataType T, template <int> class Op, int kQueryMultiple>
+ffi::Error BackwardEntry(ffi::ThreadPool pool, ffi::Buffer<T> q, ffi::Buffer<T> k,
+                         ffi::Buffer<T> v, ffi::Buffer<T> out, ffi::Buffer<ffi::F32> lse,
+                         ffi::Buffer<T> d_out, ffi::ResultBuffer<T> d_q, ffi::ResultBuffer<T> d_k,
+                         ffi::ResultBuffer<T> d_v) {
   Dims n;
-  if (ffi::Error error = CheckedDims(q, k, v, &n); error.failure()) return error;
-  if (n.t % kAmxQueries != 0) return ffi::Error::InvalidArgument("T must be a multiple of 32");
-  Dispatch<AmxBackward>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(),
-                        out.typed_data(), lse.typed_data(), d_out.typed_data(),
-                        d_q->typed_data(), d_k->typed_data(), d_v->typed_data());
+  if (ffi::Error error = CheckedDims(q, k, v, kQueryMultiple, &n); error.failure()) return error;
+  Dispatch<Op>(n.d, &pool, n, q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(),
+               lse.typed_data(), d_out.typed_data(), d_q->typed_data(), d_k->typed_data(),
+               d_v->typed_data());
   return ffi::Error::Success();
+}
+
+// Their signatures for XLA: q, k, v (and out, lse, d_out backward) in, out and lse (d_q, d_k,
+// d_v backward) out.
+template <ffi::DataType T>
+auto ForwardBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
+
+template <ffi::DataType T>
+auto BackwardBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<T>>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionForwardAmx, AmxForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionBackwardAmx, AmxBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionForward,
+                              (ForwardEntry<ffi::F32, Forward, 8>), ForwardBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionBackward,
+                              (BackwardEntry<ffi::F32, Backward, 8>), BackwardBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionForwardAmx,
+                              (ForwardEntry<ffi::BF16, AmxForward, kAmxQueries>),
+                              ForwardBinding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdjaxReferenceAttentionBackwardAmx,
+                              (BackwardEntry<ffi::BF16, AmxBackward, kAmxQueries>),
+                              BackwardBinding<ffi::BF16>());
 
 // 1 where Linux lets this process use the AMX tile registers (asking for them once: the
 // permission is the whole process's), else 0. Python calls it before choosing the AMX handlers.
