@@ -47,16 +47,18 @@ DISABLE_VARIABLE = "ADJAX_NATIVE_KERNELS"
 _LOAD_LOCK = threading.Lock()   # two threads tracing at once build and register once
 
 
-def cpu_flags() -> set[str]:
-  """The instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is absent)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+  """The instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is absent); read
+  once, since every trace of the attention asks (amx_available)."""
   try:
     text = Path("/proc/cpuinfo").read_text()
   except OSError:
-    return set()
+    return frozenset()
   for line in text.splitlines():
     if line.startswith("flags"):
-      return set(line.split(":", 1)[1].split())
-  return set()
+      return frozenset(line.split(":", 1)[1].split())
+  return frozenset()
 
 
 def cache_folder() -> Path:
