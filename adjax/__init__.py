@@ -26,8 +26,8 @@ _API = {
     "init_projector": "adjax.models.projector",
     "norm_loss": "adjax.losses.norm",
     "project": "adjax.models.projector",
-    "projector_from_torch": "adjax.convert.projector",
-    "projector_to_torch": "adjax.convert.projector",
+    "projector_from_torch": "adjax.models.projector_torch",
+    "projector_to_torch": "adjax.models.projector_torch",
     "residual_features": "adjax.residual",
     "token_labels": "adjax.labels",
 }

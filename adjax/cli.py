@@ -32,9 +32,10 @@ import logging
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from adjax import config_loading
+from adjax.io import files
+from adjax.configs import loading as config_loading
 from adjax.errors import PREEMPTED_EXIT_STATUS, UserError
 
 PROG = "adjax"
@@ -64,11 +65,7 @@ class _Parser(argparse.ArgumentParser):
     raise _ArgumentError(self.prog, message)
 
 
-def _one_line(text: str) -> str:
-  return " ".join(str(text).split())
-
-
-def _json_default(value: Any) -> Any:
+def _summarised(value: Any) -> Any:
   # Arrays (centres, feature banks) are summarised, not dumped: a 1024-d centre per level is
   # not something to read on a terminal.
   if hasattr(value, "shape") and hasattr(value, "dtype"):
@@ -82,25 +79,9 @@ def _print_json(obj: Any) -> None:
   if obj is None:
     return
   if isinstance(obj, (dict, list)):
-    print(json.dumps(obj, default=_json_default))
+    print(json.dumps(obj, default=_summarised))
   else:
     print(obj)
-
-
-def _library(module: str, name: str, command: str) -> Callable[..., Any]:
-  """`module.name`, imported now; a clear error when that part of adjax is not there yet."""
-  try:
-    mod = importlib.import_module(module)
-  except ModuleNotFoundError as err:
-    if err.name and (module == err.name or module.startswith(err.name + ".")):
-      raise UserError(f"'adjax {command}' is not available yet: module {module} is missing "
-                      "from this installation") from err
-    raise UserError(f"'adjax {command}' needs the Python package {err.name!r}, which is not "
-                    "installed") from err
-  fn = getattr(mod, name, None)
-  if not callable(fn):
-    raise UserError(f"'adjax {command}' is not available yet: {module}.{name} is missing")
-  return fn
 
 
 # ----------------------------------------------------------------------------- configs
@@ -119,7 +100,7 @@ def _resolve_config(args: argparse.Namespace, overrides: Sequence[tuple[str, str
 
 # ----------------------------------------------------------------------------- handlers
 def _cmd_demo(args, overrides) -> int:
-  run_demo = _library("adjax.demo", "run_demo", "demo")
+  from adjax.demo import run_demo
   argv_overrides = dict(overrides)
   if args.workdir:
     argv_overrides["workdir"] = args.workdir
@@ -132,30 +113,34 @@ def _cmd_demo(args, overrides) -> int:
 def _cmd_data(args, overrides) -> int:
   del overrides
   if args.data_command == "embedded":
-    generate = _library("data_pipelines.embedded", "generate_embedded_dataset", "data embedded")
-    summary = generate(args.out, image_size=args.image_size,
-                       pretrain_classes=args.pretrain_classes, eval_classes=args.eval_classes,
-                       images_per_class=args.images_per_class, n_views=args.views,
-                       seed=args.seed, force=args.force)
+    from data_pipelines.embedded import generate_embedded_dataset
+    summary = generate_embedded_dataset(
+        args.out, image_size=args.image_size, pretrain_classes=args.pretrain_classes,
+        eval_classes=args.eval_classes, images_per_class=args.images_per_class,
+        n_views=args.views, seed=args.seed, force=args.force)
     _print_json({k: summary[k] for k in ("pretrain_root", "eval_root", "generated", "seconds")
                  if k in summary})
     return 0
-  pack = _library("data_pipelines.tfds_builders", "pack_dataset", "data pack")
+  from data_pipelines.tfds_builders import pack_dataset, pack_summary
   classes = [c for c in args.classes.split(",") if c] if args.classes else None
-  builder_dir = pack(args.format, args.root, args.out, classes=classes, skip_bad=args.skip_bad,
+  builder_dir = pack_dataset(args.format, args.root, args.out, classes=classes, skip_bad=args.skip_bad,
                      verify=not args.no_verify)
-  summary = _library("data_pipelines.tfds_builders", "pack_summary", "data pack")(builder_dir)
+  summary = pack_summary(builder_dir)
   _print_json({"builder_dir": builder_dir, "records": summary.get("records"),
                "skipped": len(summary.get("skipped", [])),
                "hint": "set --config.data.pretrain_tfds_dir to it"})
   return 0
 
 
-def _job(module: str, name: str):
+def _job(module: str, name: str, *, selects_checkpoints: bool = False):
   def handler(args, overrides) -> int:
     config = _resolve_config(args, overrides)  # bad overrides first: they are the user's
-    fn = _library(module, name, args.command)
-    summary = fn(config, args.workdir)
+    fn = getattr(importlib.import_module(module), name)
+    if selects_checkpoints:  # pretraining selects its checkpoints with the evaluation's help
+      from adjax.evaluate.selection import selection_evaluator
+      summary = fn(config, args.workdir, make_evaluator=selection_evaluator)
+    else:
+      summary = fn(config, args.workdir)
     _print_json(summary)
     if isinstance(summary, dict) and summary.get("preempted"):
       # Saved and stopped on SIGTERM: not finished, so not status 0.
@@ -176,7 +161,7 @@ def _cmd_evaluate(args, overrides) -> int:
   elif not os.path.isdir(args.workdir):
     raise UserError(f"--workdir {args.workdir}: no such run folder")
   config = _resolve_config(args, overrides)
-  evaluate = _library("adjax.evaluate", "evaluate", "evaluate")
+  from adjax.evaluate import evaluate
   out_dir = args.out or os.path.join(args.workdir, "eval")
   _print_json(evaluate(config, args.workdir, out_dir))
   return 0
@@ -184,18 +169,18 @@ def _cmd_evaluate(args, overrides) -> int:
 
 def _cmd_export(args, overrides) -> int:
   del overrides
-  from adjax import export
-  summary = export.export_projector(args.workdir, args.out, which=args.which,
-                                    use_torch=False if args.no_torch else None)
+  from adjax import interop
+  summary = interop.export_projector(args.workdir, args.out, which=args.which,
+                                     use_torch=False if args.no_torch else None)
   _print_json(summary)
   return 0
 
 
 def _cmd_import(args, overrides) -> int:
-  from adjax import export
+  from adjax import interop
   config = config_loading.load_config(args.config)
-  summary = export.import_projector(args.file, args.out, backbone=args.backbone,
-                                    which=args.which, config=config, overrides=overrides)
+  summary = interop.import_projector(args.file, args.out, backbone=args.backbone,
+                                     which=args.which, config=config, overrides=overrides)
   _print_json(summary)
   return 0
 
@@ -209,8 +194,7 @@ def _cmd_sweep(args, overrides) -> int:
     if args.emit == "-":
       sys.stdout.write(text)
     else:
-      from adjax import run_layout
-      run_layout.atomic_write(args.emit, lambda f: f.write(text), binary=False)
+      files.atomic_write(args.emit, lambda f: f.write(text), binary=False)
       print(f"wrote {len(commands)} commands to {args.emit}", file=sys.stderr)
     return 0
   only = [n for n in args.only.split(",") if n] if args.only else None
@@ -299,14 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
   k.add_argument("--skip-bad", action="store_true", help="skip unreadable images (capped)")
   k.add_argument("--no-verify", action="store_true", help="do not decode every image once")
 
-  for name, module, fn, text in (
-      ("refs", "adjax.train", "precompute_references",
+  for name, fn, text in (
+      ("refs", "precompute_references",
        "Precompute the reference (normal) features of every class and view."),
-      ("centers", "adjax.train", "compute_centers",
-       "Compute the per-level centres c_k of the angle loss."),
-      ("pretrain", "adjax.train", "pretrain",
-       "Pretrain the projector (resumes from the workdir's checkpoints).")):
-    p = add(name, text, _job(module, fn), epilog=_OVERRIDE_EPILOG)
+      ("centers", "compute_centers", "Compute the per-level centres c_k of the angle loss."),
+      ("pretrain", "pretrain", "Pretrain the projector (resumes from the workdir's checkpoints).")):
+    p = add(name, text, _job("adjax.pretrain", fn, selects_checkpoints=name == "pretrain"),
+            epilog=_OVERRIDE_EPILOG)
     config_flag(p)
     p.add_argument("--workdir", metavar="DIR", required=True, help="run folder")
 
@@ -464,7 +447,7 @@ def _run(argv: list[str]) -> int:
       raise
     if isinstance(err, _ArgumentError):
       prefix = err.prog
-    print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+    print(f"{prefix}: error: {files.one_line(err)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"{prefix}: interrupted", file=sys.stderr)

@@ -20,52 +20,21 @@ import os
 import time
 from typing import Any, Mapping
 
-import ml_collections
 
+from adjax.io import files
 from adjax import run_layout
-from adjax.configs import default_config
-
-
-def demo_config() -> ml_collections.ConfigDict:
-  """The embedded default: EfficientNet-Lite0 (stride 8 and 16 taps), 160 px, batch 8."""
-  c = default_config()
-  c.backbone.name = "efficientnet-lite0"
-  c.backbone.taps = (4, 10)          # blocks ending at stride 8 (40 ch) and 16 (112 ch)
-  c.image_size = 160
-  c.data.batch_size = 8
-  c.data.shots = (1, 2, 4)
-  c.data.max_shots = 4
-  c.data.anomaly_share = 0.5
-  c.projector.num_heads = 8          # divides 40 and 112
-  c.projector.num_ref_tokens = 512
-  c.optim.lr = 1e-4
-  c.optim.max_steps = 300
-  c.train.dtype = "float32"          # the README's figures; bfloat16 is faster only on AMX CPUs
-  c.train.log_every = 5
-  c.train.checkpoint_every = 100
-  c.train.eval_every_epochs = 0      # no validation split in the embedded set: final params
-  c.train.center_images_per_group = 8
-  c.eval.methods = ("featurenorm", "patchcore", "padim")
-  c.eval.features = ("original", "residual", "pretrained")
-  c.eval.shots = 8
-  c.demo = ml_collections.ConfigDict()
-  c.demo.data_dir = "data/embedded"
-  c.demo.workdir = "runs/demo"
-  c.demo.pretrain_classes = 6
-  c.demo.eval_classes = 4
-  c.demo.images_per_class = 48
-  c.demo.views = 2
-  c.demo.fresh = True                # start the pretraining from scratch (False: resume)
-  return c
+from adjax.configs.demo import demo_config
 
 
 def run_demo(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Runs the demo; `overrides` are dotted config keys (strings are typed by the field) plus
   optional "workdir" and "out"."""
   import shutil
-  from adjax.config_loading import apply_overrides
+  from adjax.configs.loading import apply_overrides
   from adjax.evaluate import evaluate
-  from adjax.train import build_backbone, pretrain
+  from adjax.evaluate.selection import selection_evaluator
+  from adjax.from_config import build_backbone
+  from adjax.pretrain import pretrain
   from data_pipelines.embedded import generate_embedded_dataset
 
   overrides = dict(overrides or {})
@@ -92,7 +61,7 @@ def run_demo(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   print("[demo] 2/4 EfficientNet-Lite0 (ImageNet weights), centres and pretraining", flush=True)
   backbone, backbone_params = build_backbone(config, workdir)
   t_train = time.perf_counter()
-  summary = pretrain(config, workdir)
+  summary = pretrain(config, workdir, make_evaluator=selection_evaluator)
   train_seconds = time.perf_counter() - t_train
   print("[demo] 3/4 evaluation on held-out classes", flush=True)
   t_eval = time.perf_counter()
@@ -111,10 +80,10 @@ def run_demo(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
       "total_seconds": time.perf_counter() - t0,
       "results": evaluation["results"], "means": evaluation["means"],
   }
-  run_layout.write_json(os.path.join(out_dir, "results.json"), results)
+  files.write_json(os.path.join(out_dir, "results.json"), results)
   table = summary_table(evaluation["means"])
   report = _report(config, data, summary, losses, evaluation, table, results, out_dir)
-  run_layout.atomic_write(os.path.join(out_dir, "report.md"),
+  files.atomic_write(os.path.join(out_dir, "report.md"),
                           lambda f: f.write(report.encode()))
   print(table, flush=True)
   print(f"[demo] report: {os.path.join(out_dir, 'report.md')}", flush=True)
@@ -177,8 +146,8 @@ def _report(config, data, summary, losses, evaluation, table, results, out_dir) 
   tsne = sorted(f for f in os.listdir(os.path.join(out_dir, "eval")) if f.startswith("tsne"))
   heat_root = os.path.join("eval", "heatmaps")
   heat = []
-  for dirpath, _, files in os.walk(os.path.join(out_dir, heat_root)):
-    for f in sorted(files)[:2]:
+  for dirpath, _, names in os.walk(os.path.join(out_dir, heat_root)):
+    for f in sorted(names)[:2]:
       heat.append(os.path.relpath(os.path.join(dirpath, f), out_dir))
   return "\n".join([
       "# adjax demo report",

@@ -17,15 +17,14 @@ os.replace), so a crash never leaves a half-written file behind.
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
-import tempfile
 import zipfile
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
+
+from adjax.io import files
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -80,116 +79,6 @@ def done_path(workdir: str) -> str:
   return os.path.join(workdir, DONE_FILE)
 
 
-# ----------------------------------------------------------------------------- atomic writes
-@functools.lru_cache(maxsize=None)
-def _new_file_mode() -> int:
-  """The mode open() would give a new file: 0o666 less the umask (read once; os.umask can only
-  be read by setting it, so it is set straight back)."""
-  umask = os.umask(0o022)
-  os.umask(umask)
-  return 0o666 & ~umask
-
-
-def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = True) -> None:
-  """Calls `write(f)` on a temporary file beside `path`, then renames it over `path`.
-
-  The file gets the mode a plain open() would give it (mkstemp's are 0600: colleagues on a
-  shared file system could not read a run's outputs), and its data reaches the disk before
-  the rename, so that after a power loss `path` is either the old file or the whole new one.
-
-  Args:
-    path: destination; its folder is created if needed.
-    write: writes the content to the open file object it gets.
-    binary: open the temporary file in binary (True) or text mode.
-  """
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
-  try:
-    with os.fdopen(fd, "wb" if binary else "w") as f:
-      write(f)
-      f.flush()
-      os.fchmod(f.fileno(), _new_file_mode())
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _without_non_finite(obj: Any) -> Any:
-  if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy / jax values
-    obj = obj.tolist()
-  if isinstance(obj, Mapping):
-    return {k: _without_non_finite(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_without_non_finite(v) for v in obj]
-  return _finite_or_none(obj)
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as indented JSON, atomically; NaN and inf become null (bare NaN is not
-  JSON: jq, browsers and strict parsers reject the file)."""
-  clean = _without_non_finite(obj)
-  atomic_write(path, lambda f: json.dump(clean, f, indent=1, sort_keys=False,
-                                         default=_json_default, allow_nan=False),
-               binary=False)
-
-
-def _json_default(value: Any) -> Any:
-  # numpy / jax scalars and arrays that end up in metrics.
-  if hasattr(value, "tolist"):
-    return value.tolist()
-  if isinstance(value, (set, frozenset)):
-    return sorted(value)
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def read_json(path: str) -> Any:
-  """Reads a JSON file, naming the file in the error when it is missing or malformed."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"file not found: {path}")
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as err:
-      raise ValueError(f"{path}: not valid JSON ({err})") from err
-
-
-def _finite_or_none(value: Any) -> Any:
-  # NaN and inf are not JSON (json.dumps writes bare NaN, which jq and browsers reject).
-  if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-    return None
-  return value
-
-
-def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
-  """Appends one JSON line (metrics logs; an append of one short line needs no rename).
-  Non-finite numbers are written as null."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  record = _without_non_finite(dict(record))
-  with open(path, "a") as f:
-    f.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")
-
-
-def truncate_jsonl(path: str, last_step: int) -> None:
-  """Drops the lines of a metrics log whose "step" is after `last_step` (a run resumed from
-  an earlier checkpoint logs those steps again), atomically; a torn last line goes too."""
-  if not os.path.isfile(path):
-    return
-  kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if not isinstance(record, dict) or record.get("step", 0) <= last_step:
-        kept.append(line if line.endswith("\n") else line + "\n")
-  atomic_write(path, lambda f: f.writelines(kept), binary=False)
-
-
 # ----------------------------------------------------------------------------- params
 def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
   """`{"a": {"b": x}}` -> `{"a/b": np.asarray(x)}`."""
@@ -222,7 +111,7 @@ def unflatten_params(flat: Mapping[str, Any]) -> Params:
 def save_params(path: str, params: Mapping[str, Any]) -> None:
   """Saves a params tree as a flattened .npz, atomically."""
   flat = flatten_params(params)
-  atomic_write(path, lambda f: np.savez(f, **flat))
+  files.atomic_write(path, lambda f: np.savez(f, **flat))
 
 
 def load_params(path: str) -> Params:
@@ -244,14 +133,14 @@ def save_best(workdir: str, kind: str, params: Mapping[str, Any],
   """Writes `best/<kind>/params.npz` then `best/<kind>/meta.json` (the meta last: a reader
   that finds meta.json finds the params that go with it)."""
   save_params(best_params_path(workdir, kind), params)
-  write_json(best_meta_path(workdir, kind), dict(meta))
+  files.write_json(best_meta_path(workdir, kind), dict(meta))
 
 
 def load_best(workdir: str, kind: str) -> tuple[Params, dict[str, Any]]:
   """Reads `best/<kind>`: (params, meta). meta is {} when meta.json is absent."""
   params = load_params(best_params_path(workdir, kind))
   meta_file = best_meta_path(workdir, kind)
-  meta = read_json(meta_file) if os.path.isfile(meta_file) else {}
+  meta = files.read_json(meta_file) if os.path.isfile(meta_file) else {}
   return params, meta
 
 
@@ -259,7 +148,7 @@ def load_best(workdir: str, kind: str) -> tuple[Params, dict[str, Any]]:
 def save_config(workdir: str, config: Any) -> None:
   """Writes the config (a ConfigDict or a plain dict) as `<workdir>/config.json`."""
   data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  write_json(config_path(workdir), data)
+  files.write_json(config_path(workdir), data)
 
 
 # Settings a run may change when it resumes: where things are (paths move between machines),
@@ -299,7 +188,7 @@ def flat_config(config: Any) -> dict[str, Any]:
   """{"section.key": value} of a ConfigDict or dict, as its JSON gives it back (tuples become
   lists, as save_config stores them)."""
   data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  return _flat_settings(json.loads(json.dumps(data, default=_json_default)))
+  return _flat_settings(json.loads(json.dumps(data, default=files.json_default)))
 
 
 def config_changes(workdir: str, config: Any) -> list[str]:
@@ -311,7 +200,7 @@ def config_changes(workdir: str, config: Any) -> list[str]:
   if not os.path.isfile(config_path(workdir)):
     return []
   new = flat_config(config)
-  old = _flat_settings(read_json(config_path(workdir)))
+  old = _flat_settings(files.read_json(config_path(workdir)))
   changes = []
   for key in sorted(set(old) | set(new)):
     if key in PATH_LISTS and key in old and _entries(old[key]) != _entries(new.get(key)):
@@ -347,7 +236,7 @@ def load_config(workdir: str):
     An ml_collections.ConfigDict.
   """
   from adjax.configs import default_config  # ml_collections; only when configs are used
-  data = read_json(config_path(workdir))
+  data = files.read_json(config_path(workdir))
   if not isinstance(data, dict):
     raise ValueError(f"{config_path(workdir)}: expected a JSON object")
   config = default_config()

@@ -6,7 +6,7 @@ another `--config FILE[:ARG]`); each point applies its overrides, then the comma
 `--config.*` overrides, and runs in its own workdir `<sweep_dir>/<name>`:
 
 - the job is the experiment file's `run(config, workdir) -> dict | None` when it defines one,
-  else pretraining followed by evaluation (`adjax.train.pretrain`, `adjax.evaluate.evaluate`);
+  else pretraining followed by evaluation (`adjax.pretrain.pretrain`, `adjax.evaluate.evaluate`);
 - `<point>/results.json` records the point: status (done / failed), overrides, seconds, the
   job's results (its return value, or the results.json it wrote) or the error;
 - `<point>/DONE` is written last when the point succeeded; a rerun skips such points and
@@ -31,7 +31,8 @@ import time
 import traceback
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from adjax import config_loading
+from adjax.io import files
+from adjax.configs import loading as config_loading
 from adjax import run_layout
 from adjax.errors import Preempted, UserError
 
@@ -131,21 +132,22 @@ def is_done(point_dir: str) -> bool:
 def default_run(config: Any, workdir: str) -> dict[str, Any] | None:
   """Pretrain, then evaluate into `<workdir>/eval`; returns the evaluation's results."""
   from adjax.evaluate import evaluate
-  from adjax.train import pretrain
-  summary = pretrain(config, workdir)
+  from adjax.evaluate.selection import selection_evaluator
+  from adjax.pretrain import pretrain
+  summary = pretrain(config, workdir, make_evaluator=selection_evaluator)
   if summary["preempted"]:  # not finished: no evaluation, no DONE; a rerun resumes it
     raise Preempted(f"preempted at step {summary['steps']} of {summary['total_steps']}")
   out_dir = os.path.join(workdir, "eval")
   results = evaluate(config, workdir, out_dir)
   if results is None and os.path.isfile(os.path.join(out_dir, run_layout.RESULTS_FILE)):
-    results = run_layout.read_json(os.path.join(out_dir, run_layout.RESULTS_FILE))
+    results = files.read_json(os.path.join(out_dir, run_layout.RESULTS_FILE))
   return results
 
 
 def _plan(path: str, points: Sequence[Point], sweep_dir: str, func: str,
           config_spec: str) -> None:
   # Every job of an emitted sweep writes the same content: a race between them is harmless.
-  run_layout.write_json(os.path.join(sweep_dir, SWEEP_FILE), {
+  files.write_json(os.path.join(sweep_dir, SWEEP_FILE), {
       "sweep": f"{os.path.abspath(path)}:{func}", "config": config_spec,
       "points": [{"name": p.name, "overrides": p.overrides} for p in points]})
 
@@ -239,10 +241,10 @@ def _run_point(point: Point, config: Any, workdir: str, job: Callable, tag: str,
   try:
     results = job(config, workdir)
     if results is None and os.path.isfile(results_file):
-      results = run_layout.read_json(results_file)
+      results = files.read_json(results_file)
   except Preempted as err:
     seconds = round(time.time() - start, 3)
-    run_layout.write_json(results_file, {**record, "status": "preempted", "seconds": seconds,
+    files.write_json(results_file, {**record, "status": "preempted", "seconds": seconds,
                                          "error": str(err)})
     log(f"{tag}: {err}; run the sweep again to resume it")
     return "preempted"
@@ -251,15 +253,15 @@ def _run_point(point: Point, config: Any, workdir: str, job: Callable, tag: str,
     message = " ".join(f"{type(err).__name__}: {err}".split())
     with open(os.path.join(workdir, ERROR_FILE), "w") as f:
       f.write(traceback.format_exc())
-    run_layout.write_json(results_file, {**record, "status": "failed", "seconds": seconds,
+    files.write_json(results_file, {**record, "status": "failed", "seconds": seconds,
                                          "error": message})
     log(f"{tag}: FAILED after {seconds:.1f}s: {message[:300]} (see "
         f"{os.path.join(workdir, ERROR_FILE)})")
     return "failed"
   seconds = round(time.time() - start, 3)
-  run_layout.write_json(results_file, {**record, "status": "done", "seconds": seconds,
+  files.write_json(results_file, {**record, "status": "done", "seconds": seconds,
                                        "results": results if results is not None else {}})
-  run_layout.atomic_write(run_layout.done_path(workdir),
+  files.atomic_write(run_layout.done_path(workdir),
                           lambda f: f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n"),
                           binary=False)
   log(f"{tag}: done in {seconds:.1f}s")
@@ -320,7 +322,7 @@ def _read_rows(sweep_dir: str) -> tuple[list[dict[str, Any]], list[str], list[st
   planned: list[dict[str, Any]] = []
   plan_file = os.path.join(sweep_dir, SWEEP_FILE)
   if os.path.isfile(plan_file):
-    plan = run_layout.read_json(plan_file)
+    plan = files.read_json(plan_file)
     planned = [p for p in plan.get("points", []) if isinstance(p, dict) and "name" in p]
   names = [p["name"] for p in planned]
   for entry in sorted(os.listdir(sweep_dir)):
@@ -334,7 +336,7 @@ def _read_rows(sweep_dir: str) -> tuple[list[dict[str, Any]], list[str], list[st
     record: dict[str, Any] = {}
     if os.path.isfile(record_file):
       try:
-        record = run_layout.read_json(record_file)
+        record = files.read_json(record_file)
       except ValueError as err:
         record = {"status": "unreadable", "error": str(err)}
     if not isinstance(record, dict):
@@ -414,7 +416,7 @@ def collect(sweep_dir: str, *, out_dir: str | None = None,
     writer.writerow(["" if v is None else (_cell(v) if isinstance(v, (bool, list, tuple))
                                            else v) for v in values(row)])
   csv_path = os.path.join(out_dir, "results.csv")
-  run_layout.atomic_write(csv_path, lambda f: f.write(buffer.getvalue()), binary=False)
+  files.atomic_write(csv_path, lambda f: f.write(buffer.getvalue()), binary=False)
 
   escape = lambda text: text.replace("|", "\\|").replace("\n", " ")
   lines = ["| " + " | ".join(escape(h) for h in header) + " |",
@@ -424,7 +426,7 @@ def collect(sweep_dir: str, *, out_dir: str | None = None,
     cells[-1] = cells[-1][:120]
     lines.append("| " + " | ".join(escape(c) for c in cells) + " |")
   md_path = os.path.join(out_dir, "results.md")
-  run_layout.atomic_write(md_path, lambda f: f.write("\n".join(lines) + "\n"), binary=False)
+  files.atomic_write(md_path, lambda f: f.write("\n".join(lines) + "\n"), binary=False)
 
   plotted = _pick_plot_metrics(metric_keys, metrics)
   plot_path = os.path.join(out_dir, "results.png") if plotted else None
@@ -453,4 +455,4 @@ def _plot(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: str, tit
   ax.set_title(title)
   ax.legend(fontsize="small", loc="best")
   fig.tight_layout()
-  run_layout.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+  files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -38,7 +38,7 @@ def main() -> None:
   from jax.sharding import NamedSharding, PartitionSpec
 
   from adjax import sharding
-  from adjax.train_step import StepSettings, angle_term
+  from adjax.pretrain.step import StepSettings, angle_term
 
   mesh = sharding.data_mesh()
   if args.tokens % mesh.size:

@@ -42,7 +42,7 @@ def main() -> None:
   p.add_argument("--warmup", type=int, default=3)
   args = p.parse_args()
   from data_pipelines.embedded import generate_embedded_dataset
-  from data_pipelines.records import build_index
+  from data_pipelines.index import build_index
   summary = generate_embedded_dataset(args.data_dir, image_size=args.image_size)
   records = build_index([("realiad", summary["pretrain_root"])])
   result = {"benchmark": "pretrain_pipeline", "image_size": args.image_size,

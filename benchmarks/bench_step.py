@@ -60,7 +60,7 @@ def model_flops(batch: int, dim: int, levels: int, side: int, num_ref: int,
 def minority_rows(masks, settings) -> tuple[float, int]:
   """Share of anomalous tokens per view and the rows the angle loss computes per level."""
   from adjax.losses.angle import rarer_label_block
-  from adjax.train_step import level_labels
+  from adjax.pretrain.step import level_labels
 
   labels = np.asarray(level_labels(masks, settings.level_strides[:1],
                                    settings.label_threshold_share)[0][0]).reshape(-1)
@@ -103,7 +103,7 @@ def main() -> None:
 
   from adjax.models.projector import init_projector
   from adjax.optim import make_optimizer
-  from adjax.train_step import StepSettings, init_train_state, residual_update
+  from adjax.pretrain.step import StepSettings, init_train_state, residual_update
 
   dtype = jnp.dtype(args.dtype)
   settings = StepSettings(level_strides=(14,) * args.levels, compute_dtype=dtype)
@@ -212,7 +212,7 @@ def full_step(args) -> None:
   from adjax.models.backbones import get_backbone
   from adjax.models.projector import init_projector
   from adjax.optim import make_optimizer
-  from adjax.train_step import StepSettings, init_train_state, make_train_step
+  from adjax.pretrain.step import StepSettings, init_train_state, make_train_step
 
   dtype = jnp.dtype(args.dtype)
   mesh = sharding.data_mesh()

@@ -24,7 +24,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import images as images_lib
-from data_pipelines.records import FORMATS, Record, read_dataset
+from data_pipelines.index import read_dataset
+from data_pipelines.records import FORMATS, Record
+
+from adjax.io import files
 
 INDEX_FILE = "adjax_index.jsonl"
 # What a pack was made from (and what it skipped): a finished pack is reused only for the same.
@@ -147,7 +150,6 @@ def pack_dataset(fmt: str, manual_dir: str, data_dir: str, *,
       in_split = [r for r in builder.records if r.split == split]
       packed += [dataclasses.replace(r, packed=(builder_dir, tfds_split(split), i))
                  for i, r in enumerate(in_split)]
-    from adjax import run_layout  # light: json and numpy
 
     def write_index(f):
       for r in packed:
@@ -155,7 +157,7 @@ def pack_dataset(fmt: str, manual_dir: str, data_dir: str, *,
         d["packed"] = [d["packed"][1], d["packed"][2]]  # The dir is taken at read time.
         f.write(json.dumps(d) + "\n")
 
-    run_layout.atomic_write(index_path, write_index, binary=False)
+    files.atomic_write(index_path, write_index, binary=False)
     report = builder.scan_report
     skipped = [{"file": f, "reason": why} for f, why in (report.skipped if report else [])]
     if skipped:
@@ -163,16 +165,15 @@ def pack_dataset(fmt: str, manual_dir: str, data_dir: str, *,
                   len(builder.records), report.checked, fmt, len(skipped),
                   "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]),
                   os.path.join(builder_dir, SETTINGS_FILE))
-    run_layout.write_json(os.path.join(builder_dir, SETTINGS_FILE),
+    files.write_json(os.path.join(builder_dir, SETTINGS_FILE),
                           {**settings, "records": len(builder.records), "skipped": skipped})
   return builder_dir
 
 
 def pack_summary(builder_dir: str) -> dict[str, Any]:
   """What a pack holds: its settings, the record count and the skipped files (if recorded)."""
-  from adjax import run_layout  # light: json and numpy
   path = os.path.join(builder_dir, SETTINGS_FILE)
-  return run_layout.read_json(path) if os.path.isfile(path) else {}
+  return files.read_json(path) if os.path.isfile(path) else {}
 
 
 def _check_reuse(builder_dir: str, settings: dict[str, Any]) -> None:

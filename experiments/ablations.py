@@ -29,14 +29,14 @@ from typing import Any
 
 import ml_collections
 
-from experiments import pretrain
+from adjax.configs.shared import pretrain_config
 
 Sweep = list[tuple[str, dict[str, Any]]]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The base config of every point: `experiments/pretrain.py`'s."""
-  return pretrain.get_config(arg)
+  return pretrain_config(arg)
 
 
 def loss_sweep() -> Sweep:

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from adjax.config_loading import parse_arg
-from experiments import common
+from adjax.configs import shared
+from adjax.configs.loading import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,16 +47,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg, method="patchcore", dataset="mvtec", backbone="dinov2-base",
                    checkpoint="", runlocal=False, data="")
   method, dataset = args["method"], args["dataset"]
-  if method not in common.METHOD_CHECKPOINT:
+  if method not in shared.METHOD_CHECKPOINT:
     raise ValueError(f"unknown method {method!r}; choose one of "
-                     f"{', '.join(common.METHOD_CHECKPOINT)}")
-  if dataset not in common.DATASETS:
-    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(common.DATASETS)}")
-  checkpoint = args["checkpoint"] or common.METHOD_CHECKPOINT[method]
+                     f"{', '.join(shared.METHOD_CHECKPOINT)}")
+  if dataset not in shared.DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(shared.DATASETS)}")
+  checkpoint = args["checkpoint"] or shared.METHOD_CHECKPOINT[method]
   if checkpoint not in ("angle", "norm"):
     raise ValueError(f"checkpoint must be angle or norm, got {checkpoint!r}")
 
-  c = common.base_config(args["backbone"])
+  c = shared.base_config(args["backbone"])
   c.eval.format = dataset            # mvtec3d: its RGB images only
   c.eval.root = ""                   # the user's dataset folder
   c.eval.classes = ""                # every class found
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.k_shot = 0                  # the full normal training set
   c.eval.checkpoint = checkpoint
   if args["runlocal"]:
-    common.apply_runlocal(c, args["data"] or None)   # the embedded set, at its own size
+    shared.apply_runlocal(c, args["data"] or None)   # the embedded set, at its own size
   elif method in ("patchcore", "padim") and dataset == "mvtec":
     # The reference evaluates PatchCore and PaDiM on MVTec AD at Resize(256) + CenterCrop(224).
     c.eval.resize = round(c.image_size * 256 / 224)

@@ -25,19 +25,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from adjax.config_loading import parse_arg
-from experiments import common
+from adjax.configs.shared import pretrain_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The pretraining config; see the module docstring for the arguments."""
-  args = parse_arg(arg, backbone="dinov2-base", runlocal=False, data="")
-  c = common.base_config(args["backbone"])
-  # The paper's recipe (SPEC 5) is default_config's: RealIAD, batch 32, shots {1, 4, 8}, Adam
-  # 1e-4 with coupled L2 5e-4, lr x0.1 after epochs 7 and 9, 10 epochs, bfloat16; checkpoints
-  # selected every epoch by PatchCore ("angle") and FeatureNorm ("norm") on held-out classes.
-  c.data.pretrain_format = "realiad"
-  c.eval.methods = ("featurenorm", "patchcore")
-  if args["runlocal"]:
-    common.apply_runlocal(c, args["data"] or None)
-  return c
+  return pretrain_config(arg)

@@ -19,7 +19,7 @@ def main():
 
   from adjax.losses.angle import angle_loss
   from adjax.sharding import DATA_AXIS
-  from adjax.train_step import StepSettings, angle_term
+  from adjax.pretrain.step import StepSettings, angle_term
 
   assert jax.device_count() == 8, jax.devices()
   mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))

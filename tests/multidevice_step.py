@@ -47,7 +47,7 @@ def run_two_steps(mesh):
   from adjax.models.backbones import get_backbone
   from adjax.models.projector import init_projector
   from adjax.optim import make_optimizer
-  from adjax.train_step import StepSettings, init_train_state, make_train_step
+  from adjax.pretrain.step import StepSettings, init_train_state, make_train_step
 
   backbone = get_backbone("tiny-vit", depth=2, taps=(1, 2))
   backbone_params = backbone.init(jax.random.PRNGKey(0))

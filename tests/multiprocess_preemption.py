@@ -19,7 +19,7 @@ from adjax import sharding  # noqa: E402
 def main():
   sharding.maybe_initialize_distributed()
   import jax
-  from adjax.train import _Preemption
+  from adjax.pretrain.loop import _Preemption
   pid = jax.process_index()
   with _Preemption() as preemption:
     for step in range(1, 400):

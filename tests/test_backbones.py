@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from adjax.convert import mapping
-from adjax.convert import safetensors_io
+from adjax.io import mapping
+from adjax.io import safetensors as safetensors_io
 from adjax.models.backbones import BACKBONES
 from adjax.models.backbones import get_backbone
 from adjax.models.backbones import vit

@@ -77,7 +77,7 @@ def test_unknown_command_and_missing_flag_are_one_line(capsys):
     ("--config.nothing=1", "unknown config key 'nothing'"),
 ])
 def test_bad_override_is_one_line_exit_2(override, expected, tmp_path, monkeypatch, capsys):
-  calls = _fake_module(monkeypatch, "adjax.train", pretrain=None)
+  calls = _fake_module(monkeypatch, "adjax.pretrain", pretrain=None)
   argv = ["pretrain", "--config", PRETRAIN, "--workdir", str(tmp_path), override]
   assert main(argv) == 2
   line = _one_error_line(capsys)
@@ -91,7 +91,7 @@ def test_override_on_a_command_without_config_is_refused(capsys):
 
 
 def test_pretrain_gets_the_experiment_config_with_overrides(tmp_path, monkeypatch):
-  calls = _fake_module(monkeypatch, "adjax.train", pretrain={"steps": 3})
+  calls = _fake_module(monkeypatch, "adjax.pretrain", pretrain={"steps": 3})
   workdir = str(tmp_path / "run")
   argv = ["pretrain", "--config", PRETRAIN + ":runlocal", "--workdir", workdir,
           "--config.optim.lr=0.5", "--config.data.shots", "1,2,3", "--config.loss.center=no"]
@@ -106,13 +106,13 @@ def test_pretrain_gets_the_experiment_config_with_overrides(tmp_path, monkeypatc
 
 def test_preempted_pretraining_exits_143(tmp_path, monkeypatch, capsys):
   # Saved and stopped on SIGTERM is not success: a scheduler must run the command again.
-  _fake_module(monkeypatch, "adjax.train",
+  _fake_module(monkeypatch, "adjax.pretrain",
                pretrain={"steps": 3, "total_steps": 9, "preempted": True})
   argv = ["pretrain", "--config", PRETRAIN + ":runlocal", "--workdir", str(tmp_path / "run")]
   assert main(argv) == 143
   assert "preempted at step 3 of 9; run the same command again to resume" in \
       capsys.readouterr().err
-  _fake_module(monkeypatch, "adjax.train",
+  _fake_module(monkeypatch, "adjax.pretrain",
                pretrain={"steps": 9, "total_steps": 9, "preempted": False})
   assert main(argv) == 0
 
@@ -120,7 +120,7 @@ def test_preempted_pretraining_exits_143(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("command,function", [("refs", "precompute_references"),
                                               ("centers", "compute_centers")])
 def test_refs_and_centers_dispatch(command, function, tmp_path, monkeypatch):
-  calls = _fake_module(monkeypatch, "adjax.train", **{function: None})
+  calls = _fake_module(monkeypatch, "adjax.pretrain", **{function: None})
   assert main([command, "--workdir", str(tmp_path), "--config.seed=7"]) == 0
   (name, (config, workdir), _), = calls
   assert name == function and workdir == str(tmp_path) and config.seed == 7
@@ -194,17 +194,11 @@ def test_library_messages_reach_stderr_once_while_a_command_runs(tmp_path, monke
 
 
 def test_library_value_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-  _fake_module(monkeypatch, "adjax.train",
+  _fake_module(monkeypatch, "adjax.pretrain",
                pretrain=ValueError("data.pretrain_root '' is not a folder\n(set it)"))
   assert main(["pretrain", "--workdir", str(tmp_path)]) == 2
   assert _one_error_line(capsys) == ("adjax pretrain: error: data.pretrain_root '' is not a "
                                      "folder (set it)")
-
-
-def test_missing_library_module_says_not_available(monkeypatch, capsys):
-  monkeypatch.setitem(sys.modules, "adjax.train", None)  # import of it fails
-  assert main(["pretrain", "--workdir", "w"]) == 2
-  assert "not available yet" in _one_error_line(capsys)
 
 
 def test_demo_and_data_dispatch(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import embedded
-from data_pipelines.records import build_index
+from data_pipelines.index import build_index
 
 S = 64
 

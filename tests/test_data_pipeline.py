@@ -10,7 +10,7 @@ from data_pipelines import images
 from data_pipelines.embedded import generate_embedded_dataset
 from data_pipelines.eval_pipeline import load_eval_class
 from data_pipelines.pretrain_pipeline import make_pretrain_loader
-from data_pipelines.records import build_index
+from data_pipelines.index import build_index
 
 S, P = 56, 14
 

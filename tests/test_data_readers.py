@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from data_pipelines import images
-from data_pipelines.readers._common import LayoutError
-from data_pipelines.records import Record, build_index, load_index, save_index, select
+from data_pipelines.records import LayoutError
+from data_pipelines.index import build_index, load_index, save_index, select
+from data_pipelines.records import Record
 
 
 def _img(path, size=(12, 10), value=100, mode="RGB"):

@@ -11,7 +11,7 @@ import numpy as np
 from data_pipelines import images
 from data_pipelines.embedded import generate_embedded_dataset
 from data_pipelines.pretrain_pipeline import make_pretrain_loader
-from data_pipelines.records import build_index
+from data_pipelines.index import build_index
 from data_pipelines.tfds_builders import pack_dataset, packed_records
 
 
@@ -64,7 +64,7 @@ def test_a_pack_is_reused_only_for_the_same_settings_and_reports_what_it_skipped
   # Training on a class the pack lacks is an error, as with the folder.
   from adjax.configs import default_config
   from adjax.errors import UserError
-  from adjax.train import pretrain_records
+  from adjax.pretrain import pretrain_records
   config = default_config()
   config.data.pretrain_tfds_dir = builder_dir
   config.data.pretrain_classes = ",".join(classes)

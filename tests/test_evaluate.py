@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from adjax import evaluate as evaluate_lib
+from adjax.evaluate import loop as evaluate_lib
 
 
 def _levels(images: int, side: int = 2, dim: int = 3):
@@ -70,7 +70,7 @@ def test_a_class_with_one_test_label_gets_nan_image_metrics(caplog):
 
 def test_tsne_uses_whichever_projector_was_loaded(tmp_path, monkeypatch):
   # PatchCore alone loads only the angle-selected projector: the panel must use it.
-  from adjax import reporting
+  from adjax.evaluate import reporting
   drawn = {}
   monkeypatch.setattr(reporting, "plot_tsne",
                       lambda panels, path, **kw: drawn.update(panels=panels, path=path))
@@ -272,7 +272,7 @@ def test_method_settings_are_checked_and_typed_before_any_work(tmp_path, monkeyp
   config = configs.default_config()
   config.eval.root, config.eval.features = str(tmp_path), ("original",)
   config.eval.methods = ("PatchCore", "glass")
-  monkeypatch.setattr("adjax.train.build_backbone",
+  monkeypatch.setattr("adjax.evaluate.loop.build_backbone",
                       lambda *args, **kwargs: pytest.fail("the backbone was built"))
   for settings, message in (
       ({"glas": {"epochs": 2}}, r"eval.method_settings.glas: unknown method 'glas'; did you "

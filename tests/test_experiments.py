@@ -16,7 +16,9 @@ import textwrap
 import ml_collections
 import pytest
 
-from adjax import config_loading, run_layout
+from adjax.io import files
+from adjax import run_layout
+from adjax.configs import loading as config_loading
 from adjax.cli import main
 from adjax.configs import default_config
 from adjax.models.backbones import get_backbone
@@ -70,8 +72,8 @@ def test_pretrain_variants(backbone):
     group, field = key.split(".")
     assert c[group][field] == ref[group][field], key
   # The experiments' backbone table agrees with the backbone registry.
-  from experiments import common
-  assert (common.BACKBONES[backbone]["dim"],) * 4 == tuple(dims)
+  from adjax.configs.shared import paper_backbones
+  assert (paper_backbones()[backbone]["dim"],) * 4 == tuple(dims)
   small = _load("pretrain.py", f"backbone={backbone},runlocal")
   _assert_runlocal_small(small)
 
@@ -110,7 +112,7 @@ def test_downstream_variants(method):
 
 
 def test_ablation_sweeps_apply_and_change_what_they_name():
-  from experiments import ablations
+  ablations = config_loading.load_module(str(EXPERIMENTS / "ablations.py"))
   names = []
   for sweep in (ablations.loss_sweep, ablations.center_sweep, ablations.residual_sweep,
                 ablations.depth_sweep, ablations.ref_tokens_sweep, ablations.temperature_sweep,
@@ -290,10 +292,10 @@ def test_sweep_failed_point_does_not_stop_others_and_rerun_skips_done(toy, capsy
   assert _calls(sweep_dir) == ["a", "b", "c"]
   done = {n: os.path.isfile(os.path.join(sweep_dir, n, "DONE")) for n in "abc"}
   assert done == {"a": True, "b": False, "c": True}
-  failed = run_layout.read_json(os.path.join(sweep_dir, "b", "results.json"))
+  failed = files.read_json(os.path.join(sweep_dir, "b", "results.json"))
   assert failed["status"] == "failed" and "RuntimeError: boom 2" in failed["error"]
   assert "Traceback" in open(os.path.join(sweep_dir, "b", "error.log")).read()
-  ok = run_layout.read_json(os.path.join(sweep_dir, "c", "results.json"))
+  ok = files.read_json(os.path.join(sweep_dir, "c", "results.json"))
   assert ok["status"] == "done" and ok["results"]["score"] == 30.0
   assert ok["overrides"] == {"value": 3}
   assert run_layout.load_config(os.path.join(sweep_dir, "c")).value == 3  # the point's config
@@ -306,7 +308,7 @@ def test_sweep_failed_point_does_not_stop_others_and_rerun_skips_done(toy, capsy
   assert main(["sweep", f"{path}:toy_sweep", "--workdir", sweep_dir,
                "--config.fail=false", "--config.scale=100"]) == 0
   assert _calls(sweep_dir) == ["a", "b", "c", "b", "b"]
-  assert run_layout.read_json(os.path.join(sweep_dir, "b", "results.json"))["results"] == {
+  assert files.read_json(os.path.join(sweep_dir, "b", "results.json"))["results"] == {
       "score": 200.0, "eval": {"image_auroc": 0.2}}
   captured = capsys.readouterr()
   assert json.loads(captured.out.strip().splitlines()[-1]) == {
@@ -320,7 +322,7 @@ def test_sweep_stops_at_a_preempted_point_and_resumes_it(toy, capsys):
   path, sweep_dir = toy
   assert main(["sweep", f"{path}:preempt_sweep", "--workdir", sweep_dir]) == 143
   assert _calls(sweep_dir) == ["a", "p"]   # c waits for the rerun
-  record = run_layout.read_json(os.path.join(sweep_dir, "p", "results.json"))
+  record = files.read_json(os.path.join(sweep_dir, "p", "results.json"))
   assert record["status"] == "preempted" and "step 3 of 9" in record["error"]
   assert not os.path.exists(os.path.join(sweep_dir, "p", "DONE"))
   assert "p: preempted at step 3 of 9; run the sweep again to resume it" in capsys.readouterr().err
@@ -355,7 +357,7 @@ def test_sweep_emit_writes_one_command_per_point_that_runs_that_point(toy, tmp_p
     assert "--config.scale=2" in argv
   assert main(argvs[2][1:]) == 0          # the cluster job of point c, run here
   assert _calls(sweep_dir) == ["c"]
-  assert run_layout.read_json(os.path.join(sweep_dir, "c", "results.json"))["results"][
+  assert files.read_json(os.path.join(sweep_dir, "c", "results.json"))["results"][
       "score"] == 6.0
 
 
@@ -364,7 +366,7 @@ def test_collect_builds_one_table_and_one_plot(toy, tmp_path):
   main(["sweep", f"{path}:toy_sweep", "--workdir", sweep_dir])
   # A point a job left with its own results.json only (no sweep record around it).
   os.makedirs(os.path.join(sweep_dir, "extra"))
-  run_layout.write_json(os.path.join(sweep_dir, "extra", "results.json"),
+  files.write_json(os.path.join(sweep_dir, "extra", "results.json"),
                         {"score": 7.5, "eval": {"image_auroc": 0.5}})
   out_dir = str(tmp_path / "table")
   assert main(["collect", sweep_dir, "--out", out_dir]) == 0

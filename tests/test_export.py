@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file as st_load_numpy
 
+from adjax.io import files
 from adjax import run_layout
 from adjax.cli import main
-from adjax.convert.projector import projector_from_torch, projector_to_torch
-from adjax.export import pth_bytes, read_run_params
+from adjax.models.projector_torch import projector_from_torch, projector_to_torch
+from adjax.interop import pth_bytes, read_run_params
 from adjax.models.projector import project
 from torch_reference import Projector
 
@@ -169,7 +170,7 @@ def test_import_from_exported_safetensors_reads_backbone_and_kind(trained_run, t
 def test_export_carries_taps_image_size_and_heads_and_import_refuses_a_different_run(
     trained_run, tmp_path):
   from adjax.errors import UserError
-  from adjax.export import import_projector
+  from adjax.interop import import_projector
   workdir, angle, norm = trained_run
   # A run of DINOv2-B features from blocks 2/5/8/11 at 112 px: every tap has the backbone's
   # width, so only the metadata can tell them from the default 3/6/9/12. (Tiny 64-channel
@@ -293,15 +294,15 @@ def test_bad_files_give_one_clear_line_and_exit_2(trained_run, tmp_path, capsys)
 def test_written_files_have_the_mode_of_a_plain_open(trained_run, tmp_path):
   # mkstemp creates 0600 files: exported weights and run files must be readable by the
   # colleagues the umask lets read them.
-  from adjax.convert.safetensors_io import save_safetensors
-  from adjax.export import write_pth
+  from adjax.io.safetensors import save_safetensors
+  from adjax.interop import write_pth
   _, angle, _ = trained_run
   state_dict = projector_to_torch(angle)
   old = os.umask(0o027)
   run_layout._new_file_mode.cache_clear()
   try:
     paths = [str(tmp_path / name) for name in ("a.json", "b.safetensors", "c.pth", "d.pth")]
-    run_layout.write_json(paths[0], {"a": 1})
+    files.write_json(paths[0], {"a": 1})
     save_safetensors(paths[1], state_dict)
     write_pth(paths[2], {"projectors": state_dict}, use_torch=False)
     write_pth(paths[3], {"projectors": state_dict}, use_torch=True)

@@ -11,15 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adjax.train_step import StepSettings
+from adjax.pretrain.step import StepSettings
 from run_helpers import _eval_config, dataset, tiny_config  # noqa: F401 (a fixture)
 
 
 # --------------------------------------------------------------------- precomputed references
 def test_precomputed_reference_bank_equals_reference_images():
   from adjax.models.backbones import get_backbone
-  from adjax.train import bank_slots
-  from adjax.train_step import batch_residuals
+  from adjax.pretrain.derived import bank_slots
+  from adjax.pretrain.step import batch_residuals
   backbone = get_backbone("tiny-vit", depth=2, taps=(1, 2))
   backbone_params = backbone.init(jax.random.PRNGKey(0))
   settings = StepSettings(level_strides=tuple(backbone.level_strides), num_heads=4,
@@ -58,7 +58,8 @@ def test_precomputed_reference_bank_equals_reference_images():
 
 def test_pretraining_on_merged_datasets(dataset, tmp_path):
   from adjax.errors import UserError
-  from adjax.train import load_references, pretrain, pretrain_records
+  from adjax.pretrain.derived import load_references
+  from adjax.pretrain import pretrain, pretrain_records
   eval_root = os.path.join(os.path.dirname(dataset), "eval")
   config = tiny_config(dataset)
   config.data.pretrain_format = "realiad,mvtec"
@@ -122,8 +123,9 @@ def test_reference_groups_keep_datasets_apart(dataset, tmp_path):
   """Two merged datasets that share a class name (MVTec AD's and Real-IAD's "zipper") are two
   reference groups: in the loader's class ids and in the precomputed bank."""
   import dataclasses
-  from adjax.train import _same_classes, build_backbone, make_loader, pretrain_records, \
-      reference_bank
+  from adjax.pretrain.derived import _same_classes
+  from adjax.from_config import build_backbone
+  from adjax.pretrain import make_loader, pretrain_records, reference_bank
   config = tiny_config(dataset)
   records = pretrain_records(config)
   twin_class = records[0].class_name
@@ -153,7 +155,7 @@ def test_featurenorm_with_the_references_own_aligned_tables(dataset, tmp_path):
   # The reference's FeatureNorm evaluation gives each test image its own reference images
   # (aligned/references/<dataset>/<class>.json, paths of the authors' machine).
   from adjax.evaluate import evaluate
-  from data_pipelines.records import read_dataset
+  from data_pipelines.index import read_dataset
   config = _eval_config(dataset, ("featurenorm",), ("original", "residual"))
   plain = evaluate(config, None, str(tmp_path / "plain"), progress=False)
   records = read_dataset("mvtec", config.eval.root)
@@ -261,8 +263,8 @@ def test_an_interrupted_evaluation_is_continued(dataset, tmp_path, monkeypatch):
   was fitted on) and scores the rest, giving the uninterrupted run's results; a rerun of fewer
   classes leaves the others' results in the file; other settings are refused, naming the file
   and each difference."""
-  from adjax import evaluate as evaluate_lib
-  from adjax.eval_progress import PARTIAL_NAME
+  from adjax.evaluate import loop as evaluate_lib
+  from adjax.evaluate.progress import PARTIAL_NAME
   methods, kinds = ("featurenorm", "patchcore", "uniad"), ("original", "residual")
   # Two classes: the embedded evaluation class and a copy of it under another name.
   source = os.path.join(os.path.dirname(dataset), "eval")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adjax import reporting
+from adjax.evaluate import reporting
 
 
 def _results():

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from adjax.convert import safetensors_io
-from adjax.convert import torch_pickle
+from adjax.io import safetensors as safetensors_io
+from adjax.io import torch_pickle
 from adjax.models.backbones.efficientnet import default_weights_path
 
 

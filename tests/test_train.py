@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from adjax.io import files
 from adjax import run_layout
+from adjax.evaluate.selection import selection_evaluator
 from adjax.models.projector import init_projector
 from adjax.optim import make_optimizer
-from adjax.train_step import StepSettings, apply_gradients, init_train_state, residual_update
+from adjax.pretrain.step import StepSettings, apply_gradients, init_train_state, residual_update
 from run_helpers import _eval_config, dataset, tiny_config  # noqa: F401 (a fixture)
 
 HERE = pathlib.Path(__file__).parent
@@ -62,7 +64,7 @@ def test_bfloat16_step_matches_float32_step():
   # its attention (the native kernel's AMX or float32 handlers, 16-wide heads) and the MLP
   # middle take their bfloat16 paths; the loss and the gradients of the whole step stay within
   # bfloat16 accuracy of the float32 step's, and the update is applied.
-  from adjax.train_step import pretraining_loss
+  from adjax.pretrain.step import pretraining_loss
   params = init_projector(jax.random.PRNGKey(0), [64, 32], num_heads=4, num_ref_tokens=48)
   rng = np.random.default_rng(3)
   res1 = [jnp.asarray(rng.normal(size=(2, 4, 4, c)).astype(np.float32)) for c in (64, 32)]
@@ -135,9 +137,10 @@ def test_inf_gradient_with_finite_loss_is_skipped():
 # --------------------------------------------------------------------- full runs
 @pytest.fixture(scope="module")
 def uninterrupted(dataset, tmp_path_factory):
-  from adjax.train import pretrain
+  from adjax.pretrain import pretrain
   workdir = str(tmp_path_factory.mktemp("run_a"))
-  summary = pretrain(tiny_config(dataset, with_validation=True), workdir, progress=False)
+  summary = pretrain(tiny_config(dataset, with_validation=True), workdir, progress=False,
+                     make_evaluator=selection_evaluator)
   return workdir, summary
 
 
@@ -147,9 +150,11 @@ def _metrics(workdir):
 
 
 def test_pretraining_lowers_the_loss(dataset, uninterrupted):
-  from adjax.train import build_backbone, final_params, load_centers, make_loader, \
-      pretrain_records, step_settings
-  from adjax.train_step import batch_loss
+  from adjax.from_config import build_backbone
+  from adjax.checkpointing import final_params
+  from adjax.pretrain.derived import load_centers
+  from adjax.pretrain import make_loader, pretrain_records, step_settings
+  from adjax.pretrain.step import batch_loss
   workdir, summary = uninterrupted
   assert summary["steps"] == 6 and summary["skipped"] == 0
   config = tiny_config(dataset)
@@ -184,7 +189,8 @@ _KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     from adjax import checkpointing
-    from adjax.train import pretrain
+    from adjax.evaluate.selection import selection_evaluator
+    from adjax.pretrain import pretrain
     from test_train import tiny_config
     original = checkpointing.RunCheckpointer.save
     def save_then_die(self, step, *args, **kwargs):
@@ -193,12 +199,14 @@ _KILLED_RUN = textwrap.dedent("""
         self.wait()                      # the step-{kill_at} checkpoint is complete on disk
         os.kill(os.getpid(), signal.SIGKILL)
     checkpointing.RunCheckpointer.save = save_then_die
-    pretrain(tiny_config({data!r}, with_validation=True), {workdir!r}, progress=False)
+    pretrain(tiny_config({data!r}, with_validation=True), {workdir!r}, progress=False,
+             make_evaluator=selection_evaluator)
 """)
 
 
 def test_resume_after_sigkill_is_exact(dataset, uninterrupted, tmp_path):
-  from adjax.train import final_params, pretrain
+  from adjax.checkpointing import final_params
+  from adjax.pretrain import pretrain
   reference_dir, _ = uninterrupted
   workdir = str(tmp_path / "run_b")
   script = _KILLED_RUN.format(repo=str(REPO), tests=str(HERE), kill_at=4, data=dataset,
@@ -209,7 +217,8 @@ def test_resume_after_sigkill_is_exact(dataset, uninterrupted, tmp_path):
   steps_on_disk = sorted(int(p) for p in os.listdir(run_layout.checkpoints_dir(workdir))
                          if p.isdigit())
   assert steps_on_disk[-1] == 4
-  summary = pretrain(tiny_config(dataset, with_validation=True), workdir, progress=False)
+  summary = pretrain(tiny_config(dataset, with_validation=True), workdir, progress=False,
+                     make_evaluator=selection_evaluator)
   assert summary["steps"] == 6
   want, got = _flat(final_params(reference_dir)), _flat(final_params(workdir))
   for key in want:
@@ -226,8 +235,8 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
   script = textwrap.dedent(f"""
       import os, signal, sys
       sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(HERE)!r})
-      from adjax import train_step
-      from adjax.train import pretrain
+      from adjax.pretrain import step as train_step
+      from adjax.pretrain import pretrain
       from test_train import tiny_config
       original = train_step.residual_update
       calls = []
@@ -287,7 +296,8 @@ def test_compilation_cache_setting_is_checked(tmp_path):
 def test_centres_follow_what_the_projector_sees(dataset, tmp_path):
   # Residuals by default; raw features in the residual-off ablation (mean over the same
   # normal images, computed here independently of compute_centers' arithmetic).
-  from adjax.train import build_backbone, compute_centers, pretrain_records
+  from adjax.from_config import build_backbone
+  from adjax.pretrain import compute_centers, pretrain_records
   from data_pipelines.images import load_record
   config = tiny_config(dataset)
   config.train.center_shots = 1
@@ -320,7 +330,8 @@ def test_centres_follow_what_the_projector_sees(dataset, tmp_path):
 def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted, tmp_path):
   import shutil
   from adjax.errors import UserError
-  from adjax.train import _check_run_settings, pretrain
+  from adjax.pretrain.loop import _check_run_settings
+  from adjax.pretrain import pretrain
   workdir = str(tmp_path / "run")
   shutil.copytree(uninterrupted[0], workdir)   # a finished run: config.json and checkpoints
   stored = open(run_layout.config_path(workdir)).read()
@@ -373,17 +384,17 @@ def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted
 def test_metrics_log_drops_steps_a_resume_repeats_and_writes_nan_as_null(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   for step in range(1, 6):
-    run_layout.append_jsonl(path, {"step": step, "loss": float(step)})
-  run_layout.append_jsonl(path, {"step": 6, "loss": float("nan"), "x": np.float32("inf")})
+    files.append_jsonl(path, {"step": step, "loss": float(step)})
+  files.append_jsonl(path, {"step": 6, "loss": float("nan"), "x": np.float32("inf")})
   with open(path, "a") as f:
     f.write('{"step": 7, "lo')     # torn by a kill
   rows = [json.loads(line) for line in open(path) if line.endswith("\n")]
   assert rows[-1] == {"step": 6, "loss": None, "x": None}
-  run_layout.truncate_jsonl(path, 3)
+  files.truncate_jsonl(path, 3)
   assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3]
   # Results files too (a class with one test label has NaN image metrics).
   results = str(tmp_path / "results.json")
-  run_layout.write_json(results, {"a": {"auroc": float("nan"), "ap": np.float32(0.5)},
+  files.write_json(results, {"a": {"auroc": float("nan"), "ap": np.float32(0.5)},
                                   "b": [np.float64("inf"), 1.0], "c": np.array([np.nan, 2.0])})
   text = open(results).read()
   assert "NaN" not in text and "Infinity" not in text
@@ -393,7 +404,7 @@ def test_metrics_log_drops_steps_a_resume_repeats_and_writes_nan_as_null(tmp_pat
 
 def test_final_selection_is_replaced_when_a_finished_run_is_extended(tmp_path):
   # (pretrain rewrites it only when it trained: a rerun of a finished run keeps it.)
-  from adjax.train import _BestTracker
+  from adjax.pretrain.loop import _BestTracker
   workdir = str(tmp_path / "run")
   params = {"w": np.zeros(2, np.float32)}
   for kind in run_layout.KINDS:

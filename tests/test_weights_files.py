@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from adjax.convert import mapping
-from adjax.convert import safetensors_io
-from adjax.convert import torch_pickle
-from adjax.convert.projector import projector_from_torch
-from adjax.convert.projector import projector_to_torch
+from adjax.io import mapping
+from adjax.io import safetensors as safetensors_io
+from adjax.io import torch_pickle
+from adjax.models.projector_torch import projector_from_torch
+from adjax.models.projector_torch import projector_to_torch
 from adjax.models.backbones import get_backbone
 from adjax.models.backbones.base import read_state_dict
 

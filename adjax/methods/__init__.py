@@ -32,6 +32,19 @@ METHODS: dict[str, type] = {
 }
 
 
+def method_class(name: str) -> type:
+  """The class of method `name` (case-insensitive), whose attributes declare its facts
+  (adjax.methods.base.MethodFacts).
+
+  Raises:
+    ValueError: unknown name.
+  """
+  key = str(name).lower()
+  if key not in METHODS:
+    raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+  return METHODS[key]
+
+
 def get_method(name: str, **overrides: Any):
   """The method `name` with its SPEC defaults, changed by `overrides`.
 
@@ -45,10 +58,8 @@ def get_method(name: str, **overrides: Any):
   Raises:
     ValueError: unknown name or unknown setting.
   """
+  cls = method_class(name)
   key = str(name).lower()
-  if key not in METHODS:
-    raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-  cls = METHODS[key]
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
@@ -80,7 +91,7 @@ def checked_settings(name: str, settings: Any, what: str) -> dict[str, Any]:
     ValueError: an unknown method or setting (with the nearest name), or a value that does not
       fit the setting's type.
   """
-  from adjax.config_loading import coerce
+  from adjax.configs.loading import coerce
   key = str(name).lower()
   if key not in METHODS:
     raise ValueError(f"{what}: unknown method {name!r}{_did_you_mean(key, METHODS)} "

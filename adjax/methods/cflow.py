@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adjax.methods.base import MethodFacts
 from adjax.methods import common
 
 _LOG_2PI_HALF = 0.5 * math.log(2.0 * math.pi)
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class CFlow:
+class CFlow(MethodFacts):
   """Settings of CFLOW (defaults: SPEC section 6 and the reference).
 
   Attributes:

@@ -14,11 +14,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from adjax.methods.base import MethodFacts
 from adjax.methods import common
 
 
 @dataclasses.dataclass(frozen=True)
-class FeatureNorm:
+class FeatureNorm(MethodFacts):
   """Settings of FeatureNorm.
 
   Attributes:
@@ -26,6 +27,7 @@ class FeatureNorm:
     num_levels: use the last this many levels (None: all, as the SPEC says).
     align_corners: bilinear upsampling mode (SPEC: align corners).
   """
+  aligned_references = True   # the reference's FeatureNorm evaluation (val_norm.py) does
   sigma: float = 4.0
   num_levels: int | None = None
   align_corners: bool = True

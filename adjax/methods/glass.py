@@ -84,6 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adjax.methods.base import MethodFacts
 from adjax.methods import common
 
 # The reference's texture blending weight: beta ~ N(0.5, 0.1), clipped to [0.2, 0.8].
@@ -93,7 +94,7 @@ _PROJECT_EVERY = 5
 
 
 @dataclasses.dataclass(frozen=True)
-class Glass:
+class Glass(MethodFacts):
   """Settings of GLASS (defaults: the reference for original features).
 
   Attributes:
@@ -123,6 +124,10 @@ class Glass:
     score_batch: images per block when scoring.
     sigma: Gaussian smoothing of the map, pixels.
   """
+  # The reference runs GLASS on residual features with no adapter and a smaller noise
+  # ("residual features don't need adapter and need smaller noise").
+  residual_settings = {"projection": False, "noise_std": 0.005}
+  synthetic_inputs = "textures"
   num_levels: int | None = 2
   embed_dim: int = 1536
   target_dim: int = 1536

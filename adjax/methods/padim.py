@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from adjax.methods.base import MethodFacts
 from adjax.methods import common
 
 
 @dataclasses.dataclass(frozen=True)
-class PaDiM:
+class PaDiM(MethodFacts):
   """Settings of PaDiM (defaults: SPEC section 6).
 
   Attributes:
@@ -34,6 +35,7 @@ class PaDiM:
     num_levels: use the last this many levels (None: all).
     position_block: grid positions per block (covariance, factorisation and scoring).
   """
+  checkpoint = "angle"
   eps: float = 0.01
   sigma: float = 4.0
   num_levels: int | None = None

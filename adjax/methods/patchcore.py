@@ -16,11 +16,12 @@ from typing import Any
 
 import jax
 
+from adjax.methods.base import MethodFacts
 from adjax.methods import common, knn
 
 
 @dataclasses.dataclass(frozen=True)
-class PatchCore:
+class PatchCore(MethodFacts):
   """Settings of PatchCore (defaults: SPEC section 6).
 
   Attributes:
@@ -37,6 +38,7 @@ class PatchCore:
     bank_block: bank rows per nearest-neighbour block.
     coreset_block: points per block of the coreset's start distances.
   """
+  checkpoint = "angle"        # the PatchCore-selected pretraining checkpoint
   coreset_ratio: float = 0.1
   projection_dim: int = 128
   num_starts: int = 10

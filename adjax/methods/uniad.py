@@ -42,11 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adjax.methods.base import MethodFacts
 from adjax.methods import common
 
 
 @dataclasses.dataclass(frozen=True)
-class UniAD:
+class UniAD(MethodFacts):
   """Settings of UniAD (defaults: SPEC section 6 and UniAD's MVTec config).
 
   Attributes:
@@ -66,6 +67,7 @@ class UniAD:
     sigma: Gaussian smoothing of the map, pixels.
     num_levels: use the last this many levels (None: all).
   """
+  per_dataset = True          # one model for all classes of a dataset
   hidden_dim: int = 512
   num_heads: int = 8
   ffn_dim: int = 2048

@@ -1,6 +1,6 @@
 """Dataset readers: one module per published folder layout, each `read(root, classes)`.
 
-`READERS` maps a format name to its reader; `records.build_index` uses it.
+`READERS` maps a format name to its reader; `data_pipelines.index` uses it.
 """
 
 from __future__ import annotations

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from data_pipelines.records import LayoutError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-class LayoutError(ValueError):
-  """A dataset folder that does not have the layout its reader expects."""
 
 
 def listing(path: str, limit: int = 8) -> str:

@@ -8,7 +8,8 @@ import csv
 import os
 from typing import Sequence
 
-from data_pipelines.readers._common import choose_classes, layout_error, LayoutError
+from data_pipelines.readers._common import choose_classes, layout_error
+from data_pipelines.records import LayoutError
 from data_pipelines.records import Record
 
 EXPECTED = "split_csv/1cls.csv with columns object,split,label,image,mask"

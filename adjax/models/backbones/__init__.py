@@ -23,7 +23,7 @@ from adjax.models.backbones.base import CLIP_STD
 from adjax.models.backbones.base import IMAGENET_MEAN
 from adjax.models.backbones.base import IMAGENET_STD
 
-__all__ = ["BACKBONES", "Backbone", "get_backbone", "IMAGENET_MEAN", "IMAGENET_STD",
+__all__ = ["BACKBONES", "PAPER_BACKBONES", "Backbone", "get_backbone", "IMAGENET_MEAN", "IMAGENET_STD",
            "CLIP_MEAN", "CLIP_STD"]
 
 # name -> builder(name, **overrides) -> Backbone
@@ -36,6 +36,16 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
     "wide-resnet50": resnet.make,
     "efficientnet-lite0": efficientnet.make,
     "tiny-vit": dinov2.make,
+}
+
+# The paper's five backbones: the model each name builds and the file of its official weights
+# (what a user passes as --config.backbone.weights).
+PAPER_BACKBONES: dict[str, tuple[str, str]] = {
+    "dinov2-base": ("DINOv2 ViT-B/14", "dinov2_vitb14_pretrain.pth"),
+    "dinov2-large": ("DINOv2 ViT-L/14", "dinov2_vitl14_pretrain.pth"),
+    "clip-base": ("OpenAI CLIP ViT-B/16", "ViT-B-16.pt"),
+    "clip-large": ("OpenAI CLIP ViT-L/14", "ViT-L-14.pt"),
+    "imagebind": ("ImageBind ViT-H/14", "imagebind_huge.pth"),
 }
 
 

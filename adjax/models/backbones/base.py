@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adjax.convert import mapping
-from adjax.convert import safetensors_io
-from adjax.convert import torch_pickle
+from adjax.io import mapping
+from adjax.io import safetensors as safetensors_io
+from adjax.io.weights import read_state_dict
 
 Params = dict[str, Any]
 Features = list[jax.Array]
@@ -51,87 +51,6 @@ def default_cache_dir() -> str:
   """
   return os.environ.get("ADJAX_CACHE_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "adjax", "backbones")
-
-
-# Extensions that decide the reader; other names are recognised by their first bytes.
-_TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
-_SAFETENSORS_EXTENSIONS = (".safetensors",)
-
-
-def _not_weights_reason(head: bytes) -> str | None:
-  """Why a file that starts with ``head`` is no weights file at all, or None.
-
-  A git-lfs pointer (the repository was cloned without ``git lfs pull``) or an HTML page (a
-  download that got a login or error page) would otherwise reach a binary reader and fail with
-  a message about a corrupt header that hides the real cause.
-  """
-  if not head:
-    return "it is empty (0 bytes)"
-  if b"\x00" in head:  # binary (a safetensors header length has zero bytes): not text
-    return None
-  text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-  if text.startswith(b"version https://git-lfs"):
-    return "it is a git-lfs pointer; run `git lfs pull` to fetch the weights"
-  if text.startswith(b"<"):
-    return "it is an HTML/XML page (a failed download?); download it again"
-  return None
-
-
-def _reader_for(path: str, head: bytes) -> str | None:
-  """'torch' or 'safetensors' by the extension, else by the first bytes; None if unknown."""
-  lower = path.lower()
-  if lower.endswith(_TORCH_EXTENSIONS):
-    return "torch"
-  if lower.endswith(_SAFETENSORS_EXTENSIONS):
-    return "safetensors"
-  if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch.save) or legacy pickle
-    return "torch"
-  if head[8:9] == b"{":  # 8-byte header length, then the JSON header
-    return "safetensors"
-  return None
-
-
-def read_state_dict(path: str | os.PathLike) -> StateDict:
-  """Read a checkpoint file into a flat ``{key: numpy array}`` dict.
-
-  Args:
-    path: ``.safetensors`` or a PyTorch ``.pth``/``.pt``/``.bin``/``.ckpt`` (zip, legacy or
-      TorchScript); a file with another extension is recognised by its first bytes.
-
-  Returns:
-    The flat state dict. Common wrappers (``{'state_dict': ...}``, ``{'model': ...}``,
-    ``{'teacher': ...}``) are unwrapped.
-
-  Raises:
-    FileNotFoundError: no such file.
-    CheckpointError: not a weights file (empty, git-lfs pointer, HTML page, unknown format),
-      or an unreadable PyTorch checkpoint.
-    SafetensorsError: an unreadable safetensors file.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"weights file not found: {path}")
-  with open(path, "rb") as f:
-    head = f.read(64)
-  reason = _not_weights_reason(head)
-  if reason is not None:
-    raise torch_pickle.CheckpointError(f"{path} is not a weights file: {reason}")
-  reader = _reader_for(path, head)
-  if reader is None:
-    raise torch_pickle.CheckpointError(
-        f"{path} is not a recognised weights file: expected a .safetensors or a PyTorch "
-        f".pth/.pt/.bin/.ckpt checkpoint; the file starts with {head[:16]!r}")
-  if reader == "safetensors":
-    return dict(safetensors_io.load_safetensors(path))
-  obj = torch_pickle.load_torch_file(path)
-  for key in ("state_dict", "model", "teacher", "module"):
-    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-      obj = obj[key]
-      break
-  flat = torch_pickle.flatten_state(obj)
-  if not flat:
-    raise torch_pickle.CheckpointError(f"{path}: the checkpoint holds no tensors")
-  return flat
 
 
 @dataclasses.dataclass(eq=False)

@@ -1,7 +1,7 @@
 """OpenAI CLIP vision towers (ViT-B/16, ViT-L/14): config, mapping tables, registry entries.
 
 Weights: the OpenAI ``ViT-B-16.pt`` / ``ViT-L-14.pt`` TorchScript archives (read by
-``adjax.convert.torch_pickle`` without torch; fp16 weights become float32), an OpenAI-layout
+``adjax.io.torch_pickle`` without torch; fp16 weights become float32), an OpenAI-layout
 state dict (keys ``visual.transformer.resblocks.N.attn.in_proj_weight`` ...), or a Hugging Face
 ``CLIPModel`` / ``CLIPVisionModel`` safetensors file (keys ``[vision_model.]encoder.layers.N.
 self_attn.q_proj.weight`` ...). QuickGELU, ``ln_pre``, LayerNorm eps 1e-5, no patch bias, a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from adjax.convert import mapping
+from adjax.io import mapping
 from adjax.models.backbones import base
 from adjax.models.backbones import vit
 

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adjax.convert import mapping
+from adjax.io import mapping
 from adjax.models.backbones import base
 from adjax.models.backbones import layers
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from adjax.convert import mapping
+from adjax.io import mapping
 from adjax.models.backbones import base
 from adjax.models.backbones import vit
 

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adjax.convert import mapping
+from adjax.io import mapping
 
 
 class FrozenBatchNorm(nn.Module):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adjax.convert import mapping
+from adjax.io import mapping
 from adjax.models.matmul import accumulating_dot_general
 
 if TYPE_CHECKING:  # base imports nothing from here; the import is lazy only to stay one-way

@@ -59,11 +59,6 @@ def load_module(path: str) -> types.ModuleType:
   name = "_adjax_config_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
   spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
   module = importlib.util.module_from_spec(spec)
-  # The experiments import each other (`from experiments import common`); the repository
-  # root (two levels up from experiments/x.py) must then be importable.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if os.path.isdir(os.path.join(root, "experiments")) and root not in sys.path:
-    sys.path.append(root)
   sys.modules[name] = module  # dataclasses and pickling look their module up by name
   try:
     spec.loader.exec_module(module)

@@ -15,7 +15,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
-from adjax import run_layout
+from adjax.io import files
 
 __all__ = ["SafetensorsError", "load_safetensors", "save_safetensors", "read_metadata"]
 
@@ -148,4 +148,4 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     for arr in arrays:
       f.write(arr.tobytes())
 
-  run_layout.atomic_write(path, write)
+  files.atomic_write(path, write)

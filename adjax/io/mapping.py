@@ -167,7 +167,7 @@ def strip_prefix(state: StateDict, prefixes: Sequence[str], *,
 
 
 def index_at_least(prefix: str, n: int) -> Callable[[str], bool]:
-  """Predicate: the key is ``<prefix><i>.<...>`` with integer i >= n (blocks past the taps).
+  r"""Predicate: the key is ``<prefix><i>.<...>`` with integer i >= n (blocks past the taps).
 
   Args:
     prefix: regular expression of the part before the index, e.g. ``r"blocks\."``.

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from adjax.io import files
 from adjax import run_layout
 
 log = logging.getLogger("adjax.evaluate")
@@ -110,7 +111,7 @@ def read_partial(out_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
   path = os.path.join(out_dir, PARTIAL_NAME)
   if not os.path.isfile(path):
     return {}
-  partial = run_layout.read_json(path)
+  partial = files.read_json(path)
   old = partial.get("settings") if isinstance(partial, dict) else None
   if not isinstance(old, dict) or not {"config", "backbone", "projectors"} <= set(old):
     raise ValueError(f"{path} holds results of an interrupted evaluation without the settings "
@@ -187,7 +188,7 @@ class EvaluationProgress:
   def save(self) -> None:
     """Writes the partial file (atomically): this run's results and those carried."""
     classes_done = [c for c in self._classes if all(self.done(m, c) for m in self._methods)]
-    run_layout.write_json(os.path.join(self.out_dir, PARTIAL_NAME),
+    files.write_json(os.path.join(self.out_dir, PARTIAL_NAME),
                           {"results": self._merged(), "classes_done": classes_done,
                            "fitted_on": self._fitted_on, "tsne": self.tsne,
                            "settings": self._settings})

@@ -1,7 +1,5 @@
-"""Settings shared by the experiment configs: the paper's backbones and the `runlocal` shrink.
-
-Not an experiment itself (no get_config): `pretrain.py`, `downstream.py` and `ablations.py`
-import it.
+"""Settings the experiment configs share: the paper's backbones, its recipe per backbone, the
+datasets and the `runlocal` shrink. `experiments/*.py` (config files loaded by path) import it.
 """
 
 from __future__ import annotations
@@ -10,22 +8,23 @@ import os
 
 import ml_collections
 
-from adjax.configs import default_config
+from adjax.configs.default import default_config
+from adjax.configs.loading import parse_arg
 
-# The paper's five backbones (SPEC section 1). dims/grid at 224 px, taps 1-based block outputs;
-# `weights` names the file a user passes as --config.backbone.weights.
-BACKBONES: dict[str, dict] = {
-    "dinov2-base": dict(model="DINOv2 ViT-B/14", taps=(3, 6, 9, 12), dim=768, grid=16,
-                        norm="imagenet", weights="dinov2_vitb14_pretrain.pth"),
-    "dinov2-large": dict(model="DINOv2 ViT-L/14", taps=(6, 12, 18, 24), dim=1024, grid=16,
-                         norm="imagenet", weights="dinov2_vitl14_pretrain.pth"),
-    "clip-base": dict(model="OpenAI CLIP ViT-B/16", taps=(3, 6, 9, 12), dim=768, grid=14,
-                      norm="clip", weights="ViT-B-16.pt"),
-    "clip-large": dict(model="OpenAI CLIP ViT-L/14", taps=(6, 12, 18, 24), dim=1024, grid=16,
-                       norm="clip", weights="ViT-L-14.pt"),
-    "imagebind": dict(model="ImageBind ViT-H/14", taps=(8, 16, 24, 32), dim=1280, grid=16,
-                      norm="clip", weights="imagebind_huge.pth"),
-}
+def paper_backbones() -> dict[str, dict]:
+  """The paper's five backbones (docs/method.md section 1), read from the backbone registry:
+  model, taps (1-based block outputs), dim, grid at 224 px, normalisation and the official
+  weights file a user passes as --config.backbone.weights."""
+  from adjax.models.backbones import CLIP_MEAN, PAPER_BACKBONES, get_backbone
+  table = {}
+  for name, (model, weights) in PAPER_BACKBONES.items():
+    backbone = get_backbone(name)
+    table[name] = dict(model=model, taps=tuple(backbone.config["taps"]),
+                       dim=int(backbone.level_dims[0]), grid=224 // backbone.level_strides[0],
+                       norm="clip" if tuple(backbone.mean) == CLIP_MEAN else "imagenet",
+                       weights=weights)
+  return table
+
 
 # The downstream datasets (SPEC section 6) and the reader format of each.
 DATASETS = ("mvtec", "visa", "btad", "mpdd", "mvtec3d")
@@ -50,9 +49,10 @@ def base_config(backbone: str) -> ml_collections.ConfigDict:
   Raises:
     ValueError: an unknown backbone.
   """
-  if backbone not in BACKBONES:
+  from adjax.models.backbones import PAPER_BACKBONES
+  if backbone not in PAPER_BACKBONES:
     raise ValueError(f"unknown backbone {backbone!r}; the paper's backbones are "
-                     f"{', '.join(BACKBONES)}")
+                     f"{', '.join(PAPER_BACKBONES)}")
   c = default_config()
   c.backbone.name = backbone
   c.image_size = 224            # every backbone of the paper: 224 px, 16x16 or 14x14 tokens
@@ -92,4 +92,19 @@ def apply_runlocal(c: ml_collections.ConfigDict, data_dir: str | None = None
   c.eval.root = os.path.join(data_dir, "eval")
   c.eval.classes = ""
   c.eval.shots = 2
+  return c
+
+
+def pretrain_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The pretraining config of experiments/pretrain.py (its docstring lists the arguments):
+  `backbone=NAME`, `runlocal`, `data=DIR`."""
+  args = parse_arg(arg, backbone="dinov2-base", runlocal=False, data="")
+  c = base_config(args["backbone"])
+  # The paper's recipe (SPEC 5) is default_config's: RealIAD, batch 32, shots {1, 4, 8}, Adam
+  # 1e-4 with coupled L2 5e-4, lr x0.1 after epochs 7 and 9, 10 epochs, bfloat16; checkpoints
+  # selected every epoch by PatchCore ("angle") and FeatureNorm ("norm") on held-out classes.
+  c.data.pretrain_format = "realiad"
+  c.eval.methods = ("featurenorm", "patchcore")
+  if args["runlocal"]:
+    apply_runlocal(c, args["data"] or None)
   return c

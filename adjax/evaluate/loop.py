@@ -1,4 +1,4 @@
-"""`adjax evaluate`: downstream detectors on original and pretrained features (SPEC section 6).
+"""`adjax evaluate`: downstream detectors on original and pretrained features (docs/method.md section 6).
 
 For every evaluation class: backbone features of its normal training images and of its test
 images are computed once; from them the feature kinds are derived:
@@ -19,260 +19,23 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from adjax import eval_progress, run_layout
-from adjax.models.projector import project
-from adjax.residual import residual_features
+from adjax.evaluate import progress as eval_progress
+from adjax.evaluate.features import (FEATURE_KINDS, FeatureMaker, aligned_reference_indices,
+                                     checkpoint_kind_for, class_resize, load_projectors,
+                                     method_settings_for, reference_features)
+from adjax.evaluate.synthetic import GlassTextureSets
+from adjax.from_config import build_backbone, compute_dtype, split_classes
+from adjax.io import files
+from adjax.methods import method_class
 
 log = logging.getLogger("adjax.evaluate")
-
-FEATURE_KINDS = ("original", "residual", "pretrained")
-_ANGLE_METHODS = ("patchcore", "padim")   # use the PatchCore-selected checkpoint
-PER_DATASET_METHODS = ("uniad",)           # one model for all classes of a dataset
-
-
-def checkpoint_kind_for(method: str, choice: str = "auto") -> str:
-  """Which selected checkpoint a method uses: the reference's rule, unless forced."""
-  if choice == "auto":
-    return "angle" if method in _ANGLE_METHODS else "norm"
-  if choice not in run_layout.KINDS:
-    raise ValueError(f"config.eval.checkpoint must be 'auto', 'angle' or 'norm', got {choice!r}")
-  return choice
-
-
-def _in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
-  """fn over aligned batches of `arrays` (rows), its outputs concatenated; the last batch is
-  padded by repeating its last row so that every call has one shape (one compile)."""
-  outs: list[list[np.ndarray]] = []
-  for start in range(0, len(arrays[0]), batch):
-    chunks = [a[start:start + batch] for a in arrays]
-    pad = batch - len(chunks[0])
-    if pad:
-      chunks = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunks]
-    outs.append([np.asarray(out, np.float32)[:batch - pad] for out in fn(chunks)])
-  return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
-
-
-class FeatureMaker:
-  """Computes original / residual / pretrained features of a class's images."""
-
-  def __init__(self, backbone, backbone_params, *, dtype=jnp.float32, batch_size: int = 16,
-               num_heads: int = 16, max_similarities: int = 1 << 25):
-    self.backbone = backbone
-    self.backbone_params = backbone_params
-    self.dtype = dtype
-    self.batch_size = batch_size
-    self.num_heads = num_heads
-    self.max_similarities = max_similarities
-    self._project = jax.jit(lambda p, levels: project(p, levels, num_heads=num_heads,
-                                                      dtype=dtype))
-
-  def backbone_levels(self, images: np.ndarray) -> list[np.ndarray]:
-    """images (N, S, S, 3) uint8 -> levels (N, h, w, C) float32."""
-    return _in_batches(lambda chunks: self.backbone.extract(
-        self.backbone_params, jnp.asarray(chunks[0], jnp.float32) / 255.0, self.dtype),
-        [images], self.batch_size)
-
-  def aligned_residual_levels(self, levels: Sequence[np.ndarray],
-                              train_levels: Sequence[np.ndarray],
-                              references: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """Residuals of image i against every token of its own reference images references[i]
-    (indices into train_levels), one image at a time."""
-    out = []
-    for level, train in zip(levels, train_levels):
-      rows = [np.asarray(residual_features(
-          jnp.asarray(level[i:i + 1]), jnp.asarray(train[list(refs)].reshape(-1, train.shape[-1])),
-          max_similarities=self.max_similarities)[0]) for i, refs in enumerate(references)]
-      out.append(np.concatenate(rows))
-    return out
-
-  def residual_levels(self, levels: Sequence[np.ndarray],
-                      refs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Residuals against shared references refs[k] (N_k, C_k)."""
-    out = []
-    for level, ref in zip(levels, refs):
-      chunks = [np.asarray(residual_features(jnp.asarray(level[i:i + self.batch_size]),
-                                             jnp.asarray(ref),
-                                             max_similarities=self.max_similarities)[0])
-                for i in range(0, len(level), self.batch_size)]
-      out.append(np.concatenate(chunks))
-    return out
-
-  def projected_levels(self, params: Any, levels: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return _in_batches(lambda chunks: self._project(params, [jnp.asarray(c) for c in chunks]),
-                       list(levels), self.batch_size)
-
-  def features_of(self, kinds: Sequence[str], levels, refs,
-                  projector: dict[str, Any]) -> dict[str, list]:
-    """{kind: levels} of one image set; pretrained kinds as "pretrained:<checkpoint kind>"."""
-    out: dict[str, list] = {}
-    if "original" in kinds:
-      out["original"] = levels
-    if any(k in ("residual", "pretrained") for k in kinds):
-      residual = self.residual_levels(levels, refs)
-      if "residual" in kinds:
-        out["residual"] = residual
-      if "pretrained" in kinds:
-        for ckpt, params in projector.items():
-          out[f"pretrained:{ckpt}"] = self.projected_levels(params, residual)
-    return out
-
-  def kinds(self, kinds: Sequence[str], train_levels, test_levels, refs,
-            projector: dict[str, Any]) -> dict[str, tuple[list, list]]:
-    """{kind: (train levels, test levels)}; projector maps checkpoint kind -> params."""
-    train = self.features_of(kinds, train_levels, refs, projector)
-    test = self.features_of(kinds, test_levels, refs, projector)
-    return {key: (train[key], test[key]) for key in train}
-
-
-# Settings the reference's scripts give a method for residual features (residual and
-# pretrained kinds), under the user's eval.method_settings: its GLASS runs with no adapter
-# and a smaller noise there ("residual features don't need adapter and need smaller noise").
-RESIDUAL_KIND_SETTINGS = {"glass": {"projection": False, "noise_std": 0.005}}
-
-
-def method_settings_for(method: str, kind: str, user: dict) -> dict:
-  """A method's settings for a feature kind: the reference's per-kind ones, then the user's."""
-  base = RESIDUAL_KIND_SETTINGS.get(method, {}) if kind in ("residual", "pretrained") else {}
-  return {**base, **dict(user.get(method, {}) or {})}
-
-
-# Methods that take each test image's own references when config.eval.aligned_references is
-# set: the reference's FeatureNorm evaluation (val_norm.py) does, its other methods do not.
-ALIGNED_METHODS = ("featurenorm",)
-
-
-def _within_class(path: str, class_name: str) -> str:
-  """The part of an image path after its class folder ('test/ko/0000.bmp'), so that paths of
-  the reference's machine and of this one can be matched."""
-  parts = path.replace("\\", "/").split("/")
-  if class_name not in parts[:-1]:
-    return "/".join(parts[-3:])
-  last = len(parts) - 2 - parts[:-1][::-1].index(class_name)
-  return "/".join(parts[last + 1:])
-
-
-def aligned_reference_indices(table_path: str, class_name: str, test_paths: Sequence[str],
-                              train_paths: Sequence[str]) -> list[list[int]]:
-  """Each test image's own reference images, as indices into the training images.
-
-  table_path: the reference's `aligned/references/<dataset>/<class>.json`: {test image path:
-  [normal training image paths]}, paths of the machine that made it; they are matched by
-  their part below the class folder.
-  """
-  import json
-  try:
-    with open(table_path) as f:
-      table = json.load(f)
-  except (OSError, json.JSONDecodeError) as err:
-    raise ValueError(f"aligned references {table_path}: not a readable JSON table ({err})")
-  by_test = {_within_class(k, class_name): v for k, v in table.items()}
-  train_index = {_within_class(p, class_name): i for i, p in enumerate(train_paths)}
-  out = []
-  for path in test_paths:
-    key = _within_class(path, class_name)
-    if key not in by_test:
-      raise ValueError(f"aligned references {table_path} list nothing for test image {path} "
-                       f"(looked for '{key}')")
-    refs = [(r, _within_class(r, class_name)) for r in by_test[key]]
-    missing = [r for r, within in refs if within not in train_index]
-    if missing:
-      raise ValueError(f"aligned references {table_path}: {missing[0]} (for {path}) is not "
-                       "among the class's training images (k_shot or noisy settings drop "
-                       "images; aligned references need the full training set)")
-    out.append([train_index[within] for _, within in refs])
-  return out
-
-
-def reference_features(levels: Sequence[np.ndarray], shots: int,
-                       normal: Optional[np.ndarray] = None,
-                       class_name: str = "") -> list[np.ndarray]:
-  """Every token of the first `shots` normal images: (shots * h * w, C) per level.
-
-  normal: (N,) bool, which training images are normal (the noisy-training setting appends
-  anomalous ones); None: all are. When `shots` reaches the number of normal training images,
-  every training image is its own reference and every training residual is zero (the k-shot
-  settings with k <= shots): the methods then fit on zeros and score test residuals by their
-  size. That is the reference's behaviour too; it is logged, not refused.
-  """
-  count = len(levels[0])
-  normal_rows = np.arange(count) if normal is None else np.flatnonzero(np.asarray(normal))
-  if len(normal_rows) == 0:
-    raise ValueError(f"class {class_name!r}: no normal training image to take references from")
-  if shots >= len(normal_rows) and len(normal_rows) == count:
-    log.warning("class %r: eval.shots=%d >= its %d training images: every training image is a "
-                "reference, so every training residual is zero", class_name, shots, count)
-  rows = normal_rows[:shots]
-  return [lv[rows].reshape(-1, lv.shape[-1]) for lv in levels]
-
-
-def class_resize(ev: ml_collections.ConfigDict, class_name: str) -> Optional[int]:
-  """The short side a class's images are resized to before the centre crop: its entry in
-  `eval.class_resize`, else `eval.resize`; None = the crop size."""
-  per_class = dict(ev.get("class_resize", {}) or {})
-  return int(per_class.get(class_name, 0)) or int(ev.get("resize", 0)) or None
-
-
-class GlassTextureSets:
-  """GLASS's image-space texture anomalies of one class's training images, featurised, set by
-  set: set s is `eval.glass_texture_rounds` R texture-augmented copies of each training image
-  (copy r of image i at r * N + i; textures from `eval.glass_textures`, only on the object with
-  `eval.glass_foreground`), seeded by the run's seed, the class and s (set 0 by the seed and
-  the class alone), featurised as the real images of a feature kind (the class's references,
-  the projector). With `eval.glass_texture_refresh` GLASS asks for set s at epoch s R."""
-
-  def __init__(self, config: ml_collections.ConfigDict, maker: FeatureMaker, data: dict,
-               class_name: str, train_levels, textures: Sequence[str], method_settings: dict):
-    import zlib
-    from adjax.methods import get_method
-    from data_pipelines import texture_anomalies
-    ev = config.eval
-    self._maker, self._textures, self._images = maker, textures, data["train_images"]
-    self._glass = get_method("glass", **method_settings_for("glass", "original",
-                                                             method_settings))
-    self._grid = self._glass.token_grid(train_levels)
-    self._resize = class_resize(ev, class_name)
-    self._rounds = int(ev.get("glass_texture_rounds", 4))
-    self._seed = [int(config.seed), zlib.crc32(class_name.encode())]
-    # In chunks, keeping only the levels GLASS uses: R x N images of every level and kind at
-    # once would take several times the memory of the class's own features.
-    self._chunk = max(1, int(ev.get("batch_size", 16))) * 4
-    self._foregrounds = None
-    if ev.get("glass_foreground", ""):
-      # GLASS's masks are for the class's normal training images; an anomalous image mixed
-      # into training (eval.noisy_share) has none, and a class without a folder has none.
-      self._foregrounds = [None if noisy else texture_anomalies.read_foreground(
-          ev.glass_foreground, class_name, path, config.image_size, self._resize)
-          for path, noisy in zip(data["train_paths"], data["train_noisy"])]
-      if all(f is None for f in self._foregrounds):
-        log.info("class %r: no foreground masks under %s; texture anomalies go anywhere",
-                 class_name, ev.glass_foreground)
-
-  def features(self, set_index: int, kinds: Sequence[str], refs, projector: dict[str, Any]
-               ) -> tuple[dict[str, list], np.ndarray]:
-    """({kind key: GLASS's levels (the last num_levels)}, (R N, h, w) token masks on its grid)
-    of set `set_index`, for every feature kind in `kinds` (one backbone pass)."""
-    from data_pipelines import texture_anomalies
-    from adjax.methods.common import last_levels
-    rng = np.random.default_rng(self._seed + ([set_index] if set_index else []))
-    images, masks = texture_anomalies.synthesize(
-        self._images, self._textures, self._grid, rng, rounds=self._rounds,
-        foregrounds=self._foregrounds, resize=self._resize)
-    parts = []   # per chunk: {kind key: GLASS's levels}
-    for start in range(0, len(images), self._chunk):
-      levels = self._maker.backbone_levels(images[start:start + self._chunk])
-      parts.append({key: [np.asarray(lv) for lv in last_levels(kind_levels,
-                                                                 self._glass.num_levels)]
-                    for key, kind_levels in self._maker.features_of(kinds, levels, refs,
-                                                                    projector).items()})
-    return {key: [np.concatenate(level) for level in zip(*(part[key] for part in parts))]
-            for key in parts[0]}, masks
 
 
 def score_method(name: str, settings: dict, train_levels, test_levels, image_size: int,
@@ -332,15 +95,6 @@ def _metrics(scores: np.ndarray, maps: np.ndarray, test_labels: np.ndarray,
   return result
 
 
-def load_projectors(workdir: Optional[str], kinds_needed: Sequence[str]) -> dict[str, Any]:
-  """The selected projector params of a run: {"angle": params, "norm": params}."""
-  out = {}
-  for kind in sorted(set(kinds_needed)):
-    params, _ = run_layout.load_best(workdir, kind)
-    out[kind] = jax.tree.map(jnp.asarray, params)
-  return out
-
-
 def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
              out_dir: Optional[str] = None, *, progress: bool = True,
              backbone=None, backbone_params=None) -> dict[str, Any]:
@@ -358,11 +112,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     `<out_dir>/results.json`.
   """
   from tqdm import tqdm
-  from adjax import reporting
+  from adjax.evaluate import reporting
   from adjax.compilation_cache import use_compilation_cache
-  from adjax.train import build_backbone, compute_dtype, split_classes
   from data_pipelines.eval_pipeline import load_eval_class
-  from data_pipelines.records import read_dataset
+  from data_pipelines.index import read_dataset
 
   t0 = time.perf_counter()
   ev = config.eval
@@ -391,18 +144,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   for method in methods:   # the settings together, as each kind will use them
     for kind in kinds:
       get_method(method, **method_settings_for(method, kind, method_settings))
+  # The methods that train on image-space texture anomalies (GLASS) when eval.glass_textures
+  # names a folder of texture photographs.
+  texture_methods = [m for m in methods if method_class(m).synthetic_inputs == "textures"]
   textures = None
-  if ev.get("glass_textures", "") and "glass" in methods:
+  if ev.get("glass_textures", "") and texture_methods:
     from data_pipelines.texture_anomalies import list_textures
     textures = list_textures(ev.glass_textures)
     if ev.get("glass_foreground", "") and not os.path.isdir(ev.glass_foreground):
       raise FileNotFoundError(f"eval.glass_foreground {ev.glass_foreground!r} is not a folder; "
                               "expected GLASS's foreground masks, <class>/<image name>")
-  elif ev.get("glass_foreground", "") and "glass" in methods:
+  elif ev.get("glass_foreground", "") and texture_methods:
     log.warning("eval.glass_foreground is set but eval.glass_textures is not: foreground "
                 "masks only apply to image-space texture anomalies; ignored")
   texture_refresh = bool(ev.get("glass_texture_refresh", False)) and textures is not None
-  if ev.get("glass_texture_refresh", False) and textures is None and "glass" in methods:
+  if ev.get("glass_texture_refresh", False) and textures is None and texture_methods:
     log.warning("eval.glass_texture_refresh is set but eval.glass_textures is not: it only "
                 "refreshes image-space texture anomalies; ignored")
   projector = {}
@@ -422,7 +178,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   os.makedirs(out_dir, exist_ok=True)
   done_so_far = eval_progress.EvaluationProgress(
       out_dir, eval_progress.evaluation_settings(config, backbone_params, projector), methods,
-      class_names, kinds, PER_DATASET_METHODS)
+      class_names, kinds, tuple(m for m in methods if method_class(m).per_dataset))
   results, done = done_so_far.results, done_so_far.done
   bar = tqdm(total=len(class_names) * len(methods), desc="evaluate", disable=not progress,
              dynamic_ncols=True)
@@ -438,7 +194,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     test_levels = maker.backbone_levels(data["test_images"])
     refs = reference_features(train_levels, int(ev.shots), ~data["train_noisy"], class_name)
     features = maker.kinds(kinds, train_levels, test_levels, refs, projector)
-    if aligned_dir and any(m in ALIGNED_METHODS for m in methods):
+    if aligned_dir and any(method_class(m).aligned_references for m in methods):
       table = os.path.join(aligned_dir, f"{class_name}.json")
       references = aligned_reference_indices(table, class_name, data["test_paths"],
                                              data["train_paths"])
@@ -448,9 +204,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
       for ckpt, params in projector.items():
         features[f"pretrained:{ckpt}:aligned"] = (None, maker.projected_levels(params, test))
     synthetic = None
-    if textures is not None and "glass" in pending:
+    if textures is not None and any(m in texture_methods for m in pending):
       glass_projector = {k: v for k, v in projector.items()
-                         if k == checkpoint_kind_for("glass", checkpoint_choice)}
+                         if k == checkpoint_kind_for(texture_methods[0], checkpoint_choice)}
       sets = GlassTextureSets(config, maker, data, class_name, train_levels, textures,
                               method_settings)
       synthetic = (sets, refs, glass_projector,
@@ -460,14 +216,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   def feature_key(method: str, kind: str) -> str:
     key = kind if kind != "pretrained" else \
         f"pretrained:{checkpoint_kind_for(method, checkpoint_choice)}"
-    if aligned_dir and method in ALIGNED_METHODS and kind != "original":
+    if aligned_dir and method_class(method).aligned_references and kind != "original":
       key += ":aligned"
     return key
 
   # UniAD is one model for all classes of a dataset: its training features are gathered while
   # the per-class methods run, and its test features are kept for scoring once it is fitted
   # (one backbone pass over the dataset, not two).
-  per_dataset = [m for m in methods if m in PER_DATASET_METHODS]
+  per_dataset = [m for m in methods if method_class(m).per_dataset]
   gathered: dict[tuple[str, str], list] = {}
   held: list[tuple[str, dict, dict]] = []   # (class, what scoring needs, test features)
 
@@ -475,7 +231,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
             state=None, synthetic=None) -> None:
     settings = method_settings_for(method, kind, method_settings)
     extras = None
-    if method == "glass" and synthetic is not None:
+    if method in texture_methods and synthetic is not None:
       sets, refs, glass_projector, (levels, masks) = synthetic
       key = feature_key(method, kind)
       extras = {"synthetic_levels": levels[key], "synthetic_masks": masks}
@@ -497,7 +253,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   # A per-dataset method is fitted on every class's features: all of it is redone unless done.
   per_dataset = [m for m in per_dataset if not all(done(m, c) for c in class_names)]
   for class_name in class_names:
-    pending = [m for m in methods if m not in PER_DATASET_METHODS and not done(m, class_name)]
+    pending = [m for m in methods
+               if not method_class(m).per_dataset and not done(m, class_name)]
     bar.update(len(methods) - len(pending) - len(per_dataset))
     if not pending and not per_dataset:
       continue
@@ -551,7 +308,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
              # CFLOW's and GLASS's numbers are each metric's best over test-set checks.
              "best_over_test": best_over_test,
              "means": mean_table(results)}
-  run_layout.write_json(os.path.join(out_dir, "results.json"), summary)
+  files.write_json(os.path.join(out_dir, "results.json"), summary)
   done_so_far.finish()
   return summary
 
@@ -579,7 +336,7 @@ def mean_table(results: dict) -> dict[str, dict[str, dict[str, float]]]:
 
 def _tsne(features, kinds, masks, backbone, out_dir, class_name, config):
   """The paper's figure: normal vs anomalous test tokens, original beside pretrained."""
-  from adjax import reporting
+  from adjax.evaluate import reporting
   from adjax.labels import token_labels
   level = len(backbone.level_strides) - 1  # the deepest level
   stride = backbone.level_strides[level]
@@ -599,43 +356,3 @@ def _tsne(features, kinds, masks, backbone, out_dir, class_name, config):
     reporting.plot_tsne(panels, os.path.join(out_dir, f"tsne_{class_name}.png"),
                         max_points=1000, seed=config.seed, max_iter=500,
                         title=f"{class_name}: test tokens (level {level + 1})")
-
-
-def make_selection_evaluator(config: ml_collections.ConfigDict, backbone, backbone_params, *,
-                             use_test: bool = False) -> Callable[[Any, float], dict]:
-  """Checkpoint selection during pretraining: mean image AUROC of PatchCore ("angle") and of
-  FeatureNorm ("norm") on pretrained features of the validation classes (or, to reproduce the
-  paper, of the test set)."""
-  from adjax.train import compute_dtype, split_classes
-  from data_pipelines.eval_pipeline import load_eval_class
-  from data_pipelines.records import read_dataset
-  fmt = config.eval.format if use_test else config.data.val_format
-  root = config.eval.root if use_test else config.data.val_root
-  classes = split_classes(config.eval.classes if use_test else config.data.val_classes)
-  records = read_dataset(fmt, root, classes)
-  maker = FeatureMaker(backbone, backbone_params, dtype=compute_dtype(config),
-                       num_heads=config.projector.num_heads,
-                       max_similarities=config.train.max_similarities)
-  prepared = []
-  for class_name in sorted({r.class_name for r in records}):
-    data = load_eval_class(records, class_name, image_size=config.image_size, seed=config.seed)
-    train_levels = maker.backbone_levels(data["train_images"])
-    test_levels = maker.backbone_levels(data["test_images"])
-    refs = reference_features(train_levels, int(config.eval.shots), ~data["train_noisy"],
-                              class_name)
-    prepared.append((maker.residual_levels(train_levels, refs),
-                     maker.residual_levels(test_levels, refs), data))
-
-  def evaluator(params: Any, epoch: float) -> dict[str, float]:
-    del epoch
-    scores = {"angle": [], "norm": []}
-    for res_train, res_test, data in prepared:
-      train_p = maker.projected_levels(params, res_train)
-      test_p = maker.projected_levels(params, res_test)
-      for kind, method in (("angle", "patchcore"), ("norm", "featurenorm")):
-        metrics, *_ = score_method(method, {}, train_p, test_p, config.image_size, config.seed,
-                                   data["test_labels"], data["test_masks"])
-        scores[kind].append(metrics["image_auroc"])
-    return {k: float(np.mean(v)) for k, v in scores.items()}
-
-  return evaluator

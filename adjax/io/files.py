@@ -1,0 +1,131 @@
+"""Files written so that a crash never leaves half of one: atomic writes, strict JSON.
+
+Every writer here writes a temporary file in the destination's folder and renames it over the
+destination, so a reader sees the old file or the whole new one. NaN and inf become null in
+JSON (bare NaN is not JSON: jq, browsers and strict parsers reject it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+
+def one_line(text: object) -> str:
+  """`text` with its whitespace runs (newlines included) folded to single spaces."""
+  return " ".join(str(text).split())
+
+
+@functools.lru_cache(maxsize=None)
+def _new_file_mode() -> int:
+  """The mode open() would give a new file: 0o666 less the umask (read once; os.umask can only
+  be read by setting it, so it is set straight back)."""
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
+def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = True) -> None:
+  """Calls `write(f)` on a temporary file beside `path`, then renames it over `path`.
+
+  The file gets the mode a plain open() would give it (mkstemp's are 0600: colleagues on a
+  shared file system could not read a run's outputs), and its data reaches the disk before
+  the rename, so that after a power loss `path` is either the old file or the whole new one.
+
+  Args:
+    path: destination; its folder is created if needed.
+    write: writes the content to the open file object it gets.
+    binary: open the temporary file in binary (True) or text mode.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
+  try:
+    with os.fdopen(fd, "wb" if binary else "w") as f:
+      write(f)
+      f.flush()
+      os.fchmod(f.fileno(), _new_file_mode())
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def without_non_finite(obj: Any) -> Any:
+  if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy / jax values
+    obj = obj.tolist()
+  if isinstance(obj, Mapping):
+    return {k: without_non_finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [without_non_finite(v) for v in obj]
+  return _finite_or_none(obj)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as indented JSON, atomically; NaN and inf become null (bare NaN is not
+  JSON: jq, browsers and strict parsers reject the file)."""
+  clean = without_non_finite(obj)
+  atomic_write(path, lambda f: json.dump(clean, f, indent=1, sort_keys=False,
+                                         default=json_default, allow_nan=False),
+               binary=False)
+
+
+def json_default(value: Any) -> Any:
+  # numpy / jax scalars and arrays that end up in metrics.
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  if isinstance(value, (set, frozenset)):
+    return sorted(value)
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_json(path: str) -> Any:
+  """Reads a JSON file, naming the file in the error when it is missing or malformed."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"file not found: {path}")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as err:
+      raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def _finite_or_none(value: Any) -> Any:
+  # NaN and inf are not JSON (json.dumps writes bare NaN, which jq and browsers reject).
+  if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+    return None
+  return value
+
+
+def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
+  """Appends one JSON line (metrics logs; an append of one short line needs no rename).
+  Non-finite numbers are written as null."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  record = without_non_finite(dict(record))
+  with open(path, "a") as f:
+    f.write(json.dumps(record, default=json_default, allow_nan=False) + "\n")
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Drops the lines of a metrics log whose "step" is after `last_step` (a run resumed from
+  an earlier checkpoint logs those steps again), atomically; a torn last line goes too."""
+  if not os.path.isfile(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if not isinstance(record, dict) or record.get("step", 0) <= last_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  atomic_write(path, lambda f: f.writelines(kept), binary=False)
