@@ -21,6 +21,7 @@ demo: $(VENV)/.runtime
 	$(BIN)/adjax demo $(ARGS)
 
 test: $(VENV)/.dev
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:

@@ -25,10 +25,8 @@ break the others.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -37,6 +35,7 @@ from typing import Any, Sequence
 from adjax.io import files
 from adjax.configs import loading as config_loading
 from adjax.errors import PREEMPTED_EXIT_STATUS, UserError
+from adjax.terminal_log import library_messages_on_stderr
 
 PROG = "adjax"
 COMMANDS = ("demo", "data", "refs", "centers", "pretrain", "evaluate", "export", "import",
@@ -123,8 +122,8 @@ def _cmd_data(args, overrides) -> int:
     return 0
   from data_pipelines.tfds_builders import pack_dataset, pack_summary
   classes = [c for c in args.classes.split(",") if c] if args.classes else None
-  builder_dir = pack_dataset(args.format, args.root, args.out, classes=classes, skip_bad=args.skip_bad,
-                     verify=not args.no_verify)
+  builder_dir = pack_dataset(args.format, args.root, args.out, classes=classes,
+                             skip_bad=args.skip_bad, verify=not args.no_verify)
   summary = pack_summary(builder_dir)
   _print_json({"builder_dir": builder_dir, "records": summary.get("records"),
                "skipped": len(summary.get("skipped", [])),
@@ -209,9 +208,9 @@ def _cmd_sweep(args, overrides) -> int:
 
 def _cmd_collect(args, overrides) -> int:
   del overrides
-  from adjax import sweep
+  from adjax import sweep_results
   metrics = [m for item in args.metric or [] for m in item.split(",") if m]
-  summary = sweep.collect(args.dir, out_dir=args.out, metrics=metrics or None)
+  summary = sweep_results.collect(args.dir, out_dir=args.out, metrics=metrics or None)
   _print_json({k: summary[k] for k in ("rows", "markdown", "csv", "plot")})
   return 0
 
@@ -365,50 +364,6 @@ def _command_of(argv: Sequence[str]) -> str | None:
   return None
 
 
-class _StderrLines(logging.Handler):
-  """Writes records as lines on stderr, above any progress bar (tqdm.write)."""
-
-  def emit(self, record: logging.LogRecord) -> None:
-    try:
-      from tqdm import tqdm
-      tqdm.write(self.format(record), file=sys.stderr)
-    except Exception:  # noqa: BLE001 (logging's own contract: report, do not raise)
-      self.handleError(record)
-
-
-class _PlainInfo(logging.Formatter):
-  """`adjax.part: message` for information, `adjax.part: warning: message` above it."""
-
-  def format(self, record: logging.LogRecord) -> str:
-    level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
-    return f"{record.name}: {level}{record.getMessage()}"
-
-
-@contextlib.contextmanager
-def _library_messages_on_stderr():
-  """The library's info messages (a run resumed, an evaluation continued) and warnings on
-  stderr, each once, while a command runs: otherwise info is dropped, and warnings go to
-  whatever handler the imports left on the root logger (orbax and grain install one). The
-  "adjax" logger is restored afterwards; a command run inside another keeps the outer setup."""
-  logger = logging.getLogger("adjax")
-  if any(isinstance(h, _StderrLines) for h in logger.handlers):
-    yield
-    return
-  saved = (logger.level, logger.propagate)
-  handler = _StderrLines()
-  handler.setFormatter(_PlainInfo())
-  logger.addHandler(handler)
-  if logger.getEffectiveLevel() > logging.INFO:   # a caller's DEBUG stays
-    logger.setLevel(logging.INFO)
-  logger.propagate = False
-  try:
-    yield
-  finally:
-    logger.removeHandler(handler)
-    logger.setLevel(saved[0])
-    logger.propagate = saved[1]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the `adjax` command.
 
@@ -421,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pretraining run, or a sweep's point, saved and stopped on SIGTERM).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
-  with _library_messages_on_stderr():
+  with library_messages_on_stderr():
     return _run(argv)
 
 

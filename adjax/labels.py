@@ -1,4 +1,4 @@
-"""Token labels from pixel masks, for the two pretraining losses (SPEC section 4).
+"""Token labels from pixel masks, for the two pretraining losses (docs/method.md section 4).
 
 The angle loss calls a token anomalous when more than `threshold` of the pixels of its
 `patch_size` x `patch_size` patch are set; the norm loss takes the mask pixel at the patch's

@@ -1,4 +1,4 @@
-"""Image and pixel metrics of anomaly detection (SPEC section 7).
+"""Image and pixel metrics of anomaly detection (docs/method.md section 7).
 
 All curves are built from one descending sort of the scores: cumulative sums of positives and
 negatives, read at the end of every group of tied scores (one point per distinct threshold),

@@ -1,4 +1,4 @@
-"""The optimiser of the recipe (SPEC section 5): Adam with coupled L2 weight decay.
+"""The optimiser of the recipe (docs/method.md section 5): Adam with coupled L2 weight decay.
 
 torch.optim.Adam's `weight_decay` adds wd * param to the gradient *before* the moments (not
 AdamW's decoupled decay), so the chain is add_decayed_weights -> scale_by_adam -> learning rate.

@@ -1,4 +1,5 @@
-"""Residual features (SPEC section 2): each token minus its nearest normal reference feature.
+"""Residual features (docs/method.md section 2): each token minus its nearest normal reference
+feature.
 
 The nearest reference is the one with the largest cosine similarity (ties: the lowest index).
 References are either shared by the whole batch, (N, C), as in evaluation where a class has one

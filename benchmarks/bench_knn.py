@@ -5,7 +5,7 @@ script checks that they agree (same nearest index, or an equally near one, and t
 squared distance up to float rounding). faiss is a benchmark-only dependency.
 
   python benchmarks/bench_knn.py                       # 200k x 1024 bank, 2048 queries
-  python benchmarks/bench_knn.py --bank 1000000        # the SPEC's scale (4 GB bank)
+  python benchmarks/bench_knn.py --bank 1000000        # docs/method.md's scale (4 GB bank)
 
 The coreset part times PatchCore's greedy k-centre selection (random projection to 128-d,
 10 start points, `--coreset-ratio` of `--coreset-bank` points), compile time reported apart.

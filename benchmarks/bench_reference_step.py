@@ -2,7 +2,7 @@
 same-hour comparison with `bench_step.py` (this machine's speed drifts by up to 30 % between
 hours, so a ratio of two runs minutes apart says more than a ratio to a figure measured once).
 
-The model is `tests/torch_reference.py`: the SPEC's projector in the reference's layout with
+The model is `tests/torch_reference.py`: docs/method.md's projector in the reference's layout with
 its per-image loop (reference tokens, keys and values projected again for every image), the
 angle loss with boolean indexing and dense similarities, the norm loss, and torch's Adam with
 coupled weight decay: projector on both views, angle + norm(view 1) + norm(view 2) per level,
@@ -29,7 +29,8 @@ import numpy as np
 
 from _step_sizes import PATCH, add_step_size_arguments, benchmark_masks
 
-PATCH_ANOMALOUS_PIXELS = 32   # SPEC section 4: a token is anomalous above 32 of 196 pixels
+# docs/method.md section 4: a token is anomalous above 32 of 196 pixels.
+PATCH_ANOMALOUS_PIXELS = 32
 
 
 def main() -> None:

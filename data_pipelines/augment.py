@@ -1,4 +1,4 @@
-"""Colour augmentation of the pretraining views (SPEC section 5), in numpy, seeded.
+"""Colour augmentation of the pretraining views (docs/method.md section 5), in numpy, seeded.
 
 The recipe is torchvision's: RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8),
 RandomGrayscale(p=0.2), RandomApply(GaussianBlur(sigma in [0.1, 2]), p=0.5). The jitter factors

@@ -1,6 +1,7 @@
 """The evaluation data of one class: normal training images (all or k-shot) and the test set.
 
-Images are resized and centre-cropped as SPEC section 1 says (`images.load_record`); masks are
+Images are resized and centre-cropped as docs/method.md section 1 says (`images.load_record`);
+masks are
 binarised to {0, 1}. Everything is loaded into memory (the evaluation sets are small), with a
 few threads because PIL releases the GIL while decoding.
 """

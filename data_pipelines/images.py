@@ -2,7 +2,8 @@
 
 Every image that enters adjax goes through `decode_image` (any PIL mode to RGB uint8) and every
 mask through `decode_mask` (any mode to a boolean array, non-zero = anomalous). Resizing follows
-SPEC section 1 the way torchvision does it on PIL images: the short side to `size` with bicubic
+docs/method.md section 1 the way torchvision does it on PIL images: the short side to `size` with
+bicubic
 (PIL's antialiased filter), the long side to int(size * long / short), then a centre crop whose
 offset is round((side - size) / 2). Masks are binarised first and resized with nearest neighbour
 so they stay binary.
@@ -140,7 +141,7 @@ def resize_center_crop(image: np.ndarray, size: int, *, resample: int = Image.BI
     size: output side in pixels.
     resample: PIL filter; bicubic for images, nearest for masks.
     resize: short side before the crop (e.g. 256 for the reference's Resize(256) +
-      CenterCrop(224) of PatchCore and PaDiM on MVTec AD); None: `size` (SPEC section 1).
+      CenterCrop(224) of PatchCore and PaDiM on MVTec AD); None: `size` (docs/method.md section 1).
 
   Returns:
     (size, size, 3) or (size, size) uint8.
@@ -168,7 +169,7 @@ def preprocess_pair(image_bytes: bytes, mask_bytes: bytes | None, size: int, *,
   Args:
     image_bytes: encoded image.
     mask_bytes: encoded mask, or None for a normal image (an all-zero mask).
-    size: output side (SPEC section 1: 224).
+    size: output side (docs/method.md section 1: 224).
     image_path, mask_path: names for error messages.
     resize: short side before the centre crop (None: `size`; see resize_center_crop).
 

@@ -1,4 +1,4 @@
-"""The pretraining input pipeline (SPEC section 5) on grain.
+"""The pretraining input pipeline (docs/method.md section 5) on grain.
 
 Every batch is a pure function of (seed, shard, step): the pipeline is a grain `MapDataset`
 over example indices j = step * batch_size + slot, mapped by `PretrainExample` and batched.
@@ -369,7 +369,7 @@ def make_pretrain_loader(records: Sequence[Record], *, image_size: int, batch_si
     max_shots: static number of reference slots.
     anomaly_share: share of anomalous images per batch (at least one); None: the index's.
     augment: colour-augment the two views (False: both views are the plain image).
-    patch_size, label_threshold: token label settings (SPEC section 4).
+    patch_size, label_threshold: token label settings (docs/method.md section 4).
     seed: the seed of every random choice.
     shard_index, shard_count: this host's shard (jax.process_index(), jax.process_count()).
     num_workers: 0 runs in this process (with `num_threads` prefetch threads); > 0 uses grain

@@ -1,4 +1,5 @@
-"""A downstream method on a dataset, on original and on pretrained features (SPEC section 6).
+"""A downstream method on a dataset, on original and on pretrained features (docs/method.md section
+6).
 
 Arguments (comma-separated): `method=patchcore|padim|featurenorm|cflow|uniad|glass` (default
 patchcore), `dataset=mvtec|visa|btad|mpdd|mvtec3d` (default mvtec), `backbone=` one of the

@@ -1,4 +1,5 @@
-"""Pretraining the projector on RealIAD with one of the paper's five backbones (SPEC 1 and 5).
+"""Pretraining the projector on RealIAD with one of the paper's five backbones (docs/method.md
+sections 1 and 5).
 
 Arguments (comma-separated): `backbone=dinov2-base|dinov2-large|clip-base|clip-large|imagebind`
 (default dinov2-base), `runlocal` (EfficientNet-Lite0 on the embedded dataset, 128 px, batch 8,

@@ -4,7 +4,8 @@ Used by test_train.py in subprocesses (XLA_FLAGS and jax.distributed must be set
 jax starts):
   python multidevice_step.py OUT [--devices 1,8]   one process; OUT_1.npz, OUT_8.npz: meshes of
                                                     1 and of 8 devices
-  JAX_COORDINATOR_ADDRESS=... JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i python multidevice_step.py OUT.npz
+  JAX_COORDINATOR_ADDRESS=... JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i python multidevice_step.py
+  OUT.npz
 Every process builds the same global batch from a seed and contributes its own rows.
 """
 

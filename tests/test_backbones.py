@@ -83,7 +83,7 @@ def test_registry_lists_names_and_rejects_unknown():
 
 
 def test_paper_configurations_match_spec():
-  """Dims, strides, grids and constants of SPEC section 1 (shapes only, no weights)."""
+  """Dims, strides, grids and constants of docs/method.md section 1 (shapes only, no weights)."""
   expected = {"dinov2-base": (768, 14, 16, 12), "dinov2-large": (1024, 14, 16, 24),
               "clip-base": (768, 16, 14, 12), "clip-large": (1024, 14, 16, 24),
               "imagebind": (1280, 14, 16, 32)}

@@ -194,7 +194,8 @@ def test_partial_results_are_kept_only_for_the_same_settings(tmp_path):
   difference); refused when a setting, the backbone's or a shared projector's parameters
   differ. Results outside a run are carried in the file; a per-dataset method's only count for
   the classes it was fitted on."""
-  from adjax import configs, eval_progress
+  from adjax import configs
+  from adjax.evaluate import progress as eval_progress
   config = configs.default_config()
   backbone = {"stem": {"w": np.ones((2, 2))}}
   projectors = {"norm": {"l1_proj": {"w": np.arange(6.0).reshape(2, 3)}}}

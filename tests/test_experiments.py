@@ -64,7 +64,7 @@ def test_pretrain_variants(backbone):
   dims = get_backbone(backbone).level_dims
   assert c.backbone.name == backbone and c.image_size == 224
   assert all(d % c.projector.num_heads == 0 for d in dims)
-  # The paper's recipe is untouched (SPEC 5), compared with the default config.
+  # The paper's recipe is untouched (docs/method.md section 5), compared with the default config.
   ref = default_config()
   for key in ("data.batch_size", "data.shots", "optim.lr", "optim.weight_decay",
               "optim.epochs", "optim.decay_epochs", "loss.temperature",
@@ -87,7 +87,8 @@ def test_pretrain_rejects_unknown_arguments():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_downstream_variants(method):
-  expected_checkpoint = "angle" if method in ("patchcore", "padim") else "norm"  # SPEC 6
+  # docs/method.md section 6
+  expected_checkpoint = "angle" if method in ("patchcore", "padim") else "norm"
   for dataset in DATASETS:
     c = _load("downstream.py", f"method={method},dataset={dataset}")
     assert c.eval.methods == (method,) and c.eval.format == dataset
@@ -339,7 +340,8 @@ def test_sweep_bad_points_fail_before_anything_runs(toy, capsys):
   assert "sweep point 'z'" in line and "unknown config key 'valu'" in line
   assert _calls(sweep_dir) == []
   assert main(["sweep", f"{path}:nope", "--workdir", sweep_dir]) == 2
-  assert "has no sweep function 'nope'; it has: preempt_sweep, toy_sweep, typo_sweep" in capsys.readouterr().err
+  assert ("has no sweep function 'nope'; it has: preempt_sweep, toy_sweep, typo_sweep"
+          in capsys.readouterr().err)
   assert main(["sweep", path, "--workdir", sweep_dir]) == 2
   assert "--sweep NAME" in capsys.readouterr().err
 

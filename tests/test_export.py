@@ -1,4 +1,4 @@
-"""Projector weights to and from PyTorch: `adjax export` / `adjax import` (adjax/export.py).
+"""Projector weights to and from PyTorch: `adjax export` / `adjax import` (adjax/interop.py).
 
 Exported files are loaded into the independent PyTorch projector of tests/torch_reference.py
 with strict=True and must give adjax's outputs; imported reference checkpoints must give the
@@ -21,7 +21,8 @@ from adjax.io import files
 from adjax import run_layout
 from adjax.cli import main
 from adjax.models.projector_torch import projector_from_torch, projector_to_torch
-from adjax.interop import pth_bytes, read_run_params
+from adjax.checkpointing import read_run_params
+from adjax.io.pth_writer import pth_bytes
 from adjax.models.projector import project
 from torch_reference import Projector
 
@@ -295,11 +296,11 @@ def test_written_files_have_the_mode_of_a_plain_open(trained_run, tmp_path):
   # mkstemp creates 0600 files: exported weights and run files must be readable by the
   # colleagues the umask lets read them.
   from adjax.io.safetensors import save_safetensors
-  from adjax.interop import write_pth
+  from adjax.io.pth_writer import write_pth
   _, angle, _ = trained_run
   state_dict = projector_to_torch(angle)
   old = os.umask(0o027)
-  run_layout._new_file_mode.cache_clear()
+  files._new_file_mode.cache_clear()
   try:
     paths = [str(tmp_path / name) for name in ("a.json", "b.safetensors", "c.pth", "d.pth")]
     files.write_json(paths[0], {"a": 1})
@@ -314,4 +315,4 @@ def test_written_files_have_the_mode_of_a_plain_open(trained_run, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
   finally:
     os.umask(old)
-    run_layout._new_file_mode.cache_clear()
+    files._new_file_mode.cache_clear()

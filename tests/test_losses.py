@@ -80,7 +80,7 @@ def test_angle_loss_labels_change_without_recompiling():
 
 
 def _dense_angle(e1, e2, labels, temp):
-  """The loss of SPEC section 4 written densely in jax.numpy (a masked logsumexp)."""
+  """The loss of docs/method.md section 4 written densely in jax.numpy (a masked logsumexp)."""
   import jax.numpy as jnp
 
   def value(a, b):
@@ -133,7 +133,7 @@ def test_norm_loss_golden(regime):
 
 
 def _norm_loss_numpy(features, labels):
-  """Independent numpy transcription of SPEC section 4 with boolean indexing."""
+  """Independent numpy transcription of docs/method.md section 4 with boolean indexing."""
   a = np.sqrt(np.linalg.norm(features, axis=1) + 1) - 1
   labels = labels.astype(bool)
   r_max = min(0.9 * a[labels].min(), 0.4) if labels.any() else 0.4
@@ -172,7 +172,8 @@ def test_norm_loss_radius_carries_no_gradient():
   b = r_max + 0.75
   # d/dA [softplus(b - A) * const] = -sigmoid(b - A) * exp(b - A); dA/de = e / (2 |e| sqrt(|e|+1))
   norm = np.linalg.norm(feats[2])
-  expected = -(1 / (1 + np.exp(-(b - a)))) * np.exp(b - a) * feats[2] / (2 * norm * np.sqrt(norm + 1))
+  expected = (-(1 / (1 + np.exp(-(b - a)))) * np.exp(b - a) * feats[2]
+              / (2 * norm * np.sqrt(norm + 1)))
   np.testing.assert_allclose(np.asarray(grad)[2], expected, rtol=1e-4)
 
 

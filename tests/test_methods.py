@@ -1,4 +1,5 @@
-"""Downstream detectors on generated features with defects they must find (SPEC section 6).
+"""Downstream detectors on generated features with defects they must find (docs/method.md section
+6).
 
 Normal samples are a smooth random field shared by all images (the "object") plus small
 noise; anomalous samples add a localized blob along a random direction. The shared pieces are

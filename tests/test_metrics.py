@@ -1,4 +1,5 @@
-"""Metrics against scikit-learn, brute force and the reference's own loop (SPEC section 7)."""
+"""Metrics against scikit-learn, brute force and the reference's own loop (docs/method.md
+section 7)."""
 
 from __future__ import annotations
 

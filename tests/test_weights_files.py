@@ -140,7 +140,7 @@ def test_cache_notices_a_same_size_replacement_that_keeps_the_mtime(tmp_path):
 
 # ----------------------------------------------------------------------- 5. projector import
 def _projector_state(dim: int = 32, refs: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
-  """One level, one layer, with the shapes of SPEC section 3 (S = 8 for 4C = 128)."""
+  """One level, one layer, with the shapes of docs/method.md section 3 (S = 8 for 4C = 128)."""
   rng = np.random.default_rng(seed)
   mlp, se = 4 * dim, 8
   shapes = {"x_ref": (1, refs, dim), "ref_proj.project.weight": (dim, dim, 1),

@@ -1,6 +1,7 @@
-"""An independent PyTorch definition of the reference projector (SPEC section 3), for tests.
+"""An independent PyTorch definition of the reference projector (docs/method.md section 3), for
+tests.
 
-Written from the SPEC, in the reference's layout (channels-first, per-image loop over the
+Written from docs/method.md, in the reference's layout (channels-first, per-image loop over the
 reference tokens as the reference does), so that exported weights can be loaded with
 `load_state_dict(strict=True)` and the outputs compared with adjax's.
 """
@@ -111,10 +112,12 @@ def angle_loss_dense(e1, e2, mask, center=None, temp=0.15):
 
 
 def norm_loss(e, mask):
-  """The norm-oriented loss (SPEC section 4) with boolean indexing, as the reference writes it."""
+  """The norm-oriented loss (docs/method.md section 4) with boolean indexing, as the reference
+  writes it."""
   a = torch.sqrt(e.norm(dim=1) + 1) - 1
   labels = mask.bool()
-  r_max = torch.clamp(0.9 * a[labels].min().detach(), max=0.4) if labels.any() else torch.tensor(0.4)
+  r_max = (torch.clamp(0.9 * a[labels].min().detach(), max=0.4) if labels.any()
+           else torch.tensor(0.4))
   r_min = 0.99 * r_max
   bound = r_max + 0.75
 

@@ -1,4 +1,4 @@
-"""The default configuration: the paper's pretraining recipe (SPEC section 5).
+"""The default configuration: the paper's pretraining recipe (docs/method.md section 5).
 
 Experiment files in `experiments/` start from `default_config()` and override fields; the
 command line overrides any field as `--config.path.to.field=value`.
@@ -104,5 +104,6 @@ def default_config() -> ml_collections.ConfigDict:
                                        # (selection on the test set; to reproduce its tables)
   c.eval.batch_size = 16
   c.eval.tsne = True
-  c.eval.method_settings = ml_collections.ConfigDict()   # e.g. {"patchcore": {"coreset_ratio": 0.1}}
+  # Per method, e.g. {"patchcore": {"coreset_ratio": 0.1}}.
+  c.eval.method_settings = ml_collections.ConfigDict()
   return c

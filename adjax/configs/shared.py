@@ -26,9 +26,10 @@ def paper_backbones() -> dict[str, dict]:
   return table
 
 
-# The downstream datasets (SPEC section 6) and the reader format of each.
+# The downstream datasets (docs/method.md section 6) and the reader format of each.
 DATASETS = ("mvtec", "visa", "btad", "mpdd", "mvtec3d")
-# The paper's downstream methods, and the selected checkpoint each uses (SPEC section 6: the
+# The paper's downstream methods, and the selected checkpoint each uses (docs/method.md section 6:
+# the
 # PatchCore-selected "angle" one for PatchCore and PaDiM, the FeatureNorm-selected "norm" one
 # for the rest).
 METHOD_CHECKPOINT = {"patchcore": "angle", "padim": "angle", "featurenorm": "norm",
@@ -100,7 +101,8 @@ def pretrain_config(arg: str | None = None) -> ml_collections.ConfigDict:
   `backbone=NAME`, `runlocal`, `data=DIR`."""
   args = parse_arg(arg, backbone="dinov2-base", runlocal=False, data="")
   c = base_config(args["backbone"])
-  # The paper's recipe (SPEC 5) is default_config's: RealIAD, batch 32, shots {1, 4, 8}, Adam
+  # The paper's recipe (docs/method.md section 5) is default_config's: RealIAD, batch 32, shots {1,
+  # 4, 8}, Adam
   # 1e-4 with coupled L2 5e-4, lr x0.1 after epochs 7 and 9, 10 epochs, bfloat16; checkpoints
   # selected every epoch by PatchCore ("angle") and FeatureNorm ("norm") on held-out classes.
   c.data.pretrain_format = "realiad"

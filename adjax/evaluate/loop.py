@@ -1,4 +1,5 @@
-"""`adjax evaluate`: downstream detectors on original and pretrained features (docs/method.md section 6).
+"""`adjax evaluate`: downstream detectors on original and pretrained features (docs/method.md
+section 6).
 
 For every evaluation class: backbone features of its normal training images and of its test
 images are computed once; from them the feature kinds are derived:

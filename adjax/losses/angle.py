@@ -1,4 +1,4 @@
-"""Angle-oriented contrastive loss (SPEC section 4), blocked so that memory stays bounded.
+"""Angle-oriented contrastive loss (docs/method.md section 4), blocked so that memory stays bounded.
 
 For features of the same N tokens under two views, u = normalize(e1 - c), v = normalize(e2 - c)
 and F = [u; v] with labels [m; m]. Row a of F has the positive <u_i, v_i> / tau and its

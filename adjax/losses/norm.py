@@ -1,4 +1,4 @@
-"""Norm-oriented contrastive loss (SPEC section 4).
+"""Norm-oriented contrastive loss (docs/method.md section 4).
 
 A_i = sqrt(||e_i|| + 1) - 1 is a token's anomaly score. Normal tokens are pulled into the band
 [r_min, r_max] and anomalous tokens pushed beyond r_max + 0.75, each term a softplus weighted by

@@ -1,4 +1,4 @@
-"""Downstream anomaly detectors (SPEC section 6), by name.
+"""Downstream anomaly detectors (docs/method.md section 6), by name.
 
 Every method is a frozen dataclass of its settings with the same interface:
 
@@ -46,7 +46,7 @@ def method_class(name: str) -> type:
 
 
 def get_method(name: str, **overrides: Any):
-  """The method `name` with its SPEC defaults, changed by `overrides`.
+  """The method `name` with its defaults (docs/method.md section 6), changed by `overrides`.
 
   Args:
     name: one of METHODS (case-insensitive).

@@ -1,4 +1,4 @@
-"""CFLOW-AD: conditional normalising flows on feature tokens (SPEC section 6).
+"""CFLOW-AD: conditional normalising flows on feature tokens (docs/method.md section 6).
 
 One flow per level (the last 3): 8 FrEIA-style all-in-one coupling blocks, each
   x1, x2 = split(x)  (x1 has C - C//2 channels)
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class CFlow(MethodFacts):
-  """Settings of CFLOW (defaults: SPEC section 6 and the reference).
+  """Settings of CFLOW (defaults: docs/method.md section 6 and the reference).
 
   Attributes:
     num_levels: use the last this many levels.

@@ -1,4 +1,4 @@
-"""Pieces the downstream detectors share (SPEC section 6).
+"""Pieces the downstream detectors share (docs/method.md section 6).
 
 Everything here is a pure function of arrays. The resampling operators (bilinear upsampling,
 Gaussian smoothing, adaptive average pooling) are linear maps along one axis, so each is built
@@ -69,7 +69,7 @@ def check_levels(levels: Any, what: str, *, min_levels: int = 1) -> list:
 def last_levels(levels: Sequence[Any], n: int | None) -> list:
   """The last `n` levels (all when n is None or there are fewer than n).
 
-  The SPEC names levels for K = 4 backbones (PatchCore 2-4, CFLOW the last 3, GLASS the last
+  docs/method.md names levels for K = 4 backbones (PatchCore 2-4, CFLOW the last 3, GLASS the last
   2): all of these are "the last n", which is also the sensible choice for backbones that give
   fewer levels (the deepest ones carry the most semantic information).
   """

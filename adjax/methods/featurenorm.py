@@ -1,4 +1,4 @@
-"""FeatureNorm: the norm of a (pretrained) feature is its anomaly score (SPEC section 6).
+"""FeatureNorm: the norm of a (pretrained) feature is its anomaly score (docs/method.md section 6).
 
 The norm-oriented loss of the pretraining pushes normal residual features towards a small
 norm and anomalous ones beyond a margin, so no training is needed downstream: a token's score
@@ -23,9 +23,9 @@ class FeatureNorm(MethodFacts):
   """Settings of FeatureNorm.
 
   Attributes:
-    sigma: Gaussian smoothing of the map in pixels (SPEC: 4).
-    num_levels: use the last this many levels (None: all, as the SPEC says).
-    align_corners: bilinear upsampling mode (SPEC: align corners).
+    sigma: Gaussian smoothing of the map in pixels (docs/method.md: 4).
+    num_levels: use the last this many levels (None: all, as docs/method.md says).
+    align_corners: bilinear upsampling mode (docs/method.md: align corners).
   """
   aligned_references = True   # the reference's FeatureNorm evaluation (val_norm.py) does
   sigma: float = 4.0

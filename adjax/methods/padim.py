@@ -1,6 +1,7 @@
 """PaDiM: one Gaussian per grid position and level, scored by Mahalanobis distance.
 
-SPEC section 6 (and the reference's padim/train_val.py): all 4 levels, each on its own; per
+docs/method.md section 6 (and the reference's padim/train_val.py): all 4 levels, each on its own;
+per
 grid position the mean and the unbiased covariance + 0.01 I of the training features; a test
 token's score is sqrt((x - mu)^T Sigma^-1 (x - mu)); each level's map is upsampled bilinearly
 (align corners) to the image, the levels averaged, smoothed with a Gaussian of sigma 4; the
@@ -27,7 +28,7 @@ from adjax.methods import common
 
 @dataclasses.dataclass(frozen=True)
 class PaDiM(MethodFacts):
-  """Settings of PaDiM (defaults: SPEC section 6).
+  """Settings of PaDiM (defaults: docs/method.md section 6).
 
   Attributes:
     eps: ridge added to every covariance.

@@ -1,6 +1,7 @@
 """PatchCore: a memory bank of locally aware patch features, scored by nearest neighbour.
 
-SPEC section 6: levels 2 to 4 (the last 3), each token's 3 x 3 neighbourhood average-pooled to
+docs/method.md section 6: levels 2 to 4 (the last 3), each token's 3 x 3 neighbourhood
+average-pooled to
 1024 per level and the levels pooled again to 1024; the bank is every training token reduced
 to 10 % by greedy k-centre selection in a random 128-d projection (10 random start points);
 a token's score is the squared L2 distance to its nearest bank vector, the image score the
@@ -22,7 +23,7 @@ from adjax.methods import common, knn
 
 @dataclasses.dataclass(frozen=True)
 class PatchCore(MethodFacts):
-  """Settings of PatchCore (defaults: SPEC section 6).
+  """Settings of PatchCore (defaults: docs/method.md section 6).
 
   Attributes:
     coreset_ratio: share of training tokens kept in the bank (1.0: no coreset).

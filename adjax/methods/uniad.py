@@ -1,4 +1,5 @@
-"""UniAD: one feature-reconstruction transformer for all classes of a dataset (SPEC section 6).
+"""UniAD: one feature-reconstruction transformer for all classes of a dataset (docs/method.md
+section 6).
 
 The levels (resized bilinearly, align_corners True, to the first level's grid when they
 differ) are concatenated along channels, projected to `hidden_dim` (512), and reconstructed by
@@ -48,7 +49,7 @@ from adjax.methods import common
 
 @dataclasses.dataclass(frozen=True)
 class UniAD(MethodFacts):
-  """Settings of UniAD (defaults: SPEC section 6 and UniAD's MVTec config).
+  """Settings of UniAD (defaults: docs/method.md section 6 and UniAD's MVTec config).
 
   Attributes:
     hidden_dim: transformer width.

@@ -1,4 +1,4 @@
-"""The ADPretrain feature projector (SPEC section 3): one block per feature level.
+"""The ADPretrain feature projector (docs/method.md section 3): one block per feature level.
 
 A block holds learnable reference tokens. Each image token attends to their projection
 (query = token, key = value = projected reference tokens) and the attention output is

@@ -1,15 +1,16 @@
-"""Projector weights to and from the PyTorch reference's state_dict (SPEC section 3).
+"""Projector weights to and from the PyTorch reference's state_dict (docs/method.md section 3).
 
 The reference keys (per level k = 1..K, per layer i) and our tree paths:
 
-  l{k}_proj.x_ref                          (1, R, C)   x_ref                       (R, C)
-  l{k}_proj.ref_proj.project.weight/bias   (C, C, 1)   ref_proj/kernel, bias       (C, C) transposed
-  l{k}_proj.layers.{i}.cross_attn.in_proj_weight/bias  (3C, C)  layers_{i}/cross_attn/{query,key,value}
-  l{k}_proj.layers.{i}.cross_attn.out_proj.weight/bias (C, C)   layers_{i}/cross_attn/out
-  l{k}_proj.layers.{i}.mlp.fc1 / fc2 / se.fc1 / se.fc2          layers_{i}/mlp/fc1, fc2, se/fc1, se/fc2
+  l{k}_proj.x_ref                                  (1, R, C)  x_ref                    (R, C)
+  l{k}_proj.ref_proj.project.weight/bias           (C, C, 1)  ref_proj/kernel, bias    (C, C)^T
+  l{k}_proj.layers.{i}.cross_attn.in_proj_weight   (3C, C)    layers_{i}/cross_attn/{query,
+                                                               key,value}
+  l{k}_proj.layers.{i}.cross_attn.out_proj.weight  (C, C)     layers_{i}/cross_attn/out
+  l{k}_proj.layers.{i}.mlp.fc1 / fc2 / se.fc1 / se.fc2        layers_{i}/mlp/fc1, fc2, se/...
 
 Linear weights are (out, in) in PyTorch and kernels are (in, out) here. Every shape is checked
-against the one SPEC section 3 gives for the level's C (read from x_ref), MLP width 4C and
+against the one docs/method.md section 3 gives for the level's C (read from x_ref), MLP width 4C and
 squeeze-excite width se_hidden_dim(4C) included.
 """
 
@@ -60,7 +61,7 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _expected_shapes(level: int, depth: int, num_ref: int, dim: int
                      ) -> dict[str, tuple[int, ...]]:
-  """Every key of level ``level`` with its PyTorch shape (SPEC section 3), from R and C.
+  """Every key of level ``level`` with its PyTorch shape (docs/method.md section 3), from R and C.
 
   The MLP width is 4C and the squeeze-excite width se_hidden_dim(4C), as the model builds
   them: reading widths from the file instead would accept weights that ``project`` cannot run
@@ -98,7 +99,8 @@ def projector_from_torch(state_dict: Mapping[str, Any]) -> Params:
 
   Raises:
     ValueError: naming any missing, unexpected or mis-shaped key (with the shape found and the
-      shape SPEC section 3 gives for the level's channel count C), or a level without layers.
+      shape docs/method.md section 3 gives for the level's channel count C), or a level
+      without layers.
   """
   raw = _unwrap(state_dict)
   if not any(_LEVEL_KEY.match(str(key)) for key in raw):
@@ -139,7 +141,8 @@ def projector_from_torch(state_dict: Mapping[str, Any]) -> Params:
       if sd[key].shape != shape:
         raise ValueError(
             f"projector state_dict key {key!r} has shape {sd[key].shape}, expected {shape} "
-            f"(C = {dim} from {prefix + 'x_ref'!r} of shape {x_ref.shape}, SPEC section 3)")
+            f"(C = {dim} from {prefix + 'x_ref'!r} of shape {x_ref.shape}, docs/method.md "
+            "section 3)")
 
     tree: Params = {
         "x_ref": x_ref[0],

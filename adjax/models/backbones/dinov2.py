@@ -7,7 +7,7 @@ transformers >= 5 saves them; optionally under a ``dinov2.`` prefix). A DINOv2 t
 checkpoint (``backbone.*`` beside ``dino_head.*`` / ``ibot_head.*``) and a Hugging Face
 ``Dinov2ForImageClassification`` file (``dinov2.*`` beside ``classifier.*``) load too, their
 heads ignored. The 37 x 37 position
-table (trained at 518 px) is resampled for the input grid as the official code does (SPEC
+table (trained at 518 px) is resampled for the input grid as the official code does (docs/method.md
 section 1).
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from adjax.io import mapping
 from adjax.models.backbones import base
 from adjax.models.backbones import vit
 
-# name -> width, depth, heads, taps. Taps: SPEC section 1 (1-based, before the final norm).
+# name -> width, depth, heads, taps. Taps: docs/method.md section 1 (1-based, before the final
+# norm).
 CONFIGS: dict[str, dict[str, Any]] = {
     "dinov2-base": dict(width=768, depth=12, heads=12, taps=(3, 6, 9, 12)),
     "dinov2-large": dict(width=1024, depth=24, heads=16, taps=(6, 12, 18, 24)),
