@@ -160,10 +160,22 @@ def _exact_search(queries: jax.Array, bank: jax.Array, *, k: int, query_block: i
   return d.reshape(-1, k)[:q_n], i.reshape(-1, k)[:q_n]
 
 
-def _bf16_split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """x as hi + lo in bfloat16 (hi = bf16(x), lo = bf16(x - hi); x - hi is exact in float32)."""
+def _screen_operand(x: jax.Array, passes: int, *, bank: bool) -> jax.Array:
+  """The bfloat16 operand of a screening product, (N, passes x D): bf16(x) (passes 1), or for
+  the three-term split q.b ~ hi.HI + hi.LO + lo.HI, [hi, hi, lo] of queries and [HI, LO, HI]
+  of bank rows, where hi = bf16(x) and lo = bf16(x - hi) (x - hi is exact in float32)."""
   hi = x.astype(jnp.bfloat16)
-  return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  if passes == 1:
+    return hi
+  lo = (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  return jnp.concatenate([hi, lo, hi] if bank else [hi, hi, lo], axis=1)
+
+
+def _screen_scores(q_op: jax.Array, b_op: jax.Array, b_sq: jax.Array) -> jax.Array:
+  """s~ = |b|^2 - 2 q~.b~ (Q, B) float32: the squared distance less |q|^2, from bfloat16
+  operands, accumulated in float32 (the form XLA:CPU runs on the matrix units)."""
+  return b_sq[None, :] - 2.0 * lax.dot_general(q_op, b_op, _NT,
+                                                 preferred_element_type=jnp.float32)
 
 
 def _score_error_bound(passes: int, dim: int, q_norm: jax.Array, b_norm_max: jax.Array,
@@ -177,7 +189,8 @@ def _score_error_bound(passes: int, dim: int, q_norm: jax.Array, b_norm_max: jax
   float32 sum of passes x dim exact bfloat16 products errs by at most gamma (their absolute
   sum), taking 2^-23 per addition so that round-to-odd or truncating accumulators (matrix
   units) are covered; Cauchy-Schwarz turns sum |q_i b_i| into |q| |b|. The float32 norms err
-  by gamma |x|^2 and the final subtraction by 2^-24 of its operands.
+  by gamma |x|^2 and the final subtraction by 2^-24 of its operands; rounding q and b after
+  centring them moves |q - b|^2 by at most 2^-23 (|q| + |b|)^2 (norms of the centred vectors).
   """
   u = _U_BF16
   rep = 2 * u + u * u if passes == 1 else u * u * (3 + 6 * u + 4 * u * u)
@@ -187,7 +200,8 @@ def _score_error_bound(passes: int, dim: int, q_norm: jax.Array, b_norm_max: jax
   c_dot = rep + gamma * mag
   qb = q_norm * b_norm_max
   bound = (2 * c_dot * qb + gamma * (b_norm_max ** 2 + q_sq)
-           + 2 * _U_F32 * (b_norm_max ** 2 + 2 * qb))
+           + 2 * _U_F32 * (b_norm_max ** 2 + 2 * qb)
+           + 4 * _U_F32 * (q_norm + b_norm_max) ** 2)
   # 1 % for the float32 evaluation of this and of the test it enters; an absolute term for
   # flushed subnormal products.
   return 1.01 * bound + n * 2.0 ** -100
@@ -198,24 +212,25 @@ def _screened_search(queries: jax.Array, bank: jax.Array, *, k: int, passes: int
                      query_block: int, bank_block: int):
   """Screened exact search: (distances (Q, k), indices (Q, k), verified (Q,) bool).
 
-  A bfloat16 pass (`passes` 1, or 3 for the split) scores s~ = |b|^2 - 2 q~.b~, keeping per
-  query the k + _SCREEN_EXTRA lowest scores and the lowest score of any row not kept; the
-  kept rows are re-ranked by float32 sum((q - b)^2). A query is verified when every row not
-  kept is provably farther (its score minus _score_error_bound) than the k-th re-ranked one:
-  then the exact k nearest are among the kept rows.
+  Queries and bank are first centred on the bank's mean (distances do not change, norms and
+  with them the error bound shrink: features after a ReLU share a large mean). A bfloat16 pass
+  (`passes` 1, or 3 for the split) scores s~ = |b|^2 - 2 q~.b~, keeping per bank block the
+  k + 1 lowest (two near rows in one block both stay) and per query the k + _SCREEN_EXTRA
+  lowest overall, with the lowest score of any row not kept; the kept rows are re-ranked by
+  float32 sum((q - b)^2). A query is verified when every row not kept is provably farther
+  (its score minus _score_error_bound) than the k-th re-ranked one: then the exact k nearest
+  are among the kept rows.
   """
   q_n, dim = queries.shape
   b_n = bank.shape[0]
   keep = k + _SCREEN_EXTRA
   qf = queries.astype(jnp.float32)
   bf = bank.astype(jnp.float32)
-  q_sq = jnp.sum(qf * qf, axis=1)
-  b_sq = jnp.sum(bf * bf, axis=1)
-  if passes == 1:
-    q_op = qf.astype(jnp.bfloat16)
-  else:
-    hi, lo = _bf16_split(qf)
-    q_op = jnp.concatenate([hi, hi, lo], axis=1)
+  mean = jnp.mean(bf, axis=0)
+  qc = qf - mean
+  q_sq = jnp.sum(qc * qc, axis=1)
+  b_sq = jnp.sum(jnp.square(bf - mean), axis=1)
+  q_op = _screen_operand(qc, passes, bank=False)
   query_block, bank_block = min(query_block, q_n), min(bank_block, b_n)
   q_blocks = _pad_rows(q_op, query_block).reshape(-1, query_block, q_op.shape[1])
   nq = q_blocks.shape[0]
@@ -226,20 +241,15 @@ def _screened_search(queries: jax.Array, bank: jax.Array, *, k: int, passes: int
 
   def bank_step(state, blk):
     rows, rows_sq, off = blk
-    if passes == 1:
-      b_op = rows.astype(jnp.bfloat16)
-    else:
-      hi, lo = _bf16_split(rows)
-      b_op = jnp.concatenate([hi, lo, hi], axis=1)
+    b_op = _screen_operand(rows - mean, passes, bank=True)
 
     def query_step(args):
       qo, kept_s, kept_i, rest = args
-      s = rows_sq[None, :] - 2.0 * lax.dot_general(qo, b_op, _NT,
-                                                   preferred_element_type=jnp.float32)
+      s = _screen_scores(qo, b_op, rows_sq)
       cols = lax.broadcasted_iota(jnp.int32, s.shape, 1)
       new_s, new_i = [], []
-      # k passes of min / first index of the min / mask: plain reductions XLA vectorises.
-      for _ in range(k):
+      # k + 1 passes of min / first index of the min / mask: reductions XLA vectorises.
+      for _ in range(min(k + 1, keep)):
         m = jnp.min(s, axis=1)
         j = jnp.min(jnp.where(s == m[:, None], cols, bank_block - 1), axis=1)
         new_s.append(m)
