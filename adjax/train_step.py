@@ -48,6 +48,7 @@ class StepSettings:
   label_threshold_share: float = 32 / 196
   max_similarities: int = 1 << 25
   compute_dtype: Any = jnp.bfloat16
+  attention: str = "auto"   # projector.attention (adjax/models/reference_attention.py)
   # The step's device mesh. With more than one device the angle loss's rows are split over
   # its data axis (each device computes its rows against all; same value as one device).
   # None: the loss is computed whole (one device, or left to the compiler, which replicates it).
@@ -152,7 +153,8 @@ def pretraining_loss(params: Any, residuals1: Levels, residuals2: Levels, masks:
   """
   b = residuals1[0].shape[0]
   both = [jnp.concatenate([r1, r2], axis=0) for r1, r2 in zip(residuals1, residuals2)]
-  projected = project(params, both, num_heads=settings.num_heads, dtype=settings.compute_dtype)
+  projected = project(params, both, num_heads=settings.num_heads, dtype=settings.compute_dtype,
+                      attention=settings.attention)
   labels = level_labels(masks, settings.level_strides, settings.label_threshold_share)
   total = jnp.zeros((), jnp.float32)
   metrics = {}
