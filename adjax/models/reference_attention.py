@@ -173,9 +173,42 @@ def _log_choice(requested: str, name: str, detail: str) -> None:
 
 def dense_attention(q: Array, k: Array, v: Array) -> Array:
   """softmax(q k^T) v with (H, T, d) queries and (H, R, d) keys/values; softmax in float32."""
-  logits = jnp.einsum("htd,hrd->htr", q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  weights = jax.nn.softmax(_logits(q, k), axis=-1).astype(v.dtype)
   return jnp.einsum("htr,hrd->htd", weights, v)
+
+
+def _logits(q: Array, k: Array) -> Array:
+  """q k^T per head, accumulated in float32 (H, T, R)."""
+  if q.dtype == k.dtype and q.dtype in (jnp.bfloat16, jnp.float16):
+    return _narrow_logits(q, k)
+  return jnp.einsum("htd,hrd->htr", q, k, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _narrow_logits(q: Array, k: Array) -> Array:
+  """_logits of bfloat16 (or float16) q, k, whose backward products stay in that dtype.
+
+  Why: autodiff would meet the float32 logits' gradient with the bfloat16 q and k and run both
+  (H, T, R)-sized backward products, dq and dk, in float32 (a fraction of the bfloat16 rate
+  on GPUs and TPUs). Here the gradient is rounded to q's dtype first and the products
+  accumulate in float32, as in the forward pass (and as the native kernel's AMX handlers and
+  PyTorch's bfloat16 autocast do)."""
+  return jnp.einsum("htd,hrd->htr", q, k, preferred_element_type=jnp.float32)
+
+
+def _narrow_logits_fwd(q, k):
+  return _narrow_logits(q, k), (q, k)
+
+
+def _narrow_logits_bwd(residuals, d_logits):
+  q, k = residuals
+  d_logits = d_logits.astype(q.dtype)
+  d_q = jnp.einsum("htr,hrd->htd", d_logits, k, preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("htr,htd->hrd", d_logits, q, preferred_element_type=jnp.float32)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype)
+
+
+_narrow_logits.defvjp(_narrow_logits_fwd, _narrow_logits_bwd)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, cudnn: bool = False,
