@@ -86,8 +86,9 @@ def check_gpu_tpu_program(text: str) -> None:
   kinds = {d["name"].rsplit("/", 2)[-2] for d in projector}
   assert {"ref_proj", "query", "key", "value", "out", "fc2"} <= kinds, kinds
   # Forward products and weight gradients accumulate in float32 (rounded once afterwards).
-  linear = [d for d in projector if re.search(r"/(query|key|value|out|fc2|ref_proj)/", d["name"])]
-  assert all(d["out"].endswith("f32") for d in linear), [d for d in linear if d["out"][-3:] != "f32"]
+  linear = [d for d in projector
+            if re.search(r"/(query|key|value|out|fc2|ref_proj)/", d["name"])]
+  assert all(d["out"].endswith("f32") for d in linear), linear
 
 
 def _projector_step_args():

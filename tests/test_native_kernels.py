@@ -1,9 +1,7 @@
 """Building and loading the native CPU kernels (adjax/kernels/native.py)."""
 
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
