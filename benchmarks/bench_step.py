@@ -276,7 +276,7 @@ def full_step(args) -> None:
   seconds = float(np.median(times))
   tokens = (size // backbone.level_strides[0]) ** 2
   flop_args = argparse.Namespace(batch=args.batch, max_shots=args.max_shots,
-                                 num_ref=args.num_ref, anomalous_share=0.0)
+                                 num_ref=args.num_ref, anomalous_share=0.0, image_size=size)
   flops = analytic_flops(flop_args, backbone, "step", tokens, jax.device_count())["total"]
   kind = jax.devices()[0].device_kind
   peak = next((spec["peak"] for name, spec in DEVICES.items()

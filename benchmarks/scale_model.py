@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--max-shots", type=int, default=8)
   parser.add_argument("--num-ref", type=int, default=2048)
   parser.add_argument("--num-heads", type=int, default=16)
+  parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   parser.add_argument("--refs", default="both", choices=["step", "bank", "both"],
                       help="references through the backbone in the step, the precomputed "
@@ -138,7 +139,7 @@ def _abstract_step(args, backbone, refs: str, mesh):
   state = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.key(1)), params)
   frozen = {"backbone": backbone.param_shapes(),
             "centers": [jax.ShapeDtypeStruct((c,), jnp.float32) for c in backbone.level_dims]}
-  size, b, shots = backbone.input_size, args.batch * mesh.size, args.max_shots
+  size, b, shots = args.image_size or backbone.input_size, args.batch * mesh.size, args.max_shots
   tokens = (size // backbone.level_strides[0]) ** 2
   batch = {"view1": ((b, size, size, 3), jnp.uint8), "view2": ((b, size, size, 3), jnp.uint8),
            "masks": ((b, size, size), jnp.uint8), "ref_valid": ((b, shots), bool)}
@@ -197,7 +198,8 @@ def analytic_flops(args, backbone, refs: str, tokens: int, devices: int) -> dict
   their recomputation and two gradient products)."""
   b, shots, r = args.batch, args.max_shots, args.num_ref
   images = b * (2 + (shots if refs == "step" else 0))
-  backbone_flops = images * vit_forward_flops(backbone.module, backbone.input_size)
+  size = getattr(args, "image_size", 0) or backbone.input_size
+  backbone_flops = images * vit_forward_flops(backbone.module, size)
   residual = projector = angle = 0.0
   for c in backbone.level_dims:
     residual += 2 * 2 * (b * tokens) * (shots * tokens) * c   # both views vs their references

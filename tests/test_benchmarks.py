@@ -4,6 +4,7 @@ timing is asserted: speed is measured by running them, see the README)."""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -94,3 +95,37 @@ def test_bench_linear_times_both_products():
   assert out["bench"] == "linear" and out["dtype"] == "bfloat16"
   assert out["matmul_ms"] > 0 and out["plain_ms"] > 0
   assert out["matmul_gflops_per_s"] > 0 and out["plain_gflops_per_s"] > 0
+
+
+def test_scale_model_reports_memory_flops_and_the_gradient_all_reduce():
+  # Two virtual devices, the tiny ViT at 56 px, the reference bank: one JSON line whose
+  # all-reduce carries at least every projector gradient (float32), and whose projection is
+  # the analytic FLOPs at the stated MFU plus the collective bytes over the stated link.
+  import jax
+  from adjax.models.backbones import get_backbone
+  from adjax.models.projector import init_projector
+  out = _run("scale_model.py", "--backbone", "tiny-vit", "--devices", "2", "--batch", "2",
+             "--max-shots", "1", "--num-ref", "16", "--num-heads", "4", "--refs", "bank",
+             "--image-size", "56")
+  assert out["bench"] == "scale_model" and out["devices"] == 2 and out["refs"] == "bank"
+  assert out["compiled_devices"] == 2 and out["attention"] == "dense"
+  memory = out["memory_per_device"]
+  assert memory["argument_bytes"] > 0 and memory["peak_estimate_bytes"] > 0
+  backbone = get_backbone("tiny-vit")
+  params = jax.eval_shape(lambda: init_projector(jax.random.key(0), backbone.level_dims,
+                                                 num_heads=4, num_ref_tokens=16))
+  # The token-side layers' weight gradients are sums over every device's tokens: all-reduced
+  # whole. (The reference side's, from replicated reference tokens, XLA may reduce as smaller
+  # (R, C) intermediates before their products.)
+  token_side = [x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                if re.search(r"(cross_attn']\['(query|out)|mlp']\['fc[12])']\['kernel",
+                             jax.tree_util.keystr(path))]
+  assert len(token_side) == 4 * len(backbone.level_dims)
+  gradient_bytes = 4 * sum(x.size for x in token_side)
+  assert out["collectives_per_device"]["all-reduce"]["payload_bytes"] >= gradient_bytes
+  flops = out["analytic_flops_per_device"]
+  assert flops["total"] == sum(flops[k] for k in ("backbone", "residual", "projector",
+                                                  "angle_loss"))
+  h100 = out["projection"]["H100"]
+  want = flops["total"] / (989e12 * 0.4) + out["collective_sent_bytes_per_device"] / 450e9
+  assert abs(h100["step_s"] - want) <= 1e-4 + 1e-3 * want
