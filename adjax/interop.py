@@ -72,6 +72,13 @@ def _features_of(config: Mapping) -> dict[str, Any]:
           "image_size": int(image_size) if image_size else None}
 
 
+def _run_attention(workdir: str) -> dict | None:
+  """The attention the run trained with (run_layout.attention_path), or None for older runs."""
+  path = run_layout.attention_path(workdir)
+  data = files.read_json(path) if os.path.isfile(path) else None
+  return data if isinstance(data, dict) else None
+
+
 def _run_num_heads(config: Mapping) -> int | None:
   try:
     return int(config["projector"]["num_heads"])
@@ -109,12 +116,12 @@ def export_projector(workdir: str, out: str, *, which: str = "angle",
   summary = {"out": os.path.abspath(out), "which": which, **_features_of(run_config),
              **settings, "num_heads": _run_num_heads(run_config),
              "step": meta.get("step"), "metrics": meta.get("metrics", {}),
-             "keys": len(state_dict)}
+             "keys": len(state_dict), "attention": _run_attention(workdir)}
   if ext == ".safetensors":
     from adjax.io.safetensors import save_safetensors
     metadata = {"format": _FORMAT, "backbone": summary["backbone"], "which": which}
     for key in ("taps", "image_size", "levels", "dims", "num_ref_tokens", "depth", "num_heads",
-                "step", "metrics"):
+                "step", "metrics", "attention"):
       metadata[key] = json.dumps(summary[key], default=_json_number)
     save_safetensors(out, state_dict, metadata)
   else:

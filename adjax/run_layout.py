@@ -8,6 +8,7 @@
   <workdir>/centers.npz            per-level centres c_k
   <workdir>/metrics.jsonl          one JSON object per logged step
   <workdir>/results.json           a finished run's (or sweep point's) results
+  <workdir>/attention.json         the projector attention resolved at the start (pretrain)
   <workdir>/DONE                   written last by a sweep when the point finished
 
 Params are stored flattened: `path/with/slashes -> array` in an .npz, so that reading them
@@ -35,6 +36,7 @@ CENTERS_FILE = "centers.npz"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 DONE_FILE = "DONE"
+ATTENTION_FILE = "attention.json"   # the projector attention the run resolved at its start
 KINDS = ("angle", "norm")
 
 Params = dict[str, Any]
@@ -73,6 +75,10 @@ def metrics_path(workdir: str) -> str:
 
 def results_path(workdir: str) -> str:
   return os.path.join(workdir, RESULTS_FILE)
+
+
+def attention_path(workdir: str) -> str:
+  return os.path.join(workdir, ATTENTION_FILE)
 
 
 def done_path(workdir: str) -> str:

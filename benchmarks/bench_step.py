@@ -15,9 +15,14 @@ single steps, so only steps timed side by side give a fair ratio.
 
 With --backbone NAME it times the *full* step instead (random backbone weights): backbone on
 both views and on max_shots reference images per image, residuals, projector, losses, update,
-over every device (the batch is split on the mesh), e.g. on a GPU:
+over every device (the batch is split on the mesh; --batch images per device), e.g. on a GPU:
 
   python benchmarks/bench_step.py --backbone dinov2-large --batch 32 --dtype bfloat16
+
+and prints the attention implementation (projector.attention, --attention, as resolved here and
+why), step time, images/s, model FLOPs (analytic, as benchmarks/scale_model.py counts them) and
+the MFU they imply against the device's dense bfloat16 peak where it is known (H100, H200,
+TPU v5p), and the peak device memory (device.memory_stats(), where the backend has it).
 """
 
 from __future__ import annotations
@@ -97,6 +102,13 @@ def main() -> None:
                       "instead of the 11.7 s figure")
   parser.add_argument("--max-shots", type=int, default=8)
   parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
+  parser.add_argument("--attention", default="auto",
+                      choices=["auto", "dense", "dot_product", "blocked", "native_cpu"],
+                      help="projector.attention (adjax/models/reference_attention.py)")
+  parser.add_argument("--backbone-dtype", default="same", choices=["same", "float32"],
+                      help="the backbone's compute dtype in the full step: that of --dtype, or "
+                      "float32 (what adjax/train.py's step passes today: backbone.extract's "
+                      "default)")
   args = parser.parse_args()
   if args.backbone:
     return full_step(args)
@@ -106,7 +118,8 @@ def main() -> None:
   from adjax.pretrain.step import StepSettings, init_train_state, residual_update
 
   dtype = jnp.dtype(args.dtype)
-  settings = StepSettings(level_strides=(14,) * args.levels, compute_dtype=dtype)
+  settings = StepSettings(level_strides=(14,) * args.levels, compute_dtype=dtype,
+                          attention=args.attention)
   optimizer = make_optimizer(1e-4, 5e-4, steps_per_epoch=1000)
   params = init_projector(jax.random.key(0), [args.dim] * args.levels,
                           num_ref_tokens=args.num_ref)
@@ -126,9 +139,11 @@ def main() -> None:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  # Which attention ran: the native kernel (its FLOPs are not in xla_gflops) or XLA's own.
-  attention = ("fused-cpu" if "adjax_reference_attention_forward" in compiled.as_text()
-               else "xla")
+  # Which attention ran, and whether the native kernel did (its FLOPs are not in xla_gflops).
+  from adjax.models.reference_attention import attention_record
+  attention = attention_record(args.attention, level_dims=[args.dim] * args.levels,
+                               num_heads=settings.num_heads, dtype=dtype)
+  native = "adjax_reference_attention_forward" in compiled.as_text()
   state, metrics = compiled(state, res1, res2, masks, centers)   # warm-up
   jax.block_until_ready(metrics["loss"])
   reference = ReferenceSteps(args) if args.measure_reference else None
@@ -164,7 +179,8 @@ def main() -> None:
       "matmul_gflops_per_s": round(peak, 1),
       "share_of_matmul_rate": round(flops / seconds / 1e9 / peak, 3),
       "xla_gflops": round(xla_flops / 1e9, 1), "compile_s": round(compile_s, 1),
-      "attention": attention, "loss": float(metrics["loss"]),
+      "attention": attention["implementation"], "attention_reason": attention["reason"],
+      "native_kernel_ran": native, "loss": float(metrics["loss"]),
       "reference_seconds_per_step": reference["seconds_per_step"],
       "reference_source": reference["source"],
       "speedup_vs_reference": (round(reference["seconds_per_step"] / seconds, 2)
@@ -214,13 +230,22 @@ def full_step(args) -> None:
   from adjax.optim import make_optimizer
   from adjax.pretrain.step import StepSettings, init_train_state, make_train_step
 
+  import functools
+
+  from adjax.models.reference_attention import attention_record
+  from scale_model import DEVICES, analytic_flops
+
   dtype = jnp.dtype(args.dtype)
   mesh = sharding.data_mesh()
   backbone = get_backbone(args.backbone)
   size = args.image_size or backbone.input_size
   settings = StepSettings(level_strides=tuple(backbone.level_strides), compute_dtype=dtype,
                           num_heads=16 if all(c % 16 == 0 for c in backbone.level_dims) else 4,
-                          mesh=mesh)
+                          mesh=mesh, attention=args.attention)
+  attention = attention_record(args.attention, level_dims=backbone.level_dims,
+                               num_heads=settings.num_heads, dtype=dtype)
+  backbone_dtype = dtype if args.backbone_dtype == "same" else jnp.float32
+  extract = functools.partial(backbone.extract, dtype=backbone_dtype)
   optimizer = make_optimizer(1e-4, 5e-4, steps_per_epoch=1000)
   params = init_projector(jax.random.key(0), backbone.level_dims, num_heads=settings.num_heads,
                           num_ref_tokens=args.num_ref)
@@ -228,7 +253,7 @@ def full_step(args) -> None:
   frozen = sharding.replicate({"backbone": backbone.init(jax.random.key(2)),
                                "centers": [jnp.zeros((c,)) for c in backbone.level_dims]}, mesh)
   rng = np.random.default_rng(0)
-  b = args.batch
+  b = args.batch * jax.local_device_count()   # this process's share of the global batch
   local = {"view1": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
            "view2": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
            "masks": np.zeros((b, size, size), np.uint8),
@@ -237,7 +262,7 @@ def full_step(args) -> None:
   local["masks"][0, : size // 4, : size // 4] = 1
   batch = sharding.global_batch(local, mesh)
   step = sharding.jit_data_parallel(
-      make_train_step(settings, optimizer, backbone.extract), mesh)
+      make_train_step(settings, optimizer, extract), mesh)
   t0 = time.perf_counter()
   state, metrics = step(state, batch, frozen)
   jax.block_until_ready(metrics["loss"])
@@ -249,13 +274,29 @@ def full_step(args) -> None:
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - t0)
   seconds = float(np.median(times))
+  tokens = (size // backbone.level_strides[0]) ** 2
+  flop_args = argparse.Namespace(batch=args.batch, max_shots=args.max_shots,
+                                 num_ref=args.num_ref, anomalous_share=0.0, image_size=size)
+  flops = analytic_flops(flop_args, backbone, "step", tokens, jax.device_count())["total"]
+  kind = jax.devices()[0].device_kind
+  peak = next((spec["peak"] for name, spec in DEVICES.items()
+               if name.replace("TPU ", "").lower() in kind.lower()), None)
+  stats = jax.devices()[0].memory_stats() or {}
   print(json.dumps({
       "bench": "full_step", "backend": jax.default_backend(), "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind, "backbone": args.backbone,
-      "image_size": size, "batch": b, "max_shots": args.max_shots, "num_ref": args.num_ref,
-      "dtype": args.dtype, "seconds_per_step": round(seconds, 4),
-      "images_per_s": round(b / seconds, 2),
-      "backbone_images_per_s": round(b * (2 + args.max_shots) / seconds, 1),
+      "device_kind": kind, "backbone": args.backbone,
+      "image_size": size, "batch_per_device": args.batch, "max_shots": args.max_shots,
+      "num_ref": args.num_ref, "dtype": args.dtype,
+      "backbone_dtype": jnp.dtype(backbone_dtype).name,
+      "attention": attention["implementation"], "attention_reason": attention["reason"],
+      "seconds_per_step": round(seconds, 4),
+      "images_per_s": round(args.batch * jax.device_count() / seconds, 2),
+      "backbone_images_per_s": round(args.batch * jax.device_count() * (2 + args.max_shots)
+                                     / seconds, 1),
+      "model_tflops_per_device": round(flops / 1e12, 3),
+      "tflops_per_s_per_device": round(flops / seconds / 1e12, 2),
+      "mfu": round(flops / seconds / peak, 3) if peak else None,
+      "peak_memory_bytes": stats.get("peak_bytes_in_use"),
       "first_step_s": round(first_s, 1), "loss": float(metrics["loss"])}))
 
 

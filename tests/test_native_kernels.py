@@ -1,9 +1,7 @@
 """Building and loading the native CPU kernels (adjax/kernels/native.py)."""
 
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -35,17 +33,7 @@ def test_a_failing_compiler_leaves_nothing_behind_and_says_so(tmp_path, monkeypa
   assert list(tmp_path.iterdir()) == []
 
 
-def test_switched_off_by_the_environment():
-  code = ("import logging; logging.basicConfig(level=logging.INFO);"
-          "from adjax.kernels import native; print(native.available())")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "ADJAX_NATIVE_KERNELS": "0"}, check=True)
-  assert result.stdout.strip() == "False"
-  assert "ADJAX_NATIVE_KERNELS=0" in result.stderr
-
-
 def test_a_cpu_without_avx512_is_refused_before_any_build(monkeypatch):
-  monkeypatch.delenv("ADJAX_NATIVE_KERNELS", raising=False)
   monkeypatch.setattr(native, "cpu_flags", lambda: {"sse4_2", "avx2", "fma"})
 
   def no_build(*args, **kwargs):

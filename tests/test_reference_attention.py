@@ -74,8 +74,8 @@ def test_implementations_agree_under_jit_and_bfloat16():
     assert blocked.dtype == dtype and dense.dtype == dtype
     np.testing.assert_allclose(np.asarray(blocked, np.float32), np.asarray(dense, np.float32),
                                atol=atol)
-  # On a single CPU device (this test process) "auto" is a custom-VJP form (fused-cpu where the
-  # native kernel runs, else blocked), never the dense autodiff.
+  # On a single CPU device (this test process) "auto" is the blocked custom-VJP form, never the
+  # dense autodiff (nor the native kernel, which only "native_cpu" runs).
   auto = reference_attention(*(jnp.asarray(a) for a in (q, k, v)))
   assert "custom_vjp" in str(jax.make_jaxpr(reference_attention)(q, k, v))
   assert "custom_vjp" not in str(jax.make_jaxpr(
@@ -110,14 +110,14 @@ def _needs_native_kernel():
 
 @pytest.mark.parametrize("dim,queries,refs", [(16, 37, 50), (48, 64, 2048), (64, 9, 7),
                                               (32, 130, 33)])
-def test_fused_cpu_matches_numpy_and_dense_gradients(dim, queries, refs):
+def test_native_cpu_matches_numpy_and_dense_gradients(dim, queries, refs):
   # Queries not a multiple of 8 (padded), keys not a multiple of the kernel's 32-wide panels
   # (masked), fewer keys than one panel, more queries than one 64-query block.
   _needs_native_kernel()
   q, k, v, cotangent = _inputs(heads=3, queries=queries, refs=refs, dim=dim, seed=dim)
   q = q / np.sqrt(dim)
   got, vjp = jax.vjp(jax.jit(lambda a, b, c: reference_attention(
-      a, b, c, implementation="fused-cpu")), q, k, v)
+      a, b, c, implementation="native_cpu")), q, k, v)
   np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v), atol=3e-6)
   _, dense_vjp = jax.vjp(dense_attention, q, k, v)
   for name, g, d in zip("qkv", vjp(cotangent), dense_vjp(cotangent)):
@@ -126,51 +126,49 @@ def test_fused_cpu_matches_numpy_and_dense_gradients(dim, queries, refs):
                                err_msg=name)
 
 
-def test_fused_cpu_gradients_match_finite_differences():
+def test_native_cpu_gradients_match_finite_differences():
   _needs_native_kernel()
   q, k, v, cotangent = _inputs(heads=2, queries=3, refs=5, dim=16, seed=2)
   _finite_difference_check(
-      lambda a, b, c: reference_attention(a, b, c, implementation="fused-cpu"), q / 4, k, v,
+      lambda a, b, c: reference_attention(a, b, c, implementation="native_cpu"), q / 4, k, v,
       cotangent)
 
 
-def test_fused_cpu_large_logits_stay_finite_and_auto_uses_it():
+def test_native_cpu_large_logits_stay_finite_and_only_native_cpu_uses_it():
   _needs_native_kernel()
   q, k, v, cotangent = _inputs(heads=2, queries=16, refs=40, dim=32)
   q = q * 100.0   # logits in the thousands: exp would overflow without the max shift
-  got, vjp = jax.vjp(lambda a, b, c: reference_attention(a, b, c, implementation="fused-cpu"),
+  got, vjp = jax.vjp(lambda a, b, c: reference_attention(a, b, c, implementation="native_cpu"),
                      q, k, v)
   np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v), atol=1e-4)
   assert all(np.isfinite(np.asarray(g)).all() for g in vjp(cotangent))
-  # On a single CPU device, float32 with a supported width: "auto" is the kernel, and its
-  # backward pass calls the kernel's backward.
-  program = jax.jit(jax.grad(lambda a, b, c: jnp.sum(reference_attention(a, b, c)),
-                             argnums=(0, 1, 2))).lower(q, k, v).as_text()
+  # "native_cpu" calls the kernel forward and backward; "auto" (here: blocked) never does.
+  program = jax.jit(jax.grad(lambda a, b, c: jnp.sum(reference_attention(
+      a, b, c, implementation="native_cpu")), argnums=(0, 1, 2))).lower(q, k, v).as_text()
   assert "adjax_reference_attention_forward" in program
   assert "adjax_reference_attention_backward" in program
-  # An unsupported width or dtype falls back to the blocked form.
-  narrow = jax.jit(lambda a, b, c: reference_attention(a, b, c)).lower(
-      q[..., :8], k[..., :8], v[..., :8]).as_text()
-  assert "adjax_reference_attention" not in narrow
+  auto = jax.jit(jax.grad(lambda a, b, c: jnp.sum(reference_attention(a, b, c)),
+                          argnums=(0, 1, 2))).lower(q, k, v).as_text()
+  assert "adjax_reference_attention" not in auto
 
 
-def test_fused_cpu_refuses_what_it_cannot_take(monkeypatch):
+def test_native_cpu_refuses_what_it_cannot_take(monkeypatch):
   from adjax.kernels import native
   q, k, v, _ = _inputs(heads=1, queries=8, refs=8, dim=8)
-  with pytest.raises(ValueError, match=r"fused-cpu.*d in \(16, 32, 48, 64\).*d=8"):
-    reference_attention(q, k, v, implementation="fused-cpu")
+  with pytest.raises(ValueError, match=r"native_cpu.*d in \(16, 32, 48, 64\).*d=8"):
+    reference_attention(q, k, v, implementation="native_cpu")
   monkeypatch.setattr(native, "available", lambda: False)
   q, k, v, _ = _inputs(heads=1, queries=8, refs=8, dim=16)
   with pytest.raises(ValueError, match="kernel available: False"):
-    reference_attention(q, k, v, implementation="fused-cpu")
-  # "auto" then runs the blocked form, with the same result.
+    reference_attention(q, k, v, implementation="native_cpu")
+  # "auto" runs the blocked form, with the same result.
   program = jax.jit(lambda a, b, c: reference_attention(a, b, c)).lower(q, k, v).as_text()
   assert "adjax_reference_attention" not in program
   np.testing.assert_allclose(np.asarray(reference_attention(q, k, v)),
                              _numpy_attention(q, k, v), atol=3e-6)
 
 
-def test_fused_cpu_takes_bfloat16_in_float32(monkeypatch):
+def test_native_cpu_takes_bfloat16_in_float32(monkeypatch):
   # Without AMX, bfloat16 operands are widened exactly, so the kernel's output is the float32
   # attention of the bfloat16 values, rounded once; gradients come back in bfloat16.
   _needs_native_kernel()
@@ -178,11 +176,13 @@ def test_fused_cpu_takes_bfloat16_in_float32(monkeypatch):
   monkeypatch.setattr(native, "amx_available", lambda: False)
   q, k, v, cotangent = _inputs(heads=2, queries=20, refs=40, dim=16, seed=5)
   q16, k16, v16 = (jnp.asarray(a / 2, jnp.bfloat16) for a in (q, k, v))
-  got, vjp = jax.vjp(lambda a, b, c: reference_attention(a, b, c), q16, k16, v16)
+  got, vjp = jax.vjp(lambda a, b, c: reference_attention(a, b, c, implementation="native_cpu"),
+                     q16, k16, v16)
   assert got.dtype == jnp.bfloat16
   want = _numpy_attention(*(np.asarray(a, np.float32) for a in (q16, k16, v16)))
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=1e-2)
-  program = jax.jit(reference_attention).lower(q16, k16, v16).as_text()
+  program = jax.jit(lambda a, b, c: reference_attention(
+      a, b, c, implementation="native_cpu")).lower(q16, k16, v16).as_text()
   assert "adjax_reference_attention_forward" in program and "_amx" not in program
   grads = vjp(jnp.asarray(cotangent, jnp.bfloat16))
   _, wide_vjp = jax.vjp(dense_attention, *(jnp.asarray(a, jnp.float32) for a in (q16, k16, v16)))
@@ -216,7 +216,7 @@ def _numpy_gradients(q, k, v, cotangent):
     (64, 9, 7, 1.0),       # fewer keys than one 16-key tile
     (32, 130, 33, 1.0),    # several 32-query blocks, one key past a 32-key pair block
     (48, 32, 40, 30.0)])   # logits in the hundreds: exp would overflow without the max shift
-def test_fused_cpu_bfloat16_on_amx_matches_float64(dim, queries, refs, scale):
+def test_native_cpu_bfloat16_on_amx_matches_float64(dim, queries, refs, scale):
   # The AMX handlers: bfloat16 products accumulated in float32, softmax and its gradient in
   # float32, weights and logit gradients rounded to bfloat16 before their products. Checked
   # against a float64 softmax of the same bfloat16 inputs, to bfloat16 accuracy.
@@ -225,12 +225,12 @@ def test_fused_cpu_bfloat16_on_amx_matches_float64(dim, queries, refs, scale):
   q, k, v, cotangent = _inputs(heads=3, queries=queries, refs=refs, dim=dim, seed=dim + refs)
   q16, k16, v16, g16 = (jnp.asarray(a, jnp.bfloat16)
                         for a in (q * scale / np.sqrt(dim), k, v, cotangent))
-  program = jax.jit(jax.grad(lambda a, b, c: jnp.sum(reference_attention(a, b, c)),
-                             argnums=(0, 1, 2))).lower(q16, k16, v16).as_text()
+  program = jax.jit(jax.grad(lambda a, b, c: jnp.sum(reference_attention(
+      a, b, c, implementation="native_cpu")), argnums=(0, 1, 2))).lower(q16, k16, v16).as_text()
   assert "adjax_reference_attention_forward_amx" in program
   assert "adjax_reference_attention_backward_amx" in program
   got, vjp = jax.vjp(jax.jit(lambda a, b, c: reference_attention(
-      a, b, c, implementation="fused-cpu")), q16, k16, v16)
+      a, b, c, implementation="native_cpu")), q16, k16, v16)
   assert got.dtype == jnp.bfloat16
   wide = [np.asarray(a, np.float32) for a in (q16, k16, v16, g16)]
   want = _numpy_attention(*wide[:3])
@@ -242,24 +242,24 @@ def test_fused_cpu_bfloat16_on_amx_matches_float64(dim, queries, refs, scale):
                                err_msg=name)
 
 
-def test_fused_cpu_bfloat16_on_amx_keeps_nan_visible():
+def test_native_cpu_bfloat16_on_amx_keeps_nan_visible():
   _needs_native_kernel()
   _needs_amx()
   q, k, v, _ = _inputs(heads=2, queries=32, refs=40, dim=16, seed=3)
   q[1, 5, 2] = np.nan
   q16, k16, v16 = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
-  got = np.asarray(reference_attention(q16, k16, v16, implementation="fused-cpu"), np.float32)
+  got = np.asarray(reference_attention(q16, k16, v16, implementation="native_cpu"), np.float32)
   assert np.isnan(got[1, 5]).all() and np.isfinite(np.delete(got[1], 5, axis=0)).all()
   assert np.isfinite(got[0]).all()
 
 
-def test_fused_cpu_keeps_nan_visible():
+def test_native_cpu_keeps_nan_visible():
   # A diverged projector must still give a non-finite loss (the train step then skips the
   # update and counts it): a NaN query makes its own output row NaN, as in the dense form.
   _needs_native_kernel()
   q, k, v, _ = _inputs(heads=2, queries=16, refs=40, dim=16, seed=3)
   q[1, 5, 2] = np.nan
-  got = np.asarray(reference_attention(q, k, v, implementation="fused-cpu"))
+  got = np.asarray(reference_attention(q, k, v, implementation="native_cpu"))
   want = np.asarray(dense_attention(q, k, v))
   np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
   assert np.isnan(got[1, 5]).all() and np.isfinite(np.delete(got[1], 5, axis=0)).all()
@@ -284,7 +284,7 @@ def test_amx_attention_between_xla_amx_products():
     out = matmul(attended.transpose(1, 0, 2).reshape(96, 64), w_out)
     return jnp.sum(jnp.sin(out.astype(jnp.float32)))
 
-  narrow = jax.jit(jax.value_and_grad(lambda *a: chain(*a, "fused-cpu"), argnums=(0, 1, 2)))
+  narrow = jax.jit(jax.value_and_grad(lambda *a: chain(*a, "native_cpu"), argnums=(0, 1, 2)))
   program = narrow.lower(*(jnp.asarray(a, jnp.bfloat16) for a in (x, w_in, w_out))).compile()
   assert "adjax_reference_attention_forward_amx" in program.as_text()
   assert "__ynn_fusion" in program.as_text()

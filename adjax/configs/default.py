@@ -44,6 +44,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.projector.num_heads = 16
   c.projector.num_ref_tokens = 2048
   c.projector.depth = 1
+  c.projector.attention = "auto"     # auto | dense | dot_product | blocked | native_cpu: auto is
+                                     # cuDNN's fused attention on GPUs (else dense), dense on
+                                     # TPUs and several CPU devices, blocked on one CPU device;
+                                     # see adjax/models/reference_attention.py
 
   c.loss = ml_collections.ConfigDict()
   c.loss.angle = True

@@ -1,5 +1,8 @@
 """Builds, loads and registers adjax's native CPU kernels (XLA FFI handlers written in C++).
 
+Imported only when `projector.attention="native_cpu"` is asked for (see
+adjax/models/reference_attention.py): no other path builds, probes or loads the kernel.
+
 A kernel's source ships in this folder; the first process that needs it compiles it with the
 machine's C++ compiler against the FFI headers of the installed jaxlib, into a cache folder
 (`$ADJAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/adjax/kernels`, else `~/.cache/adjax/kernels`),
@@ -8,9 +11,8 @@ builds anew and a stale library is never loaded. The library is written under a 
 and renamed into place, so processes building at once (test workers, hosts on a shared disk)
 never load a half-written file.
 
-Nothing here is required: where the CPU lacks the instructions, no compiler is found, the build
-fails or `ADJAX_NATIVE_KERNELS=0` is set, `available()` is False (with the reason, logged once)
-and callers use their XLA implementation.
+Where the CPU lacks the instructions, no compiler is found or the build fails, `available()` is
+False and `unavailable_reason()` says why (the attention then refuses "native_cpu" with it).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ TARGETS = {
 }
 # The AMX handlers (bfloat16 operands) also need these, and Linux's permission for the tiles.
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl")
-DISABLE_VARIABLE = "ADJAX_NATIVE_KERNELS"
 _LOAD_LOCK = threading.Lock()   # two threads tracing at once build and register once
 
 
@@ -118,8 +119,6 @@ def build(folder: Path | None = None) -> Path:
 @functools.cache
 def _load() -> str | None:
   """Registers the kernels with XLA; returns why not where they cannot be used, else None."""
-  if os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
-    return f"{DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}"
   if platform.machine() not in ("x86_64", "AMD64"):
     return f"the CPU is {platform.machine()}, not x86-64"
   missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
@@ -129,8 +128,7 @@ def _load() -> str | None:
     library = ctypes.cdll.LoadLibrary(str(build()))
   except (RuntimeError, OSError) as error:
     # A machine that could run the kernels but did not build them is worth a warning.
-    log.warning("native CPU kernels could not be built or loaded (XLA's implementation runs "
-                "instead): %s", error)
+    log.warning("native CPU kernels could not be built or loaded: %s", error)
     return f"the kernel library could not be built or loaded: {error}"
   for symbol, target in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
@@ -149,6 +147,12 @@ def available() -> bool:
   if reason is not None:
     _log_unavailable_once(reason)
   return reason is None
+
+
+def unavailable_reason() -> str | None:
+  """Why the native CPU kernels cannot run here (None: they can; built on first call)."""
+  with _LOAD_LOCK:
+    return _load()
 
 
 def amx_available() -> bool:
@@ -170,4 +174,4 @@ def _amx_permission() -> bool:
 
 @functools.cache
 def _log_unavailable_once(reason: str) -> None:
-  log.info("native CPU kernels not used (%s): XLA's implementation runs instead", reason)
+  log.info("native CPU kernels cannot run here: %s", reason)

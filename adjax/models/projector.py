@@ -125,6 +125,7 @@ class _CrossAttention(nn.Module):
   dim: int
   num_heads: int
   dtype: Any = None
+  attention: str = "auto"   # projector.attention: see adjax/models/reference_attention.py
 
   @nn.compact
   def __call__(self, x: Array, ref: Array) -> Array:
@@ -137,14 +138,14 @@ class _CrossAttention(nn.Module):
       return _Linear(self.dim, nn.initializers.xavier_uniform(), nn.initializers.zeros,
                      self.dtype, name=name, **kwargs)
 
-    # Heads lead, (H, T, d): reference_attention works per head (a plain 2-D matmul per block
-    # on CPU, one batched matmul on accelerators).
+    # Heads lead, (H, T, d): reference_attention works per head (the blocked and native forms
+    # per head and block of queries; the others transpose back, and XLA cancels the pair).
     heads = lambda t: t.reshape(t.shape[0], self.num_heads, head_dim).transpose(1, 0, 2)
     q = heads(in_proj("query")(x))                                   # (H, T, d)
     k = heads(in_proj("key", zero_bias_gradient=True)(ref))          # (H, R, d), once per call
     v = heads(in_proj("value")(ref))                                 # (H, R, d), once per call
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    attended = reference_attention(q, k, v)                           # (H, T, d)
+    attended = reference_attention(q, k, v, implementation=self.attention)   # (H, T, d)
     attended = attended.transpose(1, 0, 2).reshape(x.shape[0], self.dim)
     return _Linear(self.dim, _torch_linear_kernel_init, nn.initializers.zeros, self.dtype,
                    name="out")(attended)
@@ -251,10 +252,12 @@ class ProjectorLayer(nn.Module):
   tokens_per_image: int
   num_heads: int = DEFAULT_NUM_HEADS
   dtype: Any = None
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, ref: Array) -> Array:
-    x = x - _CrossAttention(self.dim, self.num_heads, self.dtype, name="cross_attn")(x, ref)
+    x = x - _CrossAttention(self.dim, self.num_heads, self.dtype, self.attention,
+                            name="cross_attn")(x, ref)
     return x + _SqueezeExciteMLP(self.dim, self.tokens_per_image, self.dtype, name="mlp")(x)
 
 
@@ -265,6 +268,7 @@ class ProjectorBlock(nn.Module):
   num_ref_tokens: int = DEFAULT_NUM_REF_TOKENS
   depth: int = 1
   dtype: Any = None
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -279,7 +283,7 @@ class ProjectorBlock(nn.Module):
     # Every linear layer sees (B * L, C): see _Linear for why.
     tokens = x.reshape(b * l, c)
     for i in range(self.depth):
-      tokens = ProjectorLayer(self.dim, l, self.num_heads, self.dtype,
+      tokens = ProjectorLayer(self.dim, l, self.num_heads, self.dtype, self.attention,
                               name=f"layers_{i}")(tokens, ref)
     return tokens.reshape(b, l, c)
 
@@ -289,19 +293,20 @@ def level_key(index: int) -> str:
   return f"l{index + 1}_proj"
 
 
-def _block_for(level_params: Params, num_heads: int, dtype: Any) -> ProjectorBlock:
+def _block_for(level_params: Params, num_heads: int, dtype: Any,
+               attention: str = "auto") -> ProjectorBlock:
   """Rebuilds the module that owns `level_params` from their shapes (a pure apply needs no
   config beyond the head count, which shapes cannot tell)."""
   num_ref_tokens, dim = level_params["x_ref"].shape
   depth = sum(1 for name in level_params if name.startswith("layers_"))
   return ProjectorBlock(dim=dim, num_heads=num_heads, num_ref_tokens=num_ref_tokens,
-                        depth=depth, dtype=dtype)
+                        depth=depth, dtype=dtype, attention=attention)
 
 
 def init_projector(rng: Array, level_dims: Sequence[int], *,
                    num_heads: int = DEFAULT_NUM_HEADS,
                    num_ref_tokens: int = DEFAULT_NUM_REF_TOKENS,
-                   depth: int = 1) -> Params:
+                   depth: int = 1, attention: str = "auto") -> Params:
   """Random projector parameters (float32), initialised as the PyTorch reference does.
 
   Args:
@@ -310,29 +315,32 @@ def init_projector(rng: Array, level_dims: Sequence[int], *,
     num_heads: attention heads; must divide every C_k.
     num_ref_tokens: learnable reference tokens per level (2048 in the paper).
     depth: projector layers per level (1 in the paper).
+    attention: `projector.attention` (the parameters do not depend on it; init traces the
+      module with it, so a setting that cannot run here fails now rather than in the step).
 
   Returns:
     {"l1_proj": ..., "l2_proj": ...}, one subtree per level.
   """
-  return _init_levels(rng, tuple(int(d) for d in level_dims), num_heads, num_ref_tokens, depth)
+  return _init_levels(rng, tuple(int(d) for d in level_dims), num_heads, num_ref_tokens, depth,
+                      attention)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _init_levels(rng: Array, level_dims: tuple[int, ...], num_heads: int, num_ref_tokens: int,
-                 depth: int) -> Params:
+                 depth: int, attention: str) -> Params:
   # One compiled program: run op by op, the initialisers compiled ~60 small programs a level
   # (~8 s for a tiny projector on a CPU).
   params = {}
   for k, dim in enumerate(level_dims):
     block = ProjectorBlock(dim=dim, num_heads=num_heads, num_ref_tokens=num_ref_tokens,
-                           depth=depth)
+                           depth=depth, attention=attention)
     dummy = jnp.zeros((1, 1, dim), jnp.float32)
     params[level_key(k)] = block.init(jax.random.fold_in(rng, k), dummy)["params"]
   return params
 
 
 def project(params: Params, levels: Sequence[Array], *, num_heads: int = DEFAULT_NUM_HEADS,
-            dtype: Any = None) -> list[Array]:
+            dtype: Any = None, attention: str = "auto") -> list[Array]:
   """Applies the projector to every level.
 
   Args:
@@ -340,6 +348,9 @@ def project(params: Params, levels: Sequence[Array], *, num_heads: int = DEFAULT
     levels: list of (B, H, W, C_k) arrays, one per level, in level order.
     num_heads: attention heads (16 in the paper).
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32. None: the input's.
+    attention: `projector.attention`, the attention's implementation ("auto", "dense",
+      "dot_product", "blocked", "native_cpu"; see adjax/models/reference_attention.py). Static:
+      under jit it is part of the compiled program.
 
   Returns:
     list of (B, H, W, C_k) arrays in the compute dtype.
@@ -355,7 +366,7 @@ def project(params: Params, levels: Sequence[Array], *, num_heads: int = DEFAULT
     if c != level_params["x_ref"].shape[1]:
       raise ValueError(f"level {k + 1} has {c} channels; its projector expects "
                        f"{level_params['x_ref'].shape[1]}")
-    block = _block_for(level_params, num_heads, dtype)
+    block = _block_for(level_params, num_heads, dtype, attention)
     out = block.apply({"params": level_params}, level.reshape(b, h * w, c))
     outputs.append(out.reshape(b, h, w, c))
   return outputs

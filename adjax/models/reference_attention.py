@@ -1,64 +1,235 @@
 """Multi-head attention of image tokens over the projector's reference tokens.
 
 softmax(q k^T) v per head, for q (H, T, d) and keys/values (H, R, d) shared by the whole batch
-(R = 2048 reference tokens, d = 48 in the paper). Two implementations of the same math:
+(R = 2048 reference tokens, d = 48 in the paper; the caller scales q). One setting,
+`projector.attention`, chooses the implementation; all return the same values and gradients
+(tests/test_attention_impls.py checks each against a float64 softmax):
 
-* "dense": one batched matmul per product, the whole (H, T, R) weight tensor in memory. Right
-  for GPUs and TPUs, whose batched matmuls are fast and whose compilers fuse the softmax.
+* "dense": one batched einsum per product, the whole float32 (H, T, R) logits in memory (XLA
+  fuses the softmax). What TPUs run, and several CPU devices, where XLA partitions the batched
+  matmuls over the tokens.
+* "dot_product": `jax.nn.dot_product_attention`. On a GPU whose cuDNN takes the operands
+  (float16/bfloat16, head width a multiple of 8 up to 128) its cuDNN fused (flash) attention,
+  which never materialises the logits; elsewhere its XLA form, the dense math. (jax 0.10's
+  `implementation=None` always means XLA, so the cuDNN form is asked for by name where a trial
+  trace says cuDNN accepts these shapes.)
 * "blocked": per head, per block of queries, with a custom VJP that keeps only the output and
-  the per-query log-sum-exp and recomputes the weights of a block in the backward pass (the
-  flash-attention scheme; keys are few enough, 2048, that a block sees all of them at once, so
-  no running maximum is needed). On CPUs this is 2-3x faster than "dense": XLA:CPU runs batched
-  matmuls with a 48-wide contraction almost single-threaded and the dense form streams the
-  (H, T, R) tensor (268 MB per level at batch 4) through memory about ten times; here every
-  matmul is a plain 2-D one that Eigen spreads over all cores, on blocks that stay in cache.
+  the per-query log-sum-exp and recomputes a block's weights in the backward pass (the
+  flash-attention scheme; 2048 keys fit one block, so no running maximum is needed). On CPUs
+  2-3x faster than "dense": XLA:CPU runs batched matmuls with a 48-wide contraction almost
+  single-threaded and the dense form streams the (H, T, R) tensor (268 MB per level at batch
+  4) through memory about ten times; here every matmul is a plain 2-D one that Eigen spreads
+  over all cores, on blocks that stay in cache. On several devices XLA would gather the blocked
+  loops' tokens onto every device (measured: 3x slower than one device on 8 CPU devices).
+* "native_cpu": the blocked scheme as a native kernel (adjax/kernels/reference_attention_cpu.cc,
+  AVX-512, through XLA's FFI; about 1.4x the blocked form's speed on this project's CPUs). d of
+  16, 32, 48 or 64; computes in float32 (float16 operands, and bfloat16 ones on CPUs without
+  AMX, are widened, the output rounded back); bfloat16 operands on CPUs with AMX (and Linux's
+  permission for its tiles) go to the kernel's AMX handlers: products in bfloat16 with float32
+  accumulation, softmax and its gradient in float32. Built, probed and imported only when asked
+  for (adjax.kernels.native is not imported otherwise), and an error where it cannot run.
+* "auto": "dot_product" on a GPU where cuDNN takes the operands, else "dense" there (the
+  reason logged); "dense" on TPUs and on several CPU devices; "blocked" on one CPU device.
 
-* "fused-cpu": the blocked scheme as a native kernel (adjax/kernels/reference_attention_cpu.cc,
-  AVX-512, through XLA's FFI): per block of 64 queries the logits, exponentials and products
-  run in one pass over data in cache, and the keys and values are packed once per head into
-  panels that the 48-long contractions read contiguously. About 1.4x the blocked form's speed
-  on this project's CPUs (forward + backward of one level). d of 16, 32, 48 or 64; computes in
-  float32 (float16 operands, and bfloat16 ones on CPUs without AMX, are widened, the output
-  rounded back). bfloat16 operands on CPUs with AMX (and Linux's permission for its tiles) go to
-  the kernel's AMX handlers instead: every product on the tile unit in bfloat16 with float32
-  accumulation, the softmax and its gradient in float32, the weights and logit gradients
-  rounded to bfloat16 before their products (PyTorch's bfloat16 autocast does the same).
-
-"auto" picks "fused-cpu" on a single CPU device where the kernel is available (x86-64 with
-AVX-512, a C++ compiler, a supported d; see adjax.kernels.native), else "blocked" on a
-single CPU device, and "dense" elsewhere: on GPUs and TPUs, and on several CPU devices, where
-XLA partitions the dense form's batched matmuls over the batch but would gather the blocked
-loops' tokens onto every device (measured: 3x slower than one device on 8 virtual CPU devices).
-All return the same values and gradients (tested against each other and against a plain
-softmax).
+`resolve_attention` makes the choice (from the backend this process runs on and the device
+count, nothing else), logs it once on the "adjax.attention" logger and returns it with its
+reason, so that runs, exports and benchmarks can record it.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from adjax.kernels import native
+from adjax.errors import UserError
 
 Array = jax.Array
 
+log = logging.getLogger("adjax.attention")
+
 DEFAULT_QUERY_BLOCK = 256
-IMPLEMENTATIONS = ("auto", "blocked", "dense", "fused-cpu")
-FUSED_CPU_HEAD_DIMS = (16, 32, 48, 64)
-FUSED_CPU_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)   # widened to float32 in the kernel
-_FUSED_CPU_ROWS = 8   # the kernel takes queries in multiples of 8
-_FUSED_AMX_ROWS = 32  # its AMX handlers, in multiples of 32
+IMPLEMENTATIONS = ("auto", "dense", "dot_product", "blocked", "native_cpu")
+NATIVE_CPU_HEAD_DIMS = (16, 32, 48, 64)
+NATIVE_CPU_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)   # widened to float32 in the kernel
+_NATIVE_CPU_ROWS = 8   # the kernel takes queries in multiples of 8
+_NATIVE_AMX_ROWS = 32  # its AMX handlers, in multiples of 32
+
+
+def resolve_attention(requested: str, *, num_heads: int, head_dim: int,
+                      dtype: Any) -> tuple[str, str]:
+  """The implementation that `requested` means here, and why.
+
+  Args:
+    requested: a `projector.attention` value (one of IMPLEMENTATIONS).
+    num_heads, head_dim: the attention's heads and their width (C / num_heads).
+    dtype: the dtype of q, k and v (the compute dtype).
+
+  Returns:
+    (name, reason): name is "dense", "dot_product", "blocked" or "native_cpu"; reason says why
+    and, for "dot_product", whether cuDNN or XLA runs it. Logged once per distinct answer.
+
+  Raises:
+    UserError: an unknown name, or "native_cpu" where the kernel cannot run.
+  """
+  if requested not in IMPLEMENTATIONS:
+    raise UserError(f"projector.attention (implementation) = {requested!r}; expected one of "
+                    f"{IMPLEMENTATIONS}")
+  dtype = jnp.dtype(dtype)
+  backend, devices = jax.default_backend(), jax.device_count()
+  if requested == "auto":
+    name, reason = _auto(backend, devices, num_heads, head_dim, dtype)
+  elif requested == "dot_product":
+    refused = _cudnn_refusal(backend, num_heads, head_dim, dtype)
+    name, reason = "dot_product", ("cuDNN fused attention" if refused is None
+                                   else f"XLA's form ({refused})")
+  elif requested == "native_cpu":
+    name, reason = "native_cpu", _native_cpu_handlers(backend, head_dim, dtype)
+  else:
+    name, reason = requested, "as configured"
+  _log_choice(requested, name, f"{reason}; {backend}, {devices} device(s), {num_heads} heads "
+              f"of {head_dim}, {dtype.name}")
+  return name, reason
+
+
+def attention_record(requested: str, *, level_dims: Sequence[int], num_heads: int,
+                     dtype: Any) -> dict[str, Any]:
+  """What the projector's attention is on every level, for a run's or benchmark's metadata:
+  {"requested": ..., "implementation": ..., "reason": ...} (several levels of different widths
+  that resolve differently give their answers joined by " | ")."""
+  answers = [resolve_attention(requested, num_heads=num_heads, head_dim=int(c) // num_heads,
+                               dtype=dtype) for c in level_dims]
+  distinct = list(dict.fromkeys(answers))
+  return {"requested": requested, "implementation": " | ".join(n for n, _ in distinct),
+          "reason": " | ".join(r for _, r in distinct)}
+
+
+def _auto(backend: str, devices: int, num_heads: int, head_dim: int,
+          dtype: Any) -> tuple[str, str]:
+  if backend == "gpu":
+    refused = _cudnn_refusal(backend, num_heads, head_dim, dtype)
+    if refused is None:
+      return "dot_product", "GPU: cuDNN fused attention"
+    return "dense", f"GPU, but cuDNN fused attention refuses these operands ({refused})"
+  if backend == "cpu" and devices == 1:
+    return "blocked", "one CPU device: blocked queries, recomputing backward"
+  if backend == "cpu":
+    return "dense", "several CPU devices: XLA partitions the dense form over the tokens"
+  return "dense", f"{backend}: XLA's batched matmuls"
+
+
+@functools.cache
+def _cudnn_refusal(backend: str, num_heads: int, head_dim: int, dtype: Any) -> str | None:
+  """Why cuDNN's fused attention cannot take these operands here (None: it can).
+
+  On a GPU a trial trace (abstract shapes, nothing compiled) of the cuDNN form's forward and
+  backward runs jax's own checks: the cuDNN library, its version, the device, dtype and head
+  width."""
+  if backend != "gpu":
+    return f"cuDNN runs on GPUs only, this is {backend}"
+  query = jax.ShapeDtypeStruct((1, 64, num_heads, head_dim), dtype)
+  keys = jax.ShapeDtypeStruct((1, 128, num_heads, head_dim), dtype)
+
+  def loss(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation="cudnn")
+    return jnp.sum(out.astype(jnp.float32))
+
+  try:
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), query, keys, keys)
+  except Exception as error:   # jax raises ValueError, NotImplementedError or RuntimeError
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+  return None
+
+
+def _native_cpu_handlers(backend: str, head_dim: int, dtype: Any) -> str:
+  """Which of the native kernel's handlers runs, or a UserError saying why none can."""
+  if backend != "cpu":
+    raise UserError(f"projector.attention='native_cpu' runs on CPUs only; this is {backend} "
+                    "(use 'auto', 'dense' or 'dot_product')")
+  supported_dtypes = [jnp.dtype(t) for t in NATIVE_CPU_DTYPES]
+  if dtype not in supported_dtypes or head_dim not in NATIVE_CPU_HEAD_DIMS:
+    raise UserError(f"projector.attention='native_cpu' (implementation) needs float32, bfloat16 "
+                    f"or float16 q, k, v with d in {NATIVE_CPU_HEAD_DIMS}; got {dtype.name}, "
+                    f"d={head_dim}")
+  from adjax.kernels import native   # only here: nothing else builds or probes the kernel
+  if not native.available():
+    raise UserError("projector.attention='native_cpu' needs the native CPU kernel, which "
+                    f"cannot run here ({native.unavailable_reason() or 'not registered'}; kernel "
+                    "available: False)")
+  if dtype == jnp.bfloat16 and native.amx_available():
+    return "native CPU kernel, AMX bfloat16 handlers"
+  return "native CPU kernel, float32 handlers"
+
+
+@functools.cache
+def _log_choice(requested: str, name: str, detail: str) -> None:
+  level = logging.WARNING if "refuses" in detail else logging.INFO
+  log.log(level, "projector attention %r: %s (%s)", requested, name, detail)
 
 
 def dense_attention(q: Array, k: Array, v: Array) -> Array:
   """softmax(q k^T) v with (H, T, d) queries and (H, R, d) keys/values; softmax in float32."""
-  logits = jnp.einsum("htd,hrd->htr", q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  weights = jax.nn.softmax(_logits(q, k), axis=-1).astype(v.dtype)
   return jnp.einsum("htr,hrd->htd", weights, v)
+
+
+def _logits(q: Array, k: Array) -> Array:
+  """q k^T per head, accumulated in float32 (H, T, R)."""
+  if q.dtype == k.dtype and q.dtype in (jnp.bfloat16, jnp.float16):
+    return _narrow_logits(q, k)
+  return jnp.einsum("htd,hrd->htr", q, k, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _narrow_logits(q: Array, k: Array) -> Array:
+  """_logits of bfloat16 (or float16) q, k, whose backward products stay in that dtype.
+
+  Why: autodiff would meet the float32 logits' gradient with the bfloat16 q and k and run both
+  (H, T, R)-sized backward products, dq and dk, in float32 (a fraction of the bfloat16 rate
+  on GPUs and TPUs). Here the gradient is rounded to q's dtype first and the products
+  accumulate in float32, as in the forward pass (and as the native kernel's AMX handlers and
+  PyTorch's bfloat16 autocast do)."""
+  return jnp.einsum("htd,hrd->htr", q, k, preferred_element_type=jnp.float32)
+
+
+def _narrow_logits_fwd(q, k):
+  return _narrow_logits(q, k), (q, k)
+
+
+def _narrow_logits_bwd(residuals, d_logits):
+  q, k = residuals
+  d_logits = d_logits.astype(q.dtype)
+  d_q = jnp.einsum("htr,hrd->htd", d_logits, k, preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("htr,htd->hrd", d_logits, q, preferred_element_type=jnp.float32)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype)
+
+
+_narrow_logits.defvjp(_narrow_logits_fwd, _narrow_logits_bwd)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, cudnn: bool = False,
+                          groups: int = 1) -> Array:
+  """The "dot_product" implementation: jax.nn.dot_product_attention on (H, T, d) queries.
+
+  cudnn: its cuDNN form (implementation="cudnn"; a GPU only), else its XLA form.
+  groups: the T queries are passed as a batch of `groups` sequences of T / groups (the keys
+    broadcast to each): cuDNN's partitioner refuses a split sequence axis, so with the tokens
+    split over G devices the step passes G groups, one per device, and splits the batch axis.
+  """
+  h, t, d = q.shape
+  if t % groups:
+    raise ValueError(f"dot_product_attention: {t} queries do not split into {groups} groups")
+  # (H, T, d) -> (G, T / G, H, d): the projector's own (T, H, d) layout, so the transposes
+  # around this call cancel.
+  query = q.transpose(1, 0, 2).reshape(groups, t // groups, h, d)
+  shared = lambda x: jnp.broadcast_to(x.transpose(1, 0, 2)[None], (groups, *x.shape[1:2], h, d))
+  out = jax.nn.dot_product_attention(query, shared(k), shared(v), scale=1.0,
+                                     implementation="cudnn" if cudnn else "xla")
+  return out.reshape(t, h, d).transpose(1, 0, 2)
 
 
 def _query_blocks(x: Array, block: int) -> Array:
@@ -176,6 +347,7 @@ def _kernel_attention(forward: str, backward: str,
   """softmax(q k^T) v with a custom VJP through a forward/backward pair of the native kernel's
   FFI handlers (names as in native.TARGETS), which take and return `dtype` arrays (the
   per-query log-sum-exp that the forward keeps for the backward is float32)."""
+  from adjax.kernels import native
 
   def forward_call(q, k, v):
     h, t, _ = q.shape
@@ -201,48 +373,40 @@ def _kernel_attention(forward: str, backward: str,
   return attention
 
 
-_fused_cpu = _kernel_attention("AdjaxReferenceAttentionForward",
-                               "AdjaxReferenceAttentionBackward", jnp.float32)
-_fused_amx = _kernel_attention("AdjaxReferenceAttentionForwardAmx",
-                               "AdjaxReferenceAttentionBackwardAmx", jnp.bfloat16)
+@functools.cache
+def _native_pair(amx: bool) -> Callable[[Array, Array, Array], Array]:
+  """The kernel's float32 or AMX bfloat16 attention, made on first use (imports the kernel)."""
+  if amx:
+    return _kernel_attention("AdjaxReferenceAttentionForwardAmx",
+                             "AdjaxReferenceAttentionBackwardAmx", jnp.bfloat16)
+  return _kernel_attention("AdjaxReferenceAttentionForward", "AdjaxReferenceAttentionBackward",
+                           jnp.float32)
 
 
-def fused_cpu_supported(q: Array, k: Array, v: Array) -> bool:
-  """Whether "fused-cpu" can take these operands here (dtype, head width, kernel built)."""
-  return (all(x.dtype in FUSED_CPU_DTYPES for x in (q, k, v))
-          and q.shape[-1] in FUSED_CPU_HEAD_DIMS and native.available())
-
-
-def fused_cpu_attention(q: Array, k: Array, v: Array) -> Array:
-  """The "fused-cpu" implementation; T need not be a multiple of 8 (or 32 on AMX; padded).
+def native_cpu_attention(q: Array, k: Array, v: Array) -> Array:
+  """The "native_cpu" implementation; T need not be a multiple of 8 (or 32 on AMX; padded).
 
   bfloat16 q, k, v on a CPU with AMX (adjax.kernels.native.amx_available): the AMX handlers,
   products in bfloat16 with float32 accumulation. Otherwise the kernel computes in float32:
   bfloat16 or float16 operands are widened on the way in (exactly) and the output rounded to
   q's dtype on the way out (AVX512-BF16 pair products were measured no faster than float32
   FMAs), the blocked form's accuracy or better at the kernel's speed.
+
+  Raises:
+    UserError: not a CPU, an unsupported dtype or head width, or the kernel cannot run here.
   """
-  if not fused_cpu_supported(q, k, v):
-    raise ValueError(
-        f"implementation='fused-cpu' needs float32, bfloat16 or float16 q, k, v with d in "
-        f"{FUSED_CPU_HEAD_DIMS} and the native kernel built (got {q.dtype}, {k.dtype}, "
-        f"{v.dtype}, d={q.shape[-1]}, kernel available: {native.available()}; see "
-        "adjax.kernels.native)")
-  return _fused_cpu_attention(q, k, v)
-
-
-def _fused_cpu_attention(q: Array, k: Array, v: Array) -> Array:
-  """fused_cpu_attention for operands already known to be supported."""
+  dtype = jnp.result_type(q, k, v)
+  handlers = _native_cpu_handlers(jax.default_backend(), q.shape[-1], dtype)
+  amx = "AMX" in handlers and all(x.dtype == jnp.bfloat16 for x in (q, k, v))
   t = q.shape[1]
-  amx = all(x.dtype == jnp.bfloat16 for x in (q, k, v)) and native.amx_available()
-  rows = _FUSED_AMX_ROWS if amx else _FUSED_CPU_ROWS
+  rows = _NATIVE_AMX_ROWS if amx else _NATIVE_CPU_ROWS
   padded = math.ceil(t / rows) * rows
   if padded != t:   # zero query rows, sliced off: they add nothing to the key/value gradients
     q = jnp.pad(q, ((0, 0), (0, padded - t), (0, 0)))
   if amx:
-    return _fused_amx(q, k, v)[:, :t]
+    return _native_pair(True)(q, k, v)[:, :t]
   wide = [x.astype(jnp.float32) for x in (q, k, v)]
-  return _fused_cpu(*wide)[:, :t].astype(q.dtype)
+  return _native_pair(False)(*wide)[:, :t].astype(q.dtype)
 
 
 def reference_attention(q: Array, k: Array, v: Array, *, implementation: str = "auto",
@@ -251,8 +415,7 @@ def reference_attention(q: Array, k: Array, v: Array, *, implementation: str = "
 
   Args:
     q: (H, T, d) queries; k, v: (H, R, d) keys and values.
-    implementation: "auto" (fused-cpu, else blocked, on a single CPU device; dense
-      elsewhere), "blocked", "dense" or "fused-cpu".
+    implementation: one of IMPLEMENTATIONS (see the module docstring and resolve_attention).
     query_block: queries per block of the blocked implementation.
 
   Returns:
@@ -261,18 +424,15 @@ def reference_attention(q: Array, k: Array, v: Array, *, implementation: str = "
   if q.ndim != 3 or k.shape != v.shape or q.shape[::2] != k.shape[::2]:
     raise ValueError(f"expected q (H, T, d) and k, v (H, R, d); got q {q.shape}, k {k.shape}, "
                      f"v {v.shape}")
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
-  if implementation == "auto":
-    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-    if not single_cpu:
-      implementation = "dense"
-    elif fused_cpu_supported(q, k, v):
-      return _fused_cpu_attention(q, k, v)   # checked just now
-    else:
-      implementation = "blocked"
-  if implementation == "fused-cpu":
-    return fused_cpu_attention(q, k, v)
-  if implementation == "dense":
+  dtype = jnp.result_type(q, k, v)
+  name, _ = resolve_attention(implementation, num_heads=q.shape[0], head_dim=q.shape[2],
+                              dtype=dtype)
+  if name == "native_cpu":
+    return native_cpu_attention(q, k, v)
+  if name == "dense":
     return dense_attention(q, k, v).astype(q.dtype)
+  if name == "dot_product":
+    cudnn = _cudnn_refusal(jax.default_backend(), q.shape[0], q.shape[2], dtype) is None
+    groups = math.gcd(q.shape[1], jax.device_count()) if cudnn else 1
+    return dot_product_attention(q, k, v, cudnn=cudnn, groups=groups).astype(q.dtype)
   return blocked_attention(q, k, v, query_block)

@@ -10,6 +10,7 @@ Checkpoint selection is the caller's: it passes an evaluator (adjax.evaluate.sel
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from adjax.compilation_cache import use_compilation_cache
 from adjax.errors import UserError
 from adjax.from_config import build_backbone
 from adjax.models.projector import init_projector
+from adjax.models.reference_attention import attention_record
 from adjax.optim import make_optimizer
 from adjax.pretrain.derived import (REFERENCES_FILE, _same_classes, bank_slots, compute_centers,
                                     load_centers, load_references, reference_bank)
@@ -176,6 +178,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
                                 backbone_params=backbone_params, records=records)
 
   settings = step_settings(config, backbone, mesh)
+  # Resolved (and logged) once here, so the run's folder says which attention it trained with.
+  attention = attention_record(settings.attention, level_dims=backbone.level_dims,
+                               num_heads=config.projector.num_heads, dtype=settings.compute_dtype)
+  if jax.process_index() == 0:
+    files.write_json(run_layout.attention_path(workdir), attention)
   optimizer = make_optimizer(config.optim.lr, config.optim.weight_decay, steps_per_epoch,
                              tuple(config.optim.decay_epochs), config.optim.decay_factor)
   params = init_projector(jax.random.PRNGKey(config.seed), backbone.level_dims,
@@ -202,7 +209,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
     record_paths = np.asarray([r.image_path for r in loader.plan.records])
   frozen = sharding.replicate(frozen, mesh)
   step_fn = sharding.jit_data_parallel(
-      make_train_step(settings, optimizer, backbone.extract), mesh)
+      make_train_step(settings, optimizer,
+                      functools.partial(backbone.extract, dtype=settings.compute_dtype)), mesh)
 
   checkpointer = RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
   start_step = 0

@@ -84,7 +84,7 @@ def step_settings(config: ml_collections.ConfigDict, backbone,
       use_residual=config.loss.residual, angle_block_size=config.loss.angle_block_size,
       label_threshold_share=config.data.label_threshold_share,
       max_similarities=config.train.max_similarities, compute_dtype=compute_dtype(config),
-      mesh=mesh)
+      attention=config.projector.get("attention", "auto"), mesh=mesh)
 
 
 def make_loader(config: ml_collections.ConfigDict, records: Sequence, backbone, *,

@@ -48,6 +48,7 @@ class StepSettings:
   label_threshold_share: float = 32 / 196
   max_similarities: int = 1 << 25
   compute_dtype: Any = jnp.bfloat16
+  attention: str = "auto"   # projector.attention (adjax/models/reference_attention.py)
   # The step's device mesh. With more than one device the angle loss's rows are split over
   # its data axis (each device computes its rows against all; same value as one device).
   # None: the loss is computed whole (one device, or left to the compiler, which replicates it).
@@ -151,15 +152,22 @@ def pretraining_loss(params: Any, residuals1: Levels, residuals2: Levels, masks:
     (loss, metrics) with per-level terms.
   """
   b = residuals1[0].shape[0]
-  both = [jnp.concatenate([r1, r2], axis=0) for r1, r2 in zip(residuals1, residuals2)]
-  projected = project(params, both, num_heads=settings.num_heads, dtype=settings.compute_dtype)
+  # The views interleaved image by image, (B, 2, ...) -> (2B, ...), not concatenated: with the
+  # batch split over devices each device keeps both views of its own images (concatenating
+  # along the split axis and slicing the views apart again moved them between devices with
+  # collective-permutes). The projector works per image and token, so the order is free.
+  both = [jnp.stack([r1, r2], axis=1).reshape(2 * b, *r1.shape[1:])
+          for r1, r2 in zip(residuals1, residuals2)]
+  projected = project(params, both, num_heads=settings.num_heads, dtype=settings.compute_dtype,
+                      attention=settings.attention)
   labels = level_labels(masks, settings.level_strides, settings.label_threshold_share)
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for k, (out, (angle_labels, norm_labels)) in enumerate(zip(projected, labels)):
     out = out.astype(jnp.float32)  # losses and their norms in float32
     c = out.shape[-1]
-    e1, e2 = out[:b].reshape(-1, c), out[b:].reshape(-1, c)
+    views = out.reshape(b, 2, *out.shape[1:])
+    e1, e2 = views[:, 0].reshape(-1, c), views[:, 1].reshape(-1, c)
     angle_labels, norm_labels = angle_labels.reshape(-1), norm_labels.reshape(-1)
     level_total = jnp.zeros((), jnp.float32)
     if settings.use_angle:
