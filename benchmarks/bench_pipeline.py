@@ -23,8 +23,8 @@ host's work per example into its parts (thread CPU time); "threads" measures rea
 workers for bank_device; "draft_pixels" compares draft-decoded crops with full decodes.
 Prints one JSON line.
 
-  python benchmarks/bench_pipeline.py [--data-dir DIR] [--batches 6] [--workers 1,2]
-      [--step-rate 780] [--feature-cosine]
+  python benchmarks/bench_pipeline.py [--data-dir DIR] [--batches 6] [--workers 1]
+      [--sweep-workers 0,1,2] [--threads 1,2,4] [--step-rate 780] [--feature-cosine]
 """
 
 from __future__ import annotations
@@ -154,20 +154,31 @@ def _cpu_seconds(proc) -> float:
   return total
 
 
+_PREFETCH, _WORKER_BUFFER = 4, 2   # the loader's defaults (batches)
+
+
 def _grain_rate(records, mode: str, args, workers: int, threads: int) -> tuple[float, float]:
-  """(wall examples/s, examples per CPU second of all processes) through grain."""
+  """(wall examples/s, examples per CPU second of all processes) through grain.
+
+  grain works on up to `in_flight` batches at once (threads and buffers of each worker), so
+  the first batches after a warm-up were mostly made before it: the timed batches are at
+  least three times that many, the warm-up as many.
+  """
   import psutil
-  loader = _loader(records, mode, args, num_workers=workers, num_threads=threads)
+  in_flight = max(1, workers) * (max(threads, _PREFETCH) + _WORKER_BUFFER)
+  timed = max(args.batches, 3 * in_flight)
+  loader = _loader(records, mode, args, num_workers=workers, num_threads=threads,
+                   prefetch_buffer_size=_PREFETCH, worker_buffer_size=_WORKER_BUFFER)
   it = iter(loader)
-  for _ in range(args.warmup):  # worker start-up and first batches are not throughput
+  for _ in range(max(args.warmup, in_flight)):  # start-up is not throughput
     next(it)
   me = psutil.Process()
   cpu0, start = _cpu_seconds(me), time.perf_counter()
-  for _ in range(args.batches):
+  for _ in range(timed):
     next(it)
   wall, cpu = time.perf_counter() - start, _cpu_seconds(me) - cpu0
   it.close()
-  n = args.batches * args.batch_size
+  n = timed * args.batch_size
   return n / wall, n / max(cpu, 1e-9)
 
 
@@ -280,8 +291,10 @@ def main() -> None:
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--batches", type=int, default=6, help="timed batches per measurement")
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--workers", default="1,2", help="grain worker counts to time (comma list; "
-                 "empty: none)")
+  p.add_argument("--workers", default="1", help="grain worker counts to time in every mode "
+                 "(comma list; empty: none)")
+  p.add_argument("--sweep-workers", default="0,1,2",
+                 help="worker counts to time with each --threads for bank_device")
   p.add_argument("--threads", default="1,2,4", help="read threads to time for bank_device")
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--stage-rounds", type=int, default=2, help="passes over the records for "
@@ -323,7 +336,7 @@ def main() -> None:
   threads = [int(t) for t in args.threads.split(",") if t]
   if threads:
     sweep = {}
-    for w in [0] + workers:
+    for w in [int(w) for w in args.sweep_workers.split(",") if w]:
       for t in threads:
         wall, per_cpu = _grain_rate(records, "bank_device", args, w, threads=t)
         sweep[f"{w}w_{t}t"] = {"examples_per_s": round(wall, 1),
