@@ -8,6 +8,10 @@ formulas (ITU-R 601 luma for grayscale; contrast blends with the mean luma; hue 
 HSV). The blur kernel is truncated at 3 sigma on each side (torchvision takes the kernel size
 as an argument; the paper's size is not stated). Geometry is never changed, so both views of an
 image stay aligned with its mask.
+
+An augmentation is a draw (draw_color_params: the random choices, a small dict) and an
+application (apply_color_params). data_pipelines/device_augment.py is the same math in JAX,
+for augmenting inside the compiled train step; it takes the same dict.
 """
 
 from __future__ import annotations
@@ -78,12 +82,73 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
   return ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode="reflect", truncate=3.0)
 
 
+# The order in which apply_color_params runs the four jitter operations is a permutation of
+# these indices (torchvision's ColorJitter order: brightness, contrast, saturation, hue).
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def draw_color_params(rng: np.random.Generator, *,
+                      jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+                      jitter_p: float = 0.8, grayscale_p: float = 0.2,
+                      blur_sigma: tuple[float, float] = (0.1, 2.0), blur_p: float = 0.5
+                      ) -> dict:
+  """The random choices of one colour augmentation (see color_augment for the arguments).
+
+  Returns:
+    {"jitter": bool, "order": (4,) int permutation of JITTER_OPS, "brightness", "contrast",
+    "saturation": factor, "hue": shift in turns, "grayscale": bool, "blur": bool,
+    "sigma": float}; data_pipelines.device_augment.draw_color_params draws the same pytree in
+    JAX.
+  """
+  # Draw every random number in a fixed order whether or not a step applies, so that one
+  # step's probability does not shift the others' draws.
+  u_jitter, u_gray, u_blur = rng.random(3)
+  order = rng.permutation(4)
+  b, c, s = (rng.uniform(max(0.0, 1 - j), 1 + j) for j in jitter[:3])
+  h = rng.uniform(-jitter[3], jitter[3])
+  sigma = rng.uniform(*blur_sigma)
+  return {"jitter": bool(u_jitter < jitter_p), "order": order, "brightness": b,
+          "contrast": c, "saturation": s, "hue": h, "grayscale": bool(u_gray < grayscale_p),
+          "blur": bool(u_blur < blur_p), "sigma": sigma}
+
+
+def apply_color_params(image: np.ndarray, params: dict) -> np.ndarray:
+  """The colour augmentation `params` (from draw_color_params, numpy or JAX) of an image.
+
+  Args:
+    image: (H, W, 3) uint8.
+    params: the drawn choices; numeric leaves may be numpy or JAX scalars.
+
+  Returns:
+    (H, W, 3) uint8.
+  """
+  x = image.astype(np.float32)
+  # Python floats: a float64 numpy scalar would promote the float32 image to float64.
+  factors = [float(params[name]) for name in JITTER_OPS]
+  if bool(params["jitter"]):
+    for op in np.asarray(params["order"]).tolist():
+      if op == 0:
+        x = adjust_brightness(x, factors[0])
+      elif op == 1:
+        x = adjust_contrast(x, factors[1])
+      elif op == 2:
+        x = adjust_saturation(x, factors[2])
+      else:
+        x = adjust_hue(x, factors[3])
+  if bool(params["grayscale"]):
+    x = np.repeat(grayscale(x)[..., None], 3, axis=-1)
+  if bool(params["blur"]):
+    x = gaussian_blur(x, float(params["sigma"]))
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def color_augment(image: np.ndarray, rng: np.random.Generator, *,
                   jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
                   jitter_p: float = 0.8, grayscale_p: float = 0.2,
                   blur_sigma: tuple[float, float] = (0.1, 2.0), blur_p: float = 0.5
                   ) -> np.ndarray:
-  """One random colour augmentation of an image.
+  """One random colour augmentation of an image: apply_color_params(image,
+  draw_color_params(rng, ...)).
 
   Args:
     image: (H, W, 3) uint8.
@@ -95,26 +160,6 @@ def color_augment(image: np.ndarray, rng: np.random.Generator, *,
   Returns:
     (H, W, 3) uint8.
   """
-  x = image.astype(np.float32)
-  # Draw every random number in a fixed order whether or not a step applies, so that one
-  # step's probability does not shift the others' draws.
-  u_jitter, u_gray, u_blur = rng.random(3)
-  order = rng.permutation(4)
-  b, c, s = (rng.uniform(max(0.0, 1 - j), 1 + j) for j in jitter[:3])
-  h = rng.uniform(-jitter[3], jitter[3])
-  sigma = rng.uniform(*blur_sigma)
-  if u_jitter < jitter_p:
-    for op in order:
-      if op == 0:
-        x = adjust_brightness(x, b)
-      elif op == 1:
-        x = adjust_contrast(x, c)
-      elif op == 2:
-        x = adjust_saturation(x, s)
-      else:
-        x = adjust_hue(x, h)
-  if u_gray < grayscale_p:
-    x = np.repeat(grayscale(x)[..., None], 3, axis=-1)
-  if u_blur < blur_p:
-    x = gaussian_blur(x, sigma)
-  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+  params = draw_color_params(rng, jitter=jitter, jitter_p=jitter_p, grayscale_p=grayscale_p,
+                             blur_sigma=blur_sigma, blur_p=blur_p)
+  return apply_color_params(image, params)

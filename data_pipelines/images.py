@@ -34,12 +34,24 @@ class ImageDecodeError(ValueError):
 
 
 def _open(data: bytes, path: str) -> Image.Image:
+  return _open_scaled(data, path)[0]
+
+
+def _open_scaled(data: bytes, path: str, draft_short_side: int | None = None
+                 ) -> tuple[Image.Image, tuple[int, int]]:
+  """Opens and fully decodes an image, and gives its full (H, W). A JPEG with draft_short_side
+  is decoded at the smallest scale (1/2, 1/4 or 1/8: libjpeg's DCT scaling) whose sides stay
+  at least those of the image resized to that short side."""
   try:
     img = Image.open(io.BytesIO(data))
+    full_hw = (img.size[1], img.size[0])
+    if draft_short_side is not None and img.format == "JPEG":
+      nh, nw = resized_shape(*full_hw, draft_short_side)
+      img.draft(None, (nw, nh))  # None: keep the mode; only the scale changes
     img.load()  # Forces a full decode: a truncated file fails here, not later.
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise ImageDecodeError(f"cannot decode image file {path!r}: {e}") from e
-  return img
+  return img, full_hw
 
 
 def _to_uint8(arr: np.ndarray, mode: str, path: str) -> np.ndarray:
@@ -74,7 +86,14 @@ def decode_image(data: bytes, path: str = "<bytes>") -> np.ndarray:
   Raises:
     ImageDecodeError: the bytes are not a decodable image (truncated, corrupt, empty).
   """
-  img = _open(data, path)
+  return _decode_image(data, path)[0]
+
+
+def _decode_image(data: bytes, path: str, draft_short_side: int | None = None
+                  ) -> tuple[np.ndarray, tuple[int, int]]:
+  """decode_image, optionally at a reduced JPEG scale (see _open_scaled); also returns the full
+  image's (H, W), which the mask must match."""
+  img, full_hw = _open_scaled(data, path, draft_short_side)
   mode = img.mode
   if mode in ("RGB",):
     arr = np.asarray(img)
@@ -87,7 +106,7 @@ def decode_image(data: bytes, path: str = "<bytes>") -> np.ndarray:
   if arr.ndim != 3 or arr.shape[2] != 3:
     raise ImageDecodeError(
         f"image file {path!r} decoded to shape {arr.shape}, expected (H, W, 3)")
-  return np.ascontiguousarray(arr, dtype=np.uint8)
+  return np.ascontiguousarray(arr, dtype=np.uint8), full_hw
 
 
 def decode_mask(data: bytes, path: str = "<bytes>") -> np.ndarray:
@@ -132,7 +151,8 @@ def center_crop_box(height: int, width: int, size: int) -> tuple[int, int, int, 
 
 
 def resize_center_crop(image: np.ndarray, size: int, *, resample: int = Image.BICUBIC,
-                       resize: int | None = None) -> np.ndarray:
+                       resize: int | None = None,
+                       source_hw: tuple[int, int] | None = None) -> np.ndarray:
   """Resizes the short side to `resize` (default `size`) and centre-crops a `size` x `size`
   square.
 
@@ -142,6 +162,9 @@ def resize_center_crop(image: np.ndarray, size: int, *, resample: int = Image.BI
     resample: PIL filter; bicubic for images, nearest for masks.
     resize: short side before the crop (e.g. 256 for the reference's Resize(256) +
       CenterCrop(224) of PatchCore and PaDiM on MVTec AD); None: `size` (docs/method.md section 1).
+    source_hw: the (H, W) the image stands for when it was decoded at a reduced scale (JPEG
+      draft): the resized shape and crop are those of the full image, so it stays aligned
+      with its full-size mask. None: the image's own shape.
 
   Returns:
     (size, size, 3) or (size, size) uint8.
@@ -151,10 +174,10 @@ def resize_center_crop(image: np.ndarray, size: int, *, resample: int = Image.BI
   resize = size if resize is None else resize
   if resize < size:
     raise ValueError(f"resize {resize} must be at least the crop size {size}")
-  h, w = image.shape[:2]
+  h, w = source_hw or image.shape[:2]
   nh, nw = resized_shape(h, w, resize)
   pil = Image.fromarray(image)
-  if (nh, nw) != (h, w):
+  if (nh, nw) != image.shape[:2]:
     pil = pil.resize((nw, nh), resample=resample)
   if (nh, nw) != (size, size):
     pil = pil.crop(center_crop_box(nh, nw, size))
@@ -163,7 +186,8 @@ def resize_center_crop(image: np.ndarray, size: int, *, resample: int = Image.BI
 
 def preprocess_pair(image_bytes: bytes, mask_bytes: bytes | None, size: int, *,
                     image_path: str = "<bytes>", mask_path: str = "<bytes>",
-                    resize: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    resize: int | None = None, jpeg_draft: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
   """Decodes, checks and resizes an image and its mask.
 
   Args:
@@ -172,6 +196,10 @@ def preprocess_pair(image_bytes: bytes, mask_bytes: bytes | None, size: int, *,
     size: output side (docs/method.md section 1: 224).
     image_path, mask_path: names for error messages.
     resize: short side before the centre crop (None: `size`; see resize_center_crop).
+    jpeg_draft: decode a JPEG at 1/2, 1/4 or 1/8 scale when it stays at least the resized
+      size (libjpeg's DCT scaling: a 512 px image for 224 decodes at 256, about 3x faster
+      to decode and resize). Off by default: the pixels differ slightly from the full
+      decode's (benchmarks/bench_pipeline.py measures by how much); the mask is unaffected.
 
   Returns:
     image (size, size, 3) uint8 and mask (size, size) uint8 in {0, 1}.
@@ -179,17 +207,20 @@ def preprocess_pair(image_bytes: bytes, mask_bytes: bytes | None, size: int, *,
   Raises:
     ImageDecodeError: undecodable file, or a mask whose size differs from its image.
   """
-  image = decode_image(image_bytes, image_path)
+  resize_to = size if resize is None else resize
+  image, full_hw = _decode_image(image_bytes, image_path,
+                                 draft_short_side=resize_to if jpeg_draft else None)
+  out = resize_center_crop(image, size, resize=resize, source_hw=full_hw)
   if mask_bytes is None:
-    return resize_center_crop(image, size, resize=resize), np.zeros((size, size), np.uint8)
+    return out, np.zeros((size, size), np.uint8)
   mask = decode_mask(mask_bytes, mask_path)
-  if mask.shape != image.shape[:2]:
+  if mask.shape != full_hw:
     raise ImageDecodeError(
         f"mask {mask_path!r} is {mask.shape[1]} x {mask.shape[0]} (W x H) but its image "
-        f"{image_path!r} is {image.shape[1]} x {image.shape[0]}")
+        f"{image_path!r} is {full_hw[1]} x {full_hw[0]}")
   mask = resize_center_crop(mask.astype(np.uint8) * 255, size, resample=Image.NEAREST,
                             resize=resize)
-  return resize_center_crop(image, size, resize=resize), (mask > 127).astype(np.uint8)
+  return out, (mask > 127).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,12 +264,13 @@ def read_record_bytes(record: Record) -> tuple[bytes, bytes | None]:
   return image, mask
 
 
-def load_record(record: Record, size: int, resize: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def load_record(record: Record, size: int, resize: int | None = None, *,
+                jpeg_draft: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Reads, decodes and resizes a record's image and mask (see `preprocess_pair`)."""
   image_bytes, mask_bytes = read_record_bytes(record)
   return preprocess_pair(image_bytes, mask_bytes, size, image_path=record.image_path,
-                         mask_path=record.mask_path or "", resize=resize)
+                         mask_path=record.mask_path or "", resize=resize,
+                         jpeg_draft=jpeg_draft)
 
 
 @dataclasses.dataclass

@@ -22,7 +22,9 @@ What a step holds:
   n_shot are filled and flagged in ref_valid, the rest are zeros. When a (class, view) has fewer
   than n_shot other normals, the references are drawn with replacement.
 - Two views of each image: the same geometry (resize + centre crop), independent colour
-  augmentation (augment.color_augment). References are not augmented.
+  augmentation (augment.color_augment). References are not augmented. With augment=False the
+  views are the plain image, which the train step can augment on the device
+  (data_pipelines/device_augment.py, StepSettings.device_augment).
 - Token labels of the mask for both losses (adjax.labels.token_labels).
 
 An epoch is `steps_per_epoch = (len(records) // shard_count) // batch_size` steps, the same on
@@ -168,7 +170,8 @@ class PretrainExample:
   """Maps an example index to one training example (a dict of numpy arrays)."""
 
   def __init__(self, plan: PretrainPlan, *, image_size: int, augment: bool, patch_size: int,
-               label_threshold: int, cache_size: int = 256, load_references: bool = True):
+               label_threshold: int, cache_size: int = 256, load_references: bool = True,
+               jpeg_draft: bool = False):
     if image_size % patch_size:
       raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
     self.plan = plan
@@ -180,6 +183,7 @@ class PretrainExample:
     # False when the trainer uses precomputed reference features: refs stay zeros (one slot,
     # to keep batches small) and only ref_valid says how many shots the step uses.
     self.load_references = load_references
+    self.jpeg_draft = jpeg_draft  # images.preprocess_pair: reduced-scale JPEG decoding
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self._lock = threading.Lock()
 
@@ -199,7 +203,8 @@ class PretrainExample:
       if hit is not None:
         self._cache.move_to_end(index)
         return hit
-    out = images_lib.load_record(self.plan.records[index], self.image_size)
+    out = images_lib.load_record(self.plan.records[index], self.image_size,
+                                 jpeg_draft=self.jpeg_draft)
     if self.cache_size:
       with self._lock:
         self._cache[index] = out
@@ -255,13 +260,14 @@ class PretrainLoader:
                shard_count: int = 1, num_workers: int = 0, num_epochs: int | None = None,
                num_threads: int = 2, prefetch_buffer_size: int = 4,
                worker_buffer_size: int = 2, cache_size: int = 256,
-               load_references: bool = True):
+               load_references: bool = True, jpeg_draft: bool = False):
     self.plan = PretrainPlan(records, batch_size=batch_size, shots=shots,
                              max_shots=max_shots, anomaly_share=anomaly_share, seed=seed,
                              shard_index=shard_index, shard_count=shard_count)
     self.example_fn = PretrainExample(self.plan, image_size=image_size, augment=augment,
                                       patch_size=patch_size, label_threshold=label_threshold,
-                                      cache_size=cache_size, load_references=load_references)
+                                      cache_size=cache_size, load_references=load_references,
+                                      jpeg_draft=jpeg_draft)
     self.batch_size = batch_size
     self.steps_per_epoch = self.plan.steps_per_epoch
     self.num_steps = (_INFINITE_STEPS if num_epochs is None
@@ -376,7 +382,8 @@ def make_pretrain_loader(records: Sequence[Record], *, image_size: int, batch_si
       worker processes.
     **kwargs: num_epochs (None: endless), num_threads, prefetch_buffer_size,
       worker_buffer_size, cache_size (decoded images kept per process), load_references
-      (False: no reference images are decoded, for precomputed reference features).
+      (False: no reference images are decoded, for precomputed reference features),
+      jpeg_draft (decode JPEGs at a reduced scale; see images.preprocess_pair).
 
   Returns:
     a PretrainLoader; `next(iter(loader))` is a dict with view1, view2 (B, S, S, 3) uint8,

@@ -342,8 +342,10 @@ def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted
                                       r"optim.lr \(0.001 there, 0.5 here\)"):
     pretrain(config, workdir, progress=False)
   assert open(run_layout.config_path(workdir)).read() == stored   # left as it was
-  # Paths, length, logging and evaluation may change when a run resumes.
-  config = tiny_config(dataset)
+  # Paths, length, logging and evaluation may change when a run resumes. (pretrain() resolves
+  # data.augment_on before it compares; so does this test.)
+  from adjax.pretrain.setup import resolve_augment_place
+  config = resolve_augment_place(tiny_config(dataset))
   config.optim.max_steps = 12
   config.data.pretrain_root = "/elsewhere/data"
   config.train.checkpoint_every = 5
@@ -378,7 +380,7 @@ def test_a_workdir_refuses_settings_that_make_another_run(dataset, uninterrupted
   config = tiny_config(dataset)
   config.data.batch_size = 2
   assert _check_run_settings(config, attempt) is True
-  assert _check_run_settings(tiny_config(dataset), attempt) is False
+  assert _check_run_settings(resolve_augment_place(tiny_config(dataset)), attempt) is False
 
 
 def test_metrics_log_drops_steps_a_resume_repeats_and_writes_nan_as_null(tmp_path):

@@ -36,6 +36,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_shots = 8                 # static maximum: unused shots are masked
   c.data.anomaly_share = 0.0           # minimum share of anomalous images per batch (>= 1 image)
   c.data.augment = True
+  c.data.augment_on = "auto"           # host | device (in the compiled step) | auto: device on
+                                       # accelerators, host on CPU
+  c.data.jpeg_draft = False            # decode JPEGs at a reduced scale (PIL draft) when they
+                                       # are at least twice the resize target (faster, not the
+                                       # recipe's pixels; see docs/scaling.md)
   c.data.num_workers = 0
   c.data.label_threshold_share = 32 / 196   # angle-loss token label: share of patch pixels set
   c.data.skip_unreadable_share = 0.0   # >0: skip unreadable images up to this share of the set

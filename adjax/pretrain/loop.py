@@ -34,7 +34,8 @@ from adjax.models.reference_attention import attention_record
 from adjax.optim import make_optimizer
 from adjax.pretrain.derived import (REFERENCES_FILE, _same_classes, bank_slots, compute_centers,
                                     load_centers, load_references, reference_bank)
-from adjax.pretrain.setup import make_loader, pretrain_records, step_settings
+from adjax.pretrain.setup import (make_loader, pretrain_records, resolve_augment_place,
+                                  step_settings)
 from adjax.pretrain.step import init_train_state, make_train_step
 
 log = logging.getLogger("adjax.train")
@@ -153,6 +154,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   from tqdm import tqdm
 
   sharding.maybe_initialize_distributed()
+  config = resolve_augment_place(config)
   stale_derived = _check_run_settings(config, workdir)
   use_compilation_cache(config.train.get("compilation_cache", ""))
   os.makedirs(workdir, exist_ok=True)
@@ -206,6 +208,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
     frozen["ref_bank"] = [b.reshape(b.shape[0], b.shape[1], -1, b.shape[-1])
                           for b in references["levels"]]
     batch_keys = ("view1", "view2", "masks", "ref_valid", "ref_group", "ref_self")
+  if settings.device_augment:
+    # Both views are the plain image until the step augments them: send it once.
+    batch_keys = tuple(k for k in batch_keys if k != "view2")
     record_paths = np.asarray([r.image_path for r in loader.plan.records])
   frozen = sharding.replicate(frozen, mesh)
   step_fn = sharding.jit_data_parallel(

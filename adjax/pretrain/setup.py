@@ -15,6 +15,7 @@ from adjax.errors import UserError
 from adjax.from_config import compute_dtype, split_classes
 from adjax.pretrain.step import StepSettings
 from data_pipelines import index
+from data_pipelines.device_augment import augment_placement
 
 
 def _distinct_paths(paths: list[str], setting: str) -> None:
@@ -74,6 +75,27 @@ def pretrain_records(config: ml_collections.ConfigDict) -> list:
   return records
 
 
+def resolve_augment_place(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of the config with `data.augment_on` resolved to "host" or "device"
+  (data_pipelines.device_augment.augment_placement: "auto" is the device on accelerators).
+
+  Resolved before the run's settings are compared with a resumed run's, so that the run
+  folder records where its views were augmented: a resume on another platform would augment
+  differently and is refused as a changed setting instead of drifting silently.
+  """
+  _, on_device = augment_placement(True, config.data.get("augment_on", "host"),
+                                   jax.default_backend())
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.augment_on = "device" if on_device else "host"
+  return config
+
+
+def device_augment(config: ml_collections.ConfigDict) -> bool:
+  """Whether the step colour-augments the views (config resolved by resolve_augment_place)."""
+  return augment_placement(bool(config.data.augment), config.data.get("augment_on", "host"),
+                           jax.default_backend())[1]
+
+
 def step_settings(config: ml_collections.ConfigDict, backbone,
                   mesh: Optional[Mesh] = None) -> StepSettings:
   """The compiled step's settings from a run config; `mesh` splits the angle loss's rows."""
@@ -84,7 +106,8 @@ def step_settings(config: ml_collections.ConfigDict, backbone,
       use_residual=config.loss.residual, angle_block_size=config.loss.angle_block_size,
       label_threshold_share=config.data.label_threshold_share,
       max_similarities=config.train.max_similarities, compute_dtype=compute_dtype(config),
-      attention=config.projector.get("attention", "auto"), mesh=mesh)
+      attention=config.projector.get("attention", "auto"), device_augment=device_augment(config),
+      mesh=mesh)
 
 
 def make_loader(config: ml_collections.ConfigDict, records: Sequence, backbone, *,
@@ -99,7 +122,9 @@ def make_loader(config: ml_collections.ConfigDict, records: Sequence, backbone, 
   return make_pretrain_loader(
       records, image_size=config.image_size, batch_size=config.data.batch_size // processes,
       shots=tuple(config.data.shots), max_shots=config.data.max_shots,
-      anomaly_share=config.data.anomaly_share or None, augment=config.data.augment,
+      anomaly_share=config.data.anomaly_share or None,
+      augment=bool(config.data.augment) and not device_augment(config),
       patch_size=patch, label_threshold=int(config.data.label_threshold_share * patch * patch),
       seed=config.seed, shard_index=jax.process_index(), shard_count=processes,
-      num_workers=config.data.num_workers, load_references=load_references)
+      num_workers=config.data.num_workers, load_references=load_references,
+      jpeg_draft=bool(config.data.get("jpeg_draft", False)))

@@ -27,6 +27,7 @@ from adjax.losses.norm import norm_loss
 from adjax.models.projector import project
 from adjax.residual import residual_features
 from adjax.sharding import DATA_AXIS
+from data_pipelines.device_augment import augment_views
 
 Array = jax.Array
 Levels = list[Array]
@@ -53,6 +54,11 @@ class StepSettings:
   # its data axis (each device computes its rows against all; same value as one device).
   # None: the loss is computed whole (one device, or left to the compiler, which replicates it).
   mesh: Optional[Mesh] = None
+  # Colour-augment the two views inside the step (data_pipelines/device_augment.py) instead of
+  # on the host: the batch's view1 and view2 are the plain images (view2 may be left out: it is
+  # then view1). Each image's draw is keyed by the state's rng, its step and its position in
+  # the global batch, so a resumed run augments as the uninterrupted one did.
+  device_augment: bool = False
 
 
 def init_train_state(params: Any, optimizer: optax.GradientTransformation,
@@ -257,7 +263,8 @@ def make_train_step(settings: StepSettings, optimizer: optax.GradientTransformat
   """The step `(state, batch, frozen) -> (state, metrics)`, not yet jitted.
 
   batch (numpy or global jax arrays, leading axis = images):
-    view1, view2 (B, S, S, 3) uint8; masks (B, S, S); ref_valid (B, S_max) bool; and either
+    view1, view2 (B, S, S, 3) uint8 (with settings.device_augment the plain images, augmented
+    here; view2 may then be absent); masks (B, S, S); ref_valid (B, S_max) bool; and either
     refs (B, S_max, S, S, 3) uint8 (references through the backbone inside the step), or
     ref_group (B,) int32 and ref_self (B, S_max + 1) bool with frozen["ref_bank"]
     (precomputed reference features; see bank_references).
@@ -266,11 +273,27 @@ def make_train_step(settings: StepSettings, optimizer: optax.GradientTransformat
   """
 
   def step(state: TrainState, batch: dict[str, Array], frozen: dict[str, Any]):
+    if settings.device_augment:
+      batch = augmented_batch(state, batch)
     residuals1, residuals2 = batch_residuals(batch, frozen, settings, extract)
     return residual_update(state, residuals1, residuals2, batch["masks"],
                            frozen.get("centers"), settings, optimizer)
 
   return step
+
+
+def augmented_batch(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
+  """The batch with both views colour-augmented on the device.
+
+  The key is fold_in(state["rng"], state["step"]): the rng is a constant of the run and the
+  step counter advances on every step (skipped ones too), both in every checkpoint, so the
+  draws depend on nothing a resume could change (not on the host, its worker count or how
+  many steps this process has run).
+  """
+  view1 = batch["view1"]
+  view2 = batch.get("view2", view1)
+  view1, view2 = augment_views(view1, view2, state["rng"], state["step"])
+  return {**batch, "view1": view1, "view2": view2}
 
 
 def batch_residuals(batch: dict[str, Array], frozen: dict[str, Any], settings: StepSettings,

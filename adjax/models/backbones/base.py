@@ -200,8 +200,10 @@ class Backbone:
 
   def _make_extract(self, dtype: Any) -> Callable:
     module = self.module.clone(dtype=dtype)
-    mean = jnp.asarray(self.mean, jnp.float32)
-    std = jnp.asarray(self.std, jnp.float32)
+    # numpy constants: this may first run inside a caller's trace (the train step), where jnp
+    # values would be that trace's tracers, cached here and leaked into later calls.
+    mean = np.asarray(self.mean, np.float32)
+    std = np.asarray(self.std, np.float32)
 
     def fn(params, images):
       x = ((images.astype(jnp.float32) - mean) / std).astype(dtype)
