@@ -161,8 +161,12 @@ def _cmd_evaluate(args, overrides) -> int:
     raise UserError(f"--workdir {args.workdir}: no such run folder")
   config = _resolve_config(args, overrides)
   from adjax.evaluate import evaluate
+  from adjax.evaluate.reporting import summary_text
   out_dir = args.out or os.path.join(args.workdir, "eval")
-  _print_json(evaluate(config, args.workdir, out_dir))
+  summary = evaluate(config, args.workdir, out_dir)
+  # The whole summary is in results.json; the terminal gets the table people read.
+  print(summary_text(summary), flush=True)
+  print(f"results: {os.path.join(out_dir, 'results.json')}", flush=True)
   return 0
 
 
@@ -275,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
   k = data_sub.add_parser("pack", help="pack a dataset folder into TFDS ArrayRecord shards",
                           allow_abbrev=False)
   k.add_argument("--format", required=True,
-                 help="dataset layout: realiad, mvtec, visa, btad, mpdd, mvtec3d")
+                 help="dataset layout: realiad, mvtec, visa, btad, mpdd, mvtec3d, folder")
   k.add_argument("--root", metavar="DIR", required=True, help="the dataset folder")
   k.add_argument("--out", metavar="DIR", required=True, help="TFDS data dir to write into")
   k.add_argument("--classes", default="", help="comma-separated classes (default: all)")

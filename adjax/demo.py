@@ -93,18 +93,10 @@ def run_demo(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 
 def summary_table(means: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-  """Markdown: per method, image AUROC / pixel AUROC / AUPRO (%) for each feature kind."""
-  metrics = ("image_auroc", "pixel_auroc", "pixel_aupro")
-  kinds = [k for k in ("original", "residual", "pretrained")
-           if any(k in per_kind for per_kind in means.values())]
-  head = "| method | " + " | ".join(f"{k} {m.replace('_', ' ')}" for m in metrics
-                                     for k in kinds) + " |"
-  lines = [head, "|" + "---|" * (1 + len(metrics) * len(kinds))]
-  for method, per_kind in means.items():
-    cells = [f"{100 * per_kind.get(k, {}).get(m, float('nan')):.1f}" for m in metrics
-             for k in kinds]
-    lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  """Markdown: per method, image AUROC / pixel AUROC / AUPRO (%) for each feature kind (the
+  table `adjax evaluate` prints too)."""
+  from adjax.evaluate.reporting import summary_table as table
+  return table(means)
 
 
 def _plot_losses(rows, path: str) -> None:

@@ -1,9 +1,10 @@
 """The evaluation data of one class: normal training images (all or k-shot) and the test set.
 
 Images are resized and centre-cropped as docs/method.md section 1 says (`images.load_record`);
-masks are
-binarised to {0, 1}. Everything is loaded into memory (the evaluation sets are small), with a
-few threads because PIL releases the GIL while decoding.
+masks are binarised to {0, 1}; an anomalous image without a mask (a record whose mask_path is
+None) gets an all-zero mask and `test_has_mask` False, so that pixel metrics can leave it out.
+Everything is loaded into memory (the evaluation sets are small), with a few threads because PIL
+releases the GIL while decoding.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def load_eval_class(records: Sequence[Record], class_name: str, *, image_size: i
 
   Returns:
     dict with train_images (N, S, S, 3) uint8, test_images (M, S, S, 3) uint8, test_masks
-    (M, S, S) uint8 in {0, 1}, test_labels (M,) int32, train_paths, test_paths,
+    (M, S, S) uint8 in {0, 1}, test_labels (M,) int32, test_has_mask (M,) bool (a normal
+    image or one with a mask: the images the pixel metrics are computed over), train_paths,
+    test_paths,
     test_defect_types (lists of str), train_noisy (N,) bool (which training images are
     anomalous), class_name, dataset.
   """
@@ -98,6 +101,7 @@ def load_eval_class(records: Sequence[Record], class_name: str, *, image_size: i
       "test_images": test_images,
       "test_masks": test_masks,
       "test_labels": np.array([r.label for r in test], np.int32),
+      "test_has_mask": np.array([r.label == 0 or r.mask_path is not None for r in test], bool),
       "train_paths": [r.image_path for r in train_all],
       "test_paths": [r.image_path for r in test],
       "test_defect_types": [r.defect_type for r in test],

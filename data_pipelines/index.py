@@ -20,7 +20,8 @@ from data_pipelines.records import Record
 Source = tuple  # (format, root) or (format, root, classes)
 
 
-def read_dataset(fmt: str, root: str, classes: Sequence[str] | None = None) -> list[Record]:
+def read_dataset(fmt: str, root: str, classes: Sequence[str] | None = None, *,
+                 masks_optional: bool = False) -> list[Record]:
   """Records of one dataset folder.
 
   Args:
@@ -29,6 +30,8 @@ def read_dataset(fmt: str, root: str, classes: Sequence[str] | None = None) -> l
       that holds split_csv/).
     classes: the classes to keep (None: every class found). Asking for a class that is not
       there is an error.
+    masks_optional: keep anomalous images without a mask (mask_path None) instead of failing
+      (config.eval.masks_optional); the `folder` format always keeps them.
 
   Returns:
     records sorted by (class, split, defect type, path).
@@ -37,7 +40,7 @@ def read_dataset(fmt: str, root: str, classes: Sequence[str] | None = None) -> l
     raise ValueError(f"unknown dataset format {fmt!r}; expected one of {sorted(READERS)}")
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{fmt} root {root!r} does not exist or is not a folder")
-  return sorted(READERS[fmt](root, classes))
+  return sorted(READERS[fmt](root, classes, masks_optional=masks_optional))
 
 
 def build_index(sources: Iterable[Source]) -> list[Record]:

@@ -72,6 +72,13 @@ class PretrainPlan:
     self.records = list(records)
     if not self.records:
       raise ValueError("no records to pretrain on")
+    # The token labels of both losses come from the masks: an anomalous image without one
+    # (the `folder` layout, eval.masks_optional) would be learnt as normal.
+    unmasked = [r.image_path for r in self.records if r.label == 1 and r.mask_path is None]
+    if unmasked:
+      raise ValueError(f"{len(unmasked)} anomalous pretraining images have no mask (e.g. "
+                       f"{unmasked[0]!r}); pretraining labels tokens by their masks: give "
+                       "masks for them or leave them out")
     self.batch_size = batch_size
     self.shots = tuple(int(s) for s in shots)
     self.max_shots = max_shots

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-FORMATS = ("realiad", "mvtec", "visa", "btad", "mpdd", "mvtec3d")
+FORMATS = ("realiad", "mvtec", "visa", "btad", "mpdd", "mvtec3d", "folder")
 
 # The 30 RealIAD classes: the paper's default pretraining set.
 REALIAD_CLASSES = (
@@ -30,7 +30,8 @@ class Record:
   """One image of the merged index.
 
   Attributes:
-    dataset: reader format name ("realiad", "mvtec", "visa", "btad", "mpdd", "mvtec3d").
+    dataset: reader format name ("realiad", "mvtec", "visa", "btad", "mpdd", "mvtec3d",
+      "folder").
     class_name: object / texture class ("bottle", "audiojack", "01", ...).
     view: camera view ("C1".."C5" for RealIAD; "" for single-view datasets).
     split: "train", "test", or "all" (RealIAD without split files).

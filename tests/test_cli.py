@@ -18,6 +18,9 @@ import pytest
 
 from adjax import cli, run_layout
 from adjax.cli import main
+# The real tables module, which `adjax evaluate` prints with, stays importable while the tests
+# replace the package `adjax.evaluate` by fakes.
+import adjax.evaluate.reporting  # noqa: F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "experiments" / "pretrain.py")
@@ -131,12 +134,23 @@ def test_evaluate_uses_the_runs_config_json(tmp_path, monkeypatch, capsys):
   config = default_config()
   config.backbone.name = "clip-large"
   run_layout.save_config(str(tmp_path), config)
-  calls = _fake_module(monkeypatch, "adjax.evaluate", evaluate={"image_auroc": 0.75})
+  means = {"patchcore": {"original": {"image_auroc": 0.75, "pixel_auroc": 0.5},
+                         "pretrained": {"image_auroc": 0.8125, "pixel_auroc": float("nan")}}}
+  calls = _fake_module(monkeypatch, "adjax.evaluate",
+                       evaluate={"means": means, "classes": ["bottle", "cable"]})
   assert main(["evaluate", "--workdir", str(tmp_path), "--config.eval.shots=4"]) == 0
   (_, (got, workdir, out_dir), _), = calls
   assert got.backbone.name == "clip-large" and got.eval.shots == 4
   assert out_dir == os.path.join(str(tmp_path), "eval")
-  assert json.loads(capsys.readouterr().out) == {"image_auroc": 0.75}
+  # The mean table, as text (the whole summary is in results.json), then where that is.
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0] == "mean over 2 classes (bottle, cable), %:"
+  assert [c.strip() for c in lines[2].strip("|").split("|")] == [
+      "method", "original image auroc", "pretrained image auroc", "original pixel auroc",
+      "pretrained pixel auroc", "original pixel aupro", "pretrained pixel aupro"]
+  assert [c.strip() for c in lines[4].strip("|").split("|")] == [
+      "patchcore", "75.0", "81.2", "50.0", "-", "-", "-"]
+  assert lines[-1] == "results: " + os.path.join(out_dir, "results.json")
 
 
 def test_evaluate_without_a_run_needs_an_out_folder(tmp_path, monkeypatch, capsys):

@@ -203,8 +203,10 @@ def test_partial_results_are_kept_only_for_the_same_settings(tmp_path):
   first = eval_progress.EvaluationProgress(str(tmp_path), settings, ("cflow", "uniad"),
                                            ["bottle", "cable"], ("original",), ("uniad",))
   assert first.resumed == 0 and not first.done("cflow", "bottle")
-  first.results["cflow"]["bottle"] = {"original": {"image_auroc": float("nan"), "x": 0.5}}
-  first.results["uniad"] = {c: {"original": {"x": 0.7}} for c in ("bottle", "cable")}
+  first.scored("cflow", "bottle", "original", {"image_auroc": float("nan"), "x": 0.5},
+               np.array([0.25, 1.5]))
+  for c in ("bottle", "cable"):
+    first.scored("uniad", c, "original", {"x": 0.7}, np.array([0.5]))
   first.fitted("uniad")
   first.save()
   moved = configs.default_config()
@@ -222,13 +224,15 @@ def test_partial_results_are_kept_only_for_the_same_settings(tmp_path):
   subset = eval_progress.EvaluationProgress(str(tmp_path), moved_settings,
                                             ("uniad",), ["cable"], ("original",), ("uniad",))
   assert subset.resumed == 0 and subset.results == {"uniad": {}}
-  subset.results["uniad"]["cable"] = {"original": {"x": 0.1}}
+  subset.scored("uniad", "cable", "original", {"x": 0.1}, np.array([0.125]))
   subset.fitted("uniad")
   subset.finish()
   kept = eval_progress.read_partial(str(tmp_path), moved_settings)
   assert kept["results"] == {"cflow": {"bottle": {"original": {"image_auroc": kept["results"][
       "cflow"]["bottle"]["original"]["image_auroc"], "x": 0.5}}},
                              "uniad": {"cable": {"original": {"x": 0.1}}}}
+  assert kept["scores"] == {"cflow": {"bottle": {"original": [0.25, 1.5]}},
+                            "uniad": {"cable": {"original": [0.125]}}}
   assert kept["fitted_on"] == {"uniad": ["cable"]}
   assert set(kept["settings"]["projectors"]) == {"norm", "angle"}
   # A setting of a method the file holds no results of is no difference (GLASS here); one of

@@ -350,6 +350,15 @@ def test_an_interrupted_evaluation_is_continued(dataset, tmp_path, monkeypatch):
         got, want = (r["results"][method][class_name][kind] for r in (resumed, whole))
         assert got.keys() == want.keys()
         np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-4)
+  # Every image's score in the CSVs, those kept from the interrupted runs included.
+  for method in methods:
+    for kind in kinds:
+      got, want = ((out / f"scores_{method}_{kind}.csv").read_text().splitlines(),
+                   (tmp_path / "whole" / f"scores_{method}_{kind}.csv").read_text().splitlines())
+      assert got[0] == want[0] == "path,label,score" and len(got) == len(want) > 2
+      assert [line.rsplit(",", 1)[0] for line in got] == [w.rsplit(",", 1)[0] for w in want]
+      np.testing.assert_allclose([float(g.rsplit(",", 1)[1]) for g in got[1:]],
+                                 [float(w.rsplit(",", 1)[1]) for w in want[1:]], rtol=1e-4)
   # A partial file written by an older adjax (no settings) is not mixed in either.
   with open(out / PARTIAL_NAME, "w") as f:
     json.dump({"results": first["results"], "classes_done": []}, f)

@@ -93,6 +93,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.shots = 8                     # reference images per class for the residuals
   c.eval.k_shot = 0                    # >0: few-shot training set of k normal images per class
   c.eval.noisy_share = 0.0             # share of anomalous images mixed into training
+  c.eval.masks_optional = False        # keep anomalous test images without a mask (pixel
+                                       # metrics then leave them out); False: a missing mask is
+                                       # an error (usually a broken download). Format `folder`
+                                       # always keeps them.
   c.eval.checkpoint = "auto"           # auto: the reference's rule (angle for PatchCore/PaDiM,
                                        # norm for the rest), or angle | norm for every method
   c.eval.resize = 0                    # short side before the centre crop (0: image_size)

@@ -42,7 +42,7 @@ log = logging.getLogger("adjax.evaluate")
 def score_method(name: str, settings: dict, train_levels, test_levels, image_size: int,
                  seed: int, test_labels: np.ndarray, test_masks: np.ndarray,
                  state: Any = None, fit_extras: Optional[dict] = None,
-                 best_over_test: bool = False
+                 best_over_test: bool = False, has_mask: Optional[np.ndarray] = None
                  ) -> tuple[dict[str, float], np.ndarray, np.ndarray, Any]:
   """Fits (unless `state` is given) and scores one method; returns metrics, scores, maps.
 
@@ -51,6 +51,8 @@ def score_method(name: str, settings: dict, train_levels, test_levels, image_siz
     the test set every `test_every` epochs and report each metric's best value over those
     checks, as the reference's scripts do (a selection on the test set: for reproducing its
     tables only). Scores, maps and state are the last check's.
+  has_mask: (M,) bool, the test images the pixel metrics are computed over (normal images and
+    anomalous ones with a mask); None: every image.
   """
   from adjax.methods import get_method
   method = get_method(name, **settings)
@@ -65,7 +67,7 @@ def score_method(name: str, settings: dict, train_levels, test_levels, image_siz
   def check(state):
     scores, maps = method.score(state, test, image_size)
     scores, maps = np.asarray(scores, np.float64), np.asarray(maps, np.float32)
-    return _metrics(scores, maps, test_labels, test_masks), scores, maps
+    return _metrics(scores, maps, test_labels, test_masks, has_mask), scores, maps
 
   if state is None and best_over_test and hasattr(method, "fit_in_rounds"):
     best: dict[str, float] = {}
@@ -82,14 +84,20 @@ def score_method(name: str, settings: dict, train_levels, test_levels, image_siz
 
 
 def _metrics(scores: np.ndarray, maps: np.ndarray, test_labels: np.ndarray,
-             test_masks: np.ndarray) -> dict[str, float]:
-  """image_* metrics (NaN with one test label) and, when a mask is set, pixel_* metrics."""
+             test_masks: np.ndarray, has_mask: Optional[np.ndarray] = None
+             ) -> dict[str, float]:
+  """image_* metrics over every test image (NaN with one test label) and pixel_* metrics over
+  the images with a mask (`has_mask`; normal images count, with an all-zero mask), absent when
+  none of those masks has an anomalous pixel."""
   from adjax import metrics as metrics_lib
   if len(np.unique(test_labels)) < 2:
     result = {k: float("nan") for k in metrics_lib.IMAGE_METRICS}
   else:
     result = metrics_lib.image_metrics(test_labels, scores)
   result = {f"image_{k}": v for k, v in result.items()}
+  if has_mask is not None:
+    keep = np.asarray(has_mask, bool)
+    test_masks, maps = test_masks[keep], maps[keep]
   if test_masks.any():
     pixel = metrics_lib.pixel_metrics(test_masks, maps)
     result.update({f"pixel_{k}": v for k, v in pixel.items()})
@@ -172,7 +180,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
                        batch_size=int(ev.get("batch_size", 16)),
                        num_heads=config.projector.num_heads,
                        max_similarities=config.train.max_similarities)
-  records = read_dataset(ev.format, ev.root, split_classes(ev.classes))
+  records = read_dataset(ev.format, ev.root, split_classes(ev.classes),
+                         masks_optional=bool(ev.get("masks_optional", False)))
   class_names = sorted({r.class_name for r in records})
   # An interrupted evaluation into the same folder is continued (or refused, with other
   # settings) before any class is evaluated.
@@ -191,6 +200,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     data = load_eval_class(records, class_name, image_size=config.image_size,
                            k_shot=ev.k_shot or None, noisy_share=ev.noisy_share,
                            seed=config.seed, resize=class_resize(ev, class_name))
+    done_so_far.images[class_name] = images = eval_progress.class_images(data)
+    if images["anomalous_with_masks"] < images["anomalous_images"]:
+      log.warning("%s: %d of %d anomalous test images have no mask; the pixel metrics use the "
+                  "%d of %d test images with masks", class_name,
+                  images["anomalous_images"] - images["anomalous_with_masks"],
+                  images["anomalous_images"], images["images_with_masks"],
+                  images["test_images"])
     train_levels = maker.backbone_levels(data["train_images"])
     test_levels = maker.backbone_levels(data["test_images"])
     refs = reference_features(train_levels, int(ev.shots), ~data["train_noisy"], class_name)
@@ -244,8 +260,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     metrics, scores, maps, _ = score_method(method, settings, train_f, test_f,
                                             config.image_size, config.seed,
                                             data["test_labels"], data["test_masks"], state=state,
-                                            fit_extras=extras, best_over_test=best_over_test)
-    results[method].setdefault(class_name, {})[kind] = metrics
+                                            fit_extras=extras, best_over_test=best_over_test,
+                                            has_mask=data["test_has_mask"])
+    done_so_far.scored(method, class_name, kind, metrics, scores)
     if kind == kinds[-1] and method == methods[0]:
       reporting.save_overlays(data["test_images"], maps, scores,
                               os.path.join(out_dir, "heatmaps", method, kind, class_name),
@@ -273,11 +290,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
         for kind in kinds:
           gathered.setdefault((method, kind), []).append(features[feature_key(method, kind)][0])
       needs = {"test_labels": data["test_labels"], "test_masks": data["test_masks"],
+               "test_has_mask": data["test_has_mask"],
                "test_images": data["test_images"] if methods[0] in per_dataset else None}
       held.append((class_name, needs, {key: features[key][1] for key in keys}))
     # The plot of the first class evaluated, once (the interrupted run's, if it made it).
     if done_so_far.tsne is None and ev.get("tsne", True):
-      _tsne(features, kinds, data["test_masks"], backbone, out_dir, class_name, config)
+      _tsne(features, kinds, data["test_masks"], backbone, out_dir, class_name, config,
+            has_mask=data["test_has_mask"])
       done_so_far.tsne = class_name
       done_so_far.save()
     del data, features, synthetic
@@ -304,14 +323,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
           f"results_{method}_{pair[0]}_vs_{pair[1]}"
       reporting.write_tables(subset, out_dir, stem=stem, kinds=pair,
                              title=f"{method}: {pair[0]} vs {pair[1]} features")
+  _write_scores(done_so_far, methods, kinds, class_names, out_dir)
   summary = {"results": results, "classes": class_names, "kinds": list(kinds),
              "methods": list(methods), "seconds": time.perf_counter() - t0,
              # CFLOW's and GLASS's numbers are each metric's best over test-set checks.
              "best_over_test": best_over_test,
-             "means": mean_table(results)}
+             "means": mean_table(results),
+             # Per class: test images, and those the pixel metrics are computed over.
+             "mask_counts": {c: {k: v for k, v in done_so_far.images[c].items()
+                                 if k not in ("paths", "labels")} for c in class_names}}
   files.write_json(os.path.join(out_dir, "results.json"), summary)
   done_so_far.finish()
   return summary
+
+
+def _write_scores(done_so_far, methods: Sequence[str], kinds: Sequence[str],
+                  class_names: Sequence[str], out_dir: str) -> None:
+  """`scores_<method>_<kind>.csv`: every test image's path, label and score, all classes."""
+  from adjax.evaluate import reporting
+  for method in methods:
+    for kind in kinds:
+      rows = []
+      for class_name in class_names:
+        images = done_so_far.images[class_name]
+        scores = done_so_far.scores[method][class_name][kind]
+        if len(scores) != len(images["paths"]):
+          raise ValueError(f"{class_name}: {len(scores)} {method} {kind} scores for "
+                           f"{len(images['paths'])} test images; rerun into another --out")
+        rows += zip(images["paths"], images["labels"], scores)
+      reporting.write_scores_csv(os.path.join(out_dir, f"scores_{method}_{kind}.csv"), rows)
 
 
 def _table_pairs(kinds: Sequence[str]) -> list[tuple[str, str]]:
@@ -335,13 +375,15 @@ def mean_table(results: dict) -> dict[str, dict[str, dict[str, float]]]:
   return out
 
 
-def _tsne(features, kinds, masks, backbone, out_dir, class_name, config):
-  """The paper's figure: normal vs anomalous test tokens, original beside pretrained."""
+def _tsne(features, kinds, masks, backbone, out_dir, class_name, config, has_mask=None):
+  """The paper's figure: normal vs anomalous test tokens, original beside pretrained; the
+  anomalous images without a mask are left out (their tokens' labels are unknown)."""
   from adjax.evaluate import reporting
   from adjax.labels import token_labels
   level = len(backbone.level_strides) - 1  # the deepest level
   stride = backbone.level_strides[level]
-  _, norm_labels = token_labels(np.asarray(masks, np.float32), patch_size=stride,
+  keep = np.ones(len(masks), bool) if has_mask is None else np.asarray(has_mask, bool)
+  _, norm_labels = token_labels(np.asarray(masks, np.float32)[keep], patch_size=stride,
                                 threshold=0)
   labels = norm_labels.reshape(-1)
   panels = {}
@@ -351,7 +393,7 @@ def _tsne(features, kinds, masks, backbone, out_dir, class_name, config):
                       key=lambda k: k != "pretrained:norm")
   for kind in kinds:
     key = kind if kind != "pretrained" else pretrained[0]
-    test = features[key][1][level]
+    test = np.asarray(features[key][1][level])[keep]
     panels[kind] = (test.reshape(-1, test.shape[-1]), labels)
   if labels.sum() > 0:
     reporting.plot_tsne(panels, os.path.join(out_dir, f"tsne_{class_name}.png"),

@@ -1,8 +1,10 @@
 """What an interrupted `adjax evaluate` keeps, and how a rerun continues it.
 
 After every method of every class the results so far go to `<out>/results.partial.json`, with
-the settings that made them. A rerun into the same folder reads them back and skips every
-(method, class, kind) already scored, if its settings would give the same numbers; otherwise it
+the settings that made them, each (method, class, kind)'s per-image scores and each class's test
+images (paths, labels, how many have masks), which the scores CSVs and mask counts are made of.
+A rerun into the same folder reads them back and skips every (method, class, kind) already
+scored, if its settings would give the same numbers; otherwise it
 stops with an error rather than mix results of two evaluations into one table (a setting of one
 method only counts if the file holds results of that method). Results outside a rerun's classes,
 methods or kinds stay in the file (which is then kept after the rerun finishes) for a later run
@@ -123,7 +125,8 @@ def read_partial(out_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"{path} holds results of an interrupted evaluation with other settings: "
                      f"{'; '.join(changes)}. Rerun with its settings to continue it, remove "
                      "the file to start afresh, or pass another --out")
-  return {**partial, "results": _nan_for_none(partial.get("results", {}))}
+  return {**partial, "results": _nan_for_none(partial.get("results", {})),
+          "scores": _nan_for_none(partial.get("scores", {}))}
 
 
 class EvaluationProgress:
@@ -146,22 +149,29 @@ class EvaluationProgress:
     # Projector digests of both runs (those they share are equal): a later run may load either.
     self._settings = {**settings, "projectors": {**earlier.get("settings", {}).get(
         "projectors", {}), **settings["projectors"]}}
-    old_results: Results = earlier.get("results", {})
     old_fitted: dict[str, list[str]] = earlier.get("fitted_on", {})
     self.results: Results = {m: {} for m in methods}
+    # Per (method, class, kind): the test images' scores, in the order of `images[class]`.
+    self.scores: Results = {m: {} for m in methods}
     self._carried: Results = {}   # results outside this run, kept in the file
+    self._carried_scores: Results = {}
+    # Per class: {"paths", "labels", "test_images", "anomalous_images", "anomalous_with_masks",
+    # "images_with_masks"} (see `class_images`); a class loaded again is replaced.
+    self.images: dict[str, dict[str, Any]] = dict(earlier.get("images", {}))
     self._fitted_on = {m: c for m, c in old_fitted.items() if m not in methods}
-    for method, per_class in old_results.items():
+    for method in earlier.get("results", {}):
       if method in per_dataset and method in methods:
         # One model for the dataset: its numbers hold for the classes it was fitted on only.
         if old_fitted.get(method) != self._classes:
           continue
         self._fitted_on[method] = self._classes
-      for class_name, per_kind in per_class.items():
-        for kind, metrics in per_kind.items():
-          inside = method in methods and class_name in self._classes and kind in kinds
-          target = self.results if inside else self._carried
-          target.setdefault(method, {}).setdefault(class_name, {})[kind] = metrics
+      for key, inside_tree, carried_tree in (("results", self.results, self._carried),
+                                             ("scores", self.scores, self._carried_scores)):
+        for class_name, per_kind in earlier[key].get(method, {}).items():
+          for kind, value in per_kind.items():
+            inside = method in methods and class_name in self._classes and kind in kinds
+            target = inside_tree if inside else carried_tree
+            target.setdefault(method, {}).setdefault(class_name, {})[kind] = value
     self.tsne: Optional[str] = earlier.get("tsne")
     self.resumed = sum(self.done(m, c, k) for m in methods for c in classes for k in kinds)
     if self.resumed:
@@ -170,26 +180,41 @@ class EvaluationProgress:
 
   def done(self, method: str, class_name: str, kind: Optional[str] = None) -> bool:
     """Whether `method` has scored `class_name` in `kind` (default: in every kind)."""
+    # Without its scores (a file of an older adjax) a result is made again, for the CSVs.
     scored = self.results[method].get(class_name, {})
-    return all(k in scored for k in ([kind] if kind else self._kinds))
+    with_scores = self.scores[method].get(class_name, {})
+    return all(k in scored and k in with_scores for k in ([kind] if kind else self._kinds))
 
   def fitted(self, method: str) -> None:
     """Marks a per-dataset method as fitted on this run's classes (before `save`)."""
     self._fitted_on[method] = self._classes
 
-  def _merged(self) -> Results:
+  def scored(self, method: str, class_name: str, kind: str, metrics: Mapping[str, float],
+             scores: np.ndarray) -> None:
+    """Records one (method, class, kind)'s metrics and per-image scores."""
+    self.results[method].setdefault(class_name, {})[kind] = dict(metrics)
+    self.scores[method].setdefault(class_name, {})[kind] = \
+        np.asarray(scores, np.float64).tolist()
+
+  @staticmethod
+  def _merged_tree(carried: Results, current: Results) -> Results:
     merged: Results = {m: {c: dict(k) for c, k in per_class.items()}
-                       for m, per_class in self._carried.items()}
-    for method, per_class in self.results.items():
+                       for m, per_class in carried.items()}
+    for method, per_class in current.items():
       for class_name, per_kind in per_class.items():
         merged.setdefault(method, {}).setdefault(class_name, {}).update(per_kind)
     return merged
+
+  def _merged(self) -> Results:
+    return self._merged_tree(self._carried, self.results)
 
   def save(self) -> None:
     """Writes the partial file (atomically): this run's results and those carried."""
     classes_done = [c for c in self._classes if all(self.done(m, c) for m in self._methods)]
     files.write_json(os.path.join(self.out_dir, PARTIAL_NAME),
-                          {"results": self._merged(), "classes_done": classes_done,
+                          {"results": self._merged(),
+                           "scores": self._merged_tree(self._carried_scores, self.scores),
+                           "images": self.images, "classes_done": classes_done,
                            "fitted_on": self._fitted_on, "tsne": self.tsne,
                            "settings": self._settings})
 
@@ -202,3 +227,15 @@ class EvaluationProgress:
                "evaluate", path)
     elif os.path.exists(path):
       os.remove(path)
+
+
+def class_images(data: Mapping[str, Any]) -> dict[str, Any]:
+  """A loaded class's test images (`load_eval_class`'s dict) as the progress keeps them: paths,
+  labels, and how many have masks. `images_with_masks` counts the images the pixel metrics are
+  computed over: the normal ones (an all-zero mask) and the anomalous ones with a mask."""
+  labels = np.asarray(data["test_labels"])
+  has_mask = np.asarray(data["test_has_mask"], bool)
+  return {"paths": list(data["test_paths"]), "labels": labels.astype(int).tolist(),
+          "test_images": int(labels.size), "anomalous_images": int((labels == 1).sum()),
+          "anomalous_with_masks": int(((labels == 1) & has_mask).sum()),
+          "images_with_masks": int(has_mask.sum())}

@@ -21,6 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from adjax.io import files
+
 KINDS = ("original", "pretrained")
 MEAN = "mean"
 
@@ -132,6 +134,57 @@ def write_tables(results: Results, out_dir: Any, *, stem: str = "results",
                for m, e in pm.items()} for c, pm in table.items()}
   paths["json"].write_text(json.dumps(clean, indent=2))
   return paths
+
+
+def write_scores_csv(path: Any, rows: Sequence[tuple[str, int, float]]) -> None:
+  """Writes per-image scores as CSV (columns path, label, score), atomically; scores with
+  repr's digits, so that they read back as the same floats."""
+  def write(f):
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(["path", "label", "score"])
+    w.writerows([p, int(label), repr(float(score))] for p, label, score in rows)
+  files.atomic_write(str(path), write, binary=False)
+
+
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+
+
+def summary_table(means: Mapping[str, Mapping[str, Mapping[str, float]]],
+                  metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+  """Markdown: one row per method, per metric one column per feature kind (%, one decimal);
+  `-` where a metric is NaN or absent (no pixel metrics without masks)."""
+  kinds = [k for k in ("original", "residual", "pretrained")
+           if any(k in per_kind for per_kind in means.values())]
+  head = "| method | " + " | ".join(f"{k} {m.replace('_', ' ')}" for m in metrics
+                                     for k in kinds) + " |"
+  lines = [head, "|" + "---|" * (1 + len(metrics) * len(kinds))]
+  for method, per_kind in means.items():
+    cells = [_fmt(per_kind.get(k, {}).get(m, math.nan), 100.0, 1) for m in metrics
+             for k in kinds]
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def summary_text(summary: Mapping[str, Any]) -> str:
+  """What `adjax evaluate` prints at the end: the mean table over the classes and, when some
+  anomalous test images have no mask, over how many images the pixel metrics were computed."""
+  means = summary.get("means") or {}
+  if not means:
+    return "no results"
+  classes = summary.get("classes", [])
+  lines = [f"mean over {len(classes)} classes ({', '.join(classes)}), %:", "",
+           summary_table(means)]
+  counts = summary.get("mask_counts") or {}
+  unmasked = sum(c["anomalous_images"] - c["anomalous_with_masks"] for c in counts.values())
+  if unmasked:
+    used = sum(c["images_with_masks"] for c in counts.values())
+    total = sum(c["test_images"] for c in counts.values())
+    none = [name for name, c in counts.items()
+            if c["anomalous_images"] and not c["anomalous_with_masks"]]
+    lines += ["", f"pixel metrics over the {used} of {total} test images that have masks "
+              f"(normal images count as masked; {unmasked} anomalous images have none)"
+              + (f"; none for {', '.join(none)}" if none else "")]
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- heat maps

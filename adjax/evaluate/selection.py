@@ -38,7 +38,8 @@ def make_selection_evaluator(config: ml_collections.ConfigDict, backbone, backbo
   fmt = config.eval.format if use_test else config.data.val_format
   root = config.eval.root if use_test else config.data.val_root
   classes = split_classes(config.eval.classes if use_test else config.data.val_classes)
-  records = read_dataset(fmt, root, classes)
+  records = read_dataset(fmt, root, classes,
+                         masks_optional=bool(config.eval.get("masks_optional", False)))
   maker = FeatureMaker(backbone, backbone_params, dtype=compute_dtype(config),
                        num_heads=config.projector.num_heads,
                        max_similarities=config.train.max_similarities)
@@ -60,7 +61,8 @@ def make_selection_evaluator(config: ml_collections.ConfigDict, backbone, backbo
       test_p = maker.projected_levels(params, res_test)
       for kind, method in (("angle", "patchcore"), ("norm", "featurenorm")):
         metrics, *_ = score_method(method, {}, train_p, test_p, config.image_size, config.seed,
-                                   data["test_labels"], data["test_masks"])
+                                   data["test_labels"], data["test_masks"],
+                                   has_mask=data["test_has_mask"])
         scores[kind].append(metrics["image_auroc"])
     return {k: float(np.mean(v)) for k, v in scores.items()}
 

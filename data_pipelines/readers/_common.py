@@ -7,7 +7,8 @@ from typing import Sequence
 
 from data_pipelines.records import LayoutError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# The formats PIL decodes that datasets come in.
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def listing(path: str, limit: int = 8) -> str:
@@ -41,6 +42,16 @@ def images_in(folder: str) -> list[str]:
     return []
   return sorted(n for n in os.listdir(folder)
                 if is_image(n) and os.path.isfile(os.path.join(folder, n)))
+
+
+def images_under(folder: str) -> list[str]:
+  """Sorted paths of the image files at any depth below a folder (hidden files and folders
+  skipped); [] when the folder is missing."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(folder):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    out.extend(os.path.join(dirpath, n) for n in sorted(filenames) if is_image(n))
+  return out
 
 
 def subdirs(folder: str) -> list[str]:

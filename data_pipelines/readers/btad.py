@@ -15,12 +15,14 @@ EXPECTED = "<class>/train/ok/<image>, <class>/test/{ok,ko}/<image> and " \
            "<class>/ground_truth/ko/<stem>.{bmp,png}"
 
 
-def read(root: str, classes: Sequence[str] | None = None) -> list[Record]:
+def read(root: str, classes: Sequence[str] | None = None,
+         masks_optional: bool = False) -> list[Record]:
   """BTAD records.
 
   Args:
     root: the folder holding 01/, 02/, 03/ (BTech_Dataset_transformed).
     classes: classes to keep, None for all.
+    masks_optional: keep an anomalous image without a mask (mask_path None).
 
   Returns:
     unsorted records.
@@ -44,7 +46,7 @@ def read(root: str, classes: Sequence[str] | None = None) -> list[Record]:
     for n in images_in(ko):
       path = os.path.join(ko, n)
       mask = find_by_stem(gt, os.path.splitext(n)[0])
-      if mask is None:
+      if mask is None and not masks_optional:
         raise LayoutError(f"btad: anomalous image {path!r} has no mask in {gt!r}")
       records.append(Record("btad", cls, "", "test", 1, "ko", path, mask))
   return records

@@ -9,6 +9,7 @@ from data_pipelines.readers.mvtec import read_mvtec_like
 from data_pipelines.records import Record
 
 
-def read(root: str, classes: Sequence[str] | None = None) -> list[Record]:
-  """MPDD records."""
-  return read_mvtec_like("mpdd", root, classes)
+def read(root: str, classes: Sequence[str] | None = None,
+         masks_optional: bool = False) -> list[Record]:
+  """MPDD records (see `read_mvtec_like`)."""
+  return read_mvtec_like("mpdd", root, classes, masks_optional)

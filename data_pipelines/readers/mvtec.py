@@ -14,13 +14,16 @@ EXPECTED = "<class>/train/good/<image>, <class>/test/<defect type>/<image> and "
            "<class>/ground_truth/<defect type>/<stem>_mask.png"
 
 
-def read_mvtec_like(fmt: str, root: str, classes: Sequence[str] | None) -> list[Record]:
+def read_mvtec_like(fmt: str, root: str, classes: Sequence[str] | None,
+                    masks_optional: bool = False) -> list[Record]:
   """Records of an MVTec-AD-style folder.
 
   Args:
     fmt: the dataset name stored in the records ("mvtec" or "mpdd").
     root: folder holding one sub-folder per class.
     classes: classes to keep, None for all.
+    masks_optional: keep an anomalous image without a mask (mask_path None) instead of
+      failing (a missing mask is usually a broken download).
 
   Returns:
     unsorted records.
@@ -54,7 +57,7 @@ def read_mvtec_like(fmt: str, root: str, classes: Sequence[str] | None) -> list[
         gt_dir = os.path.join(base, "ground_truth", dtype)
         stem = os.path.splitext(n)[0]
         mask = find_by_stem(gt_dir, stem + "_mask") or find_by_stem(gt_dir, stem)
-        if mask is None:
+        if mask is None and not masks_optional:
           raise LayoutError(
               f"{fmt}: anomalous image {path!r} has no mask; expected "
               f"{os.path.join(gt_dir, stem + '_mask.png')!r}")
@@ -62,6 +65,7 @@ def read_mvtec_like(fmt: str, root: str, classes: Sequence[str] | None) -> list[
   return records
 
 
-def read(root: str, classes: Sequence[str] | None = None) -> list[Record]:
+def read(root: str, classes: Sequence[str] | None = None,
+         masks_optional: bool = False) -> list[Record]:
   """MVTec AD records (see `read_mvtec_like`)."""
-  return read_mvtec_like("mvtec", root, classes)
+  return read_mvtec_like("mvtec", root, classes, masks_optional)

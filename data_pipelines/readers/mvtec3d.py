@@ -17,7 +17,7 @@ EXPECTED = "<class>/train/good/rgb/<image>, <class>/test/<type>/rgb/<image> and 
 
 
 def read(root: str, classes: Sequence[str] | None = None,
-         include_validation: bool = False) -> list[Record]:
+         include_validation: bool = False, masks_optional: bool = False) -> list[Record]:
   """MVTec 3D-AD RGB records.
 
   Args:
@@ -25,6 +25,7 @@ def read(root: str, classes: Sequence[str] | None = None,
     classes: classes to keep, None for all.
     include_validation: add validation/good images to the training normals (the reference
       does not).
+    masks_optional: keep an anomalous image without a mask (mask_path None).
 
   Returns:
     unsorted records.
@@ -55,7 +56,7 @@ def read(root: str, classes: Sequence[str] | None = None,
           records.append(Record("mvtec3d", cls, "", "test", 0, "good", path))
           continue
         mask = find_by_stem(gt, os.path.splitext(n)[0])
-        if mask is None:
+        if mask is None and not masks_optional:
           raise LayoutError(f"mvtec3d: anomalous image {path!r} has no mask in {gt!r}")
         records.append(Record("mvtec3d", cls, "", "test", 1, dtype, path, mask))
   return records

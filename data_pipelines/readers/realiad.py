@@ -66,7 +66,7 @@ def _json_file(root: str, cls: str, json_dir: str | None) -> str | None:
   return None
 
 
-def _from_json(root: str, cls: str, path: str) -> list[Record]:
+def _from_json(root: str, cls: str, path: str, masks_optional: bool) -> list[Record]:
   with open(path) as f:
     try:
       data = json.load(f)
@@ -91,14 +91,17 @@ def _from_json(root: str, cls: str, path: str) -> list[Record]:
         rel = item.get("mask_path")
         mask = os.path.join(root, prefix, rel) if rel else os.path.splitext(image)[0] + ".png"
         if not os.path.isfile(mask):
-          raise LayoutError(f"realiad: anomalous image {image!r} has no mask {mask!r}")
+          if not masks_optional:
+            raise LayoutError(f"realiad: anomalous image {image!r} has no mask {mask!r}")
+          mask = None
       records.append(Record("realiad", cls, _view_of(image), split, label,
                             kind if label else "good", image, mask, _sample_of(image)))
   return records
 
 
 def read(root: str, classes: Sequence[str] | None = None,
-         json_dir: str | None = None, use_json: bool = True) -> list[Record]:
+         json_dir: str | None = None, use_json: bool = True,
+         masks_optional: bool = False) -> list[Record]:
   """RealIAD records.
 
   Args:
@@ -107,6 +110,8 @@ def read(root: str, classes: Sequence[str] | None = None,
     json_dir: folder with <class>.json split files (e.g. realiad_jsons_sv); default: look for
       realiad_jsons/ beside the root.
     use_json: False ignores split files (every record has split "all").
+    masks_optional: keep an anomalous image of a split file whose mask is not there
+      (mask_path None). (Without split files an NG image without a mask is a normal view.)
 
   Returns:
     unsorted records.
@@ -120,7 +125,7 @@ def read(root: str, classes: Sequence[str] | None = None,
   for cls in choose_classes("realiad", root, found, classes):
     js = _json_file(root, cls, json_dir) if use_json else None
     if js is not None:
-      records.extend(_from_json(root, cls, js))
+      records.extend(_from_json(root, cls, js, masks_optional))
       continue
     base = os.path.join(root, cls)
     ok = _walk_images(os.path.join(base, "OK"))

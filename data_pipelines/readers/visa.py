@@ -17,13 +17,15 @@ COLUMNS = ("object", "split", "label", "image", "mask")
 
 
 def read(root: str, classes: Sequence[str] | None = None,
-         csv_name: str = "1cls.csv") -> list[Record]:
+         csv_name: str = "1cls.csv", masks_optional: bool = False) -> list[Record]:
   """VisA records from the one-class split file.
 
   Args:
     root: the VisA folder (holding split_csv/ and the class folders).
     classes: classes to keep, None for all.
     csv_name: the split file inside split_csv/.
+    masks_optional: keep an anomalous image whose mask is not given or not there
+      (mask_path None).
 
   Returns:
     unsorted records.
@@ -51,10 +53,12 @@ def read(root: str, classes: Sequence[str] | None = None,
     image = os.path.join(root, r["image"].strip())
     mask_rel = (r["mask"] or "").strip()
     mask = os.path.join(root, mask_rel) if mask_rel else None
+    if mask is not None and masks_optional and not os.path.isfile(mask):
+      mask = None
     for p in (image, mask):
       if p is not None and not os.path.isfile(p):
         raise LayoutError(f"{csv_path}:{line}: file {p!r} does not exist")
-    if label == 1 and mask is None:
+    if label == 1 and mask is None and not masks_optional:
       raise LayoutError(f"{csv_path}:{line}: anomalous image {image!r} has no mask")
     records.append(Record("visa", r["object"], "", split, label,
                           "anomaly" if label else "good", image, mask if label else None))
