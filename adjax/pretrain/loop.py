@@ -208,10 +208,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
     frozen["ref_bank"] = [b.reshape(b.shape[0], b.shape[1], -1, b.shape[-1])
                           for b in references["levels"]]
     batch_keys = ("view1", "view2", "masks", "ref_valid", "ref_group", "ref_self")
+    record_paths = np.asarray([r.image_path for r in loader.plan.records])
   if settings.device_augment:
     # Both views are the plain image until the step augments them: send it once.
     batch_keys = tuple(k for k in batch_keys if k != "view2")
-    record_paths = np.asarray([r.image_path for r in loader.plan.records])
   frozen = sharding.replicate(frozen, mesh)
   step_fn = sharding.jit_data_parallel(
       make_train_step(settings, optimizer,
