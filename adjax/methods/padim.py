@@ -60,7 +60,9 @@ class PaDiM(MethodFacts):
     if levels[0].shape[0] < 2:
       raise ValueError("padim: need at least 2 training images for a covariance, got "
                        f"{levels[0].shape[0]}")
-    means, chols = zip(*[_fit_level(self, x) for x in levels])
+    # Level by level to the end: two levels' batched Cholesky factorisations running at once
+    # can deadlock the CPU runtime (see _score).
+    means, chols = zip(*[jax.block_until_ready(_fit_level(self, x)) for x in levels])
     return {"mean": list(means), "chol": list(chols),
             "grids": [tuple(x.shape[1:3]) for x in levels]}
 
@@ -149,6 +151,12 @@ def _score(cfg: PaDiM, levels: tuple, means: tuple, chols: tuple, hw: tuple[int,
   token_maps = []
   for x, mu, lo in zip(levels, means, chols):
     m, h, w, c = x.shape
+    if token_maps:
+      # One level's solves after the other's. The CPU runtime runs independent parts of a
+      # program at once, and two batched LAPACK triangular solves that each wait on the same
+      # small thread pool for their batch can deadlock (seen with jaxlib 0.10 on 2 cores). A
+      # real data dependency (a float times zero is not folded away) orders them.
+      x = x + 0.0 * jnp.nan_to_num(token_maps[-1][0, 0, 0])
     token_maps.append(mahalanobis(x.reshape(m, h * w, c), mu, lo,
                                   cfg.position_block).reshape(m, h, w))
   maps = common.token_maps_to_image(token_maps, hw, align_corners=True, sigma=cfg.sigma)
