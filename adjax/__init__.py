@@ -7,6 +7,8 @@ The public API (arrays are channels-last; converters take and give the reference
   angle_loss(e1, e2, labels, center=None, temperature=0.15)     norm_loss(features, labels)
   residual_features(features, refs) -> (residual, index)
   token_labels(masks, patch_size=14, threshold=32) -> (angle_labels, norm_labels)
+  Detector.fit(train_dirs, method=..., features=...) -> detector; detector.save(path);
+  Detector.load(path); detector.predict(images) -> (scores, maps, flags)
 
 Names and submodules (`adjax.metrics`, `adjax.methods`, `adjax.models.backbones`, ...) load on
 first use, so that a data-loading worker that only needs `adjax.labels` does not import flax.
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _API = {
+    "Detector": "adjax.detector.model",
     "angle_loss": "adjax.losses.angle",
     "anomaly_score": "adjax.losses.norm",
     "init_projector": "adjax.models.projector",

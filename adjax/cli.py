@@ -6,6 +6,8 @@
   adjax centers   --config FILE[:ARG] --workdir RUN [...]
   adjax pretrain  --config FILE[:ARG] --workdir RUN [...]
   adjax evaluate  [--config FILE[:ARG]] [--workdir RUN] [--out DIR] [...]
+  adjax fit       --method NAME --train DIR --out DETECTOR [--features K] [--workdir RUN] [...]
+  adjax predict   --detector DETECTOR --out DIR INPUT [INPUT ...]
   adjax export    --workdir RUN --out FILE.pth|FILE.safetensors [--which angle|norm|latest]
   adjax import    FILE --backbone NAME --out RUN [--which angle|norm|both]
   adjax sweep     FILE:SWEEP --workdir DIR [--config FILE[:ARG]|:ARG] [--only A,B] [--emit FILE|-]
@@ -38,10 +40,10 @@ from adjax.errors import PREEMPTED_EXIT_STATUS, UserError
 from adjax.terminal_log import library_messages_on_stderr
 
 PROG = "adjax"
-COMMANDS = ("demo", "data", "refs", "centers", "pretrain", "evaluate", "export", "import",
-            "sweep", "collect", "bench")
+COMMANDS = ("demo", "data", "refs", "centers", "pretrain", "evaluate", "fit", "predict",
+            "export", "import", "sweep", "collect", "bench")
 # Subcommands that read a config and accept --config.key=value overrides.
-_TAKES_OVERRIDES = {"demo", "refs", "centers", "pretrain", "evaluate", "import", "sweep"}
+_TAKES_OVERRIDES = {"demo", "refs", "centers", "pretrain", "evaluate", "fit", "import", "sweep"}
 _CONFIG_HELP = ("experiment config FILE[:ARG] (its get_config(ARG)); default: the run's "
                 "config.json if the workdir has one, else adjax.configs.default_config()")
 _OVERRIDE_EPILOG = ("Override any config field with --config.path.to.key=value (e.g. "
@@ -167,6 +169,18 @@ def _cmd_evaluate(args, overrides) -> int:
   # The whole summary is in results.json; the terminal gets the table people read.
   print(summary_text(summary), flush=True)
   print(f"results: {os.path.join(out_dir, 'results.json')}", flush=True)
+  return 0
+
+
+def _cmd_fit(args, overrides) -> int:
+  from adjax.detector.commands import run_fit
+  _print_json(run_fit(args, _resolve_config(args, overrides)))
+  return 0
+
+
+def _cmd_predict(args, overrides) -> int:
+  from adjax.detector.commands import run_predict
+  _print_json(run_predict(args))
   return 0
 
 
@@ -303,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
                  help="run folder (a pretraining run or an imported checkpoint); not needed "
                  "for original and residual features only (then give --out)")
   p.add_argument("--out", metavar="DIR", help="results folder (default: WORKDIR/eval)")
+
+  from adjax.detector.commands import add_fit_arguments, add_predict_arguments
+  p = add("fit", "Fit a detector on a folder of normal images and set its thresholds.",
+          _cmd_fit, epilog=_OVERRIDE_EPILOG)
+  config_flag(p)
+  add_fit_arguments(p)
+  add_predict_arguments(add("predict", "Score images with a detector: predictions.csv, "
+                            "summary.json, heat maps and masks.", _cmd_predict))
 
   p = add("export", "Export a run's projector as the reference's {'projectors': state_dict} "
           "(.pth) or as .safetensors with metadata.", _cmd_export)

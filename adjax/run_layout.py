@@ -169,7 +169,7 @@ RESUMABLE_CHANGES = ("backbone.weights", "backbone.cache_dir", "data.pretrain_ro
                      "train.keep_checkpoints", "train.eval_every_epochs",
                      "train.compilation_cache",
                      "train.max_similarities", "loss.angle_block_size")
-RESUMABLE_SECTIONS = ("eval.", "demo.")
+RESUMABLE_SECTIONS = ("eval.", "demo.", "detect.")
 # Of those paths, lists of datasets (comma-separated): a path may move, but a dataset added or
 # dropped would make another pretraining set.
 PATH_LISTS = ("data.pretrain_root", "data.pretrain_tfds_dir")

@@ -119,4 +119,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.tsne = True
   # Per method, e.g. {"patchcore": {"coreset_ratio": 0.1}}.
   c.eval.method_settings = ml_collections.ConfigDict()
+
+  # `adjax fit` / adjax.Detector (docs/detector.md): a detector fitted on a folder of normal
+  # images; eval.shots, eval.resize, eval.batch_size, eval.method_settings apply to it too.
+  c.detect = ml_collections.ConfigDict()
+  c.detect.holdout_share = 0.2         # without --val: this share of the training images,
+                                       # not fitted on, sets the thresholds
+  c.detect.target_fpr = 0.01           # image threshold: this share of normal images flagged
+  c.detect.pixel_fpr = 0.01            # pixel threshold: this share of normal pixels flagged
+  c.detect.threshold = "fpr"           # fpr | f1 (F1-optimal; needs a labelled --val)
   return c

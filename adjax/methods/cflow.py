@@ -199,7 +199,20 @@ class CFlow(MethodFacts):
     levels = common.last_levels(common.check_levels(test_levels, "test_levels"),
                                 self.num_levels)
     log_likelihoods = _log_likelihood(self, tuple(levels), state["params"], state["perms"])
-    return _maps_from_log_likelihood(log_likelihoods, common.image_hw(image_size), self.sigma)
+    return _maps_from_log_likelihood(log_likelihoods, common.image_hw(image_size), self.sigma,
+                                     state.get("calibration"))
+
+  def calibrated(self, state: dict, levels: Any, image_size: Any) -> dict:
+    """The state with fixed normalisers: the maxima the scoring takes over the test set, taken
+    once over `levels` (a detector's normal training images), so that an image's score no
+    longer depends on the images scored with it (adjax/detector/ scores images one batch at
+    a time)."""
+    levels = common.last_levels(common.check_levels(levels, "levels"), self.num_levels)
+    log_likelihoods = _log_likelihood(self, tuple(levels), state["params"], state["perms"])
+    hw = common.image_hw(image_size)
+    level_max = [float(np.asarray(lp, np.float64).max()) for lp in log_likelihoods]
+    total = _summed_probabilities(log_likelihoods, hw, level_max)
+    return {**state, "calibration": {"level_max": level_max, "map_max": float(total.max())}}
 
 
 def _random_orthogonal(gen: np.random.Generator, num: int, c: int) -> jax.Array:
@@ -347,23 +360,34 @@ def _log_likelihood(cfg: CFlow, levels: tuple, params: list, perms: list):
   return tuple(out)
 
 
+def _summed_probabilities(log_likelihoods: Sequence[jax.Array], hw: tuple[int, int],
+                          level_max: Sequence[float] | None = None) -> np.ndarray:
+  """Per level exp(log p - its maximum), upsampled to hw and summed over the levels."""
+  total = None
+  for i, lp in enumerate(log_likelihoods):
+    lp = np.asarray(lp, np.float64)
+    prob = np.exp(lp - (lp.max() if level_max is None else level_max[i]))
+    mh = common.bilinear_matrix(lp.shape[1], hw[0], True).astype(np.float64)
+    mw = common.bilinear_matrix(lp.shape[2], hw[1], True).astype(np.float64)
+    up = np.einsum("Hh,mhw,Ww->mHW", mh, prob, mw, optimize=True)   # two matmuls
+    total = up if total is None else total + up
+  return total
+
+
 def _maps_from_log_likelihood(log_likelihoods: Sequence[jax.Array], hw: tuple[int, int],
-                              sigma: float) -> tuple[np.ndarray, np.ndarray]:
+                              sigma: float, calibration: dict | None = None
+                              ) -> tuple[np.ndarray, np.ndarray]:
   """exp(log p - max over the test set) per level, upsampled and summed; map = max - sum.
 
   In float64 on the host, as the reference does it: max - sum in float32 cannot tell apart
   sums below ~1e-7 of the maximum (log-likelihoods 16 to 37 below the test set's best, common
   for anomalous tokens), which ties the image scores of such images; float64 does.
+  calibration: fixed maxima ({"level_max": [...], "map_max": ...}, see CFlow.calibrated)
+  instead of the test set's.
   """
-  total = None
-  for lp in log_likelihoods:
-    lp = np.asarray(lp, np.float64)
-    prob = np.exp(lp - lp.max())  # the reference normalises over the whole test set
-    mh = common.bilinear_matrix(lp.shape[1], hw[0], True).astype(np.float64)
-    mw = common.bilinear_matrix(lp.shape[2], hw[1], True).astype(np.float64)
-    up = np.einsum("Hh,mhw,Ww->mHW", mh, prob, mw, optimize=True)   # two matmuls
-    total = up if total is None else total + up
-  maps = total.max() - total
+  level_max = None if calibration is None else calibration["level_max"]
+  total = _summed_probabilities(log_likelihoods, hw, level_max)
+  maps = (total.max() if calibration is None else calibration["map_max"]) - total
   if sigma:
     gh = common.gaussian_matrix(hw[0], float(sigma)).astype(np.float64)
     gw = common.gaussian_matrix(hw[1], float(sigma)).astype(np.float64)

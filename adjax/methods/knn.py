@@ -74,7 +74,10 @@ def nearest_neighbours(queries: jax.Array, bank: jax.Array, *, k: int = 1,
     (distances (Q, k) float32 ascending, indices (Q, k) int32).
   """
   _check(queries, bank, k)
-  if not _screening_pays(queries, bank):
+  traced = isinstance(queries, jax.core.Tracer) or isinstance(bank, jax.core.Tracer)
+  # Inside a trace (an exported scoring program) the screen's fallback, which picks the
+  # queries to redo on the host, cannot run: the exact float32 search alone gives the same.
+  if traced or not _screening_pays(queries, bank):
     return _exact_search(queries, bank, k=k, query_block=query_block, bank_block=bank_block)
   blocks = dict(query_block=min(query_block, _SCREEN_QUERY_BLOCK),
                 bank_block=min(bank_block, _SCREEN_BANK_BLOCK))
