@@ -32,7 +32,6 @@ same parameters is reused, anything else is regenerated.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -44,6 +43,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data_pipelines.texture_anomalies import perlin_noise
 
 MARKER = "embedded.json"
 FORMAT_VERSION = 1
@@ -146,23 +147,9 @@ def normal_image(name: str, view: int, index: int, *, image_size: int, seed: int
 # Defects. Each returns (defect image float32, mask bool); the caller composites.
 
 def perlin(shape: tuple[int, int], res: int, rng: np.random.Generator) -> np.ndarray:
-  """2D gradient (Perlin) noise in about [-0.7, 0.7], `res` cells along each side."""
-  h, w = shape
-  ang = rng.uniform(0, 2 * np.pi, (res + 1, res + 1))
-  grads = np.stack([np.cos(ang), np.sin(ang)], axis=-1)
-  ys, xs = np.meshgrid(np.arange(h) * res / h, np.arange(w) * res / w, indexing="ij")
-  y0, x0 = ys.astype(int), xs.astype(int)
-  fy, fx = ys - y0, xs - x0
-
-  def dot(dy, dx):
-    g = grads[y0 + dy, x0 + dx]
-    return g[..., 0] * (fx - dx) + g[..., 1] * (fy - dy)
-
-  fade = lambda t: t * t * t * (t * (t * 6 - 15) + 10)
-  u, v = fade(fx), fade(fy)
-  top = dot(0, 0) * (1 - u) + dot(0, 1) * u
-  bottom = dot(1, 0) * (1 - u) + dot(1, 1) * u
-  return top * (1 - v) + bottom * v
+  """2D gradient (Perlin) noise in about [-0.7, 0.7], `res` cells along each side (the
+  texture generator's noise at this set's original amplitude)."""
+  return perlin_noise(shape, (res, res), rng).astype(np.float64) / np.sqrt(2.0)
 
 
 def _line_mask(size: int, points: Sequence[tuple[float, float]], width: int) -> np.ndarray:
@@ -507,27 +494,3 @@ def generate_embedded_dataset(out_dir: str, *, image_size: int = 224,
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return {**summary, "generated": True}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """Command line: python -m data_pipelines.embedded OUT_DIR [--image-size 224 ...]."""
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("out_dir")
-  p.add_argument("--image-size", type=int, default=224)
-  p.add_argument("--pretrain-classes", type=int, default=6)
-  p.add_argument("--eval-classes", type=int, default=4)
-  p.add_argument("--images-per-class", type=int, default=32)
-  p.add_argument("--views", type=int, default=2)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--force", action="store_true")
-  a = p.parse_args(argv)
-  summary = generate_embedded_dataset(
-      a.out_dir, image_size=a.image_size, pretrain_classes=a.pretrain_classes,
-      eval_classes=a.eval_classes, images_per_class=a.images_per_class, n_views=a.views,
-      seed=a.seed, force=a.force)
-  print(json.dumps({k: summary[k] for k in ("pretrain_root", "eval_root", "generated",
-                                            "seconds", "counts") if k in summary}))
-
-
-if __name__ == "__main__":
-  main()
