@@ -492,7 +492,7 @@ def test_efficientnet_lite0_real_weights_classify_imagenet_images(tmp_path):
   assert logits.shape == (2, 1000)
   assert logits[0].argmax() == 285 and logits[1].argmax() == 967, logits.argmax(-1)
   # The same weights as a feature backbone, at the demo's smaller sizes and stride-16 taps.
-  feat = get_backbone("efficientnet-lite0", taps=(7, 10), input_size=160)
+  feat = get_backbone("efficientnet-lite0", taps=(8, 11), input_size=160)
   assert feat.level_dims == (80, 112) and feat.level_strides == (16, 16)
   fparams = feat.load(default_weights_path(), cache_dir=tmp_path)
   small = np.stack([_imagenet_crop(skimage.data.chelsea(), 160),

@@ -11,7 +11,7 @@ def demo_config() -> ml_collections.ConfigDict:
   """The embedded default: EfficientNet-Lite0 (stride 8 and 16 taps), 160 px, batch 8."""
   c = default_config()
   c.backbone.name = "efficientnet-lite0"
-  c.backbone.taps = (4, 10)          # blocks ending at stride 8 (40 ch) and 16 (112 ch)
+  c.backbone.taps = (5, 11)          # blocks ending at stride 8 (40 ch) and 16 (112 ch)
   c.image_size = 160
   c.data.batch_size = 8
   c.data.shots = (1, 2, 4)

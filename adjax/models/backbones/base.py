@@ -263,7 +263,7 @@ def check_overrides(name: str, overrides: Mapping[str, Any], known: Sequence[str
 
 
 def taps_to_levels(taps: Sequence[int], depth: int, name: str) -> tuple[int, ...]:
-  """Validate 1-based block taps of a ViT.
+  """Validate 1-based block taps (every backbone numbers its blocks from 1).
 
   Args:
     taps: blocks whose outputs are returned (1-based, increasing).

