@@ -18,15 +18,17 @@ The flags mean the same everywhere: `--config FILE[:ARG]` an experiment file and
 (`get_config(ARG)`; without it, a run's own config.json, else the default config), `--workdir`
 a run's folder, `--out` where the output goes, `--config.path.to.key=value` an override.
 
-A user error (a bad flag, a missing file, a bad override, bad input the library rejects) is one
-line on stderr and exit status 2; set ADJAX_DEBUG=1 to see the traceback instead. The jobs are
-imported only when their subcommand runs, so `--help` is quick and one missing piece does not
-break the others.
+A user error (a bad flag, a missing file, a bad override, bad input the library rejects, an OS
+error such as a full disk or an --out that is a file or read-only, a folder another process
+holds the lock of) is one line on stderr and exit status 2; set ADJAX_DEBUG=1 to see the
+traceback instead. The jobs are imported only when their subcommand runs, so `--help` is quick
+and one missing piece does not break the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -406,6 +408,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(argv)
 
 
+# OS errors the user can act on (free space, pick another --out, fix permissions): one line
+# and exit 2. Other OS errors (EIO, EBADF, ...) keep their traceback.
+_USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EEXIST,
+                          errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                          errno.ENOENT, errno.ENAMETOOLONG})
+# Raised by adjax itself with a message of its own (and no errno): one line too.
+_USER_OSERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                  FileExistsError)
+
+
+def _user_error_message(err: BaseException) -> str | None:
+  """The one-line message of an error the user can fix, or None for one that is a bug."""
+  if not isinstance(err, OSError):
+    return files.one_line(err)
+  if err.errno in _USER_ERRNOS:
+    reason = err.strerror or os.strerror(err.errno)
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    # "<path>: <reason>", as the shell's tools say it; a rename names both paths.
+    return files.one_line(f"{' -> '.join(names)}: {reason}" if names else reason)
+  if err.errno is None and isinstance(err, _USER_OSERRORS):
+    return files.one_line(err)
+  return None
+
+
 def _run(argv: list[str]) -> int:
   command = _command_of(argv)
   prefix = f"{PROG} {command}" if command in COMMANDS else PROG
@@ -422,13 +448,13 @@ def _run(argv: list[str]) -> int:
   except SystemExit as exit_:  # --help and --version
     code = exit_.code
     return code if isinstance(code, int) else (0 if code is None else 2)
-  except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-          PermissionError) as err:  # UserError is a ValueError
-    if os.environ.get("ADJAX_DEBUG"):
-      raise
+  except (ValueError, OSError) as err:  # UserError is a ValueError
+    message = _user_error_message(err)
+    if message is None or os.environ.get("ADJAX_DEBUG"):
+      raise  # an unexpected OSError (a bug, or something to report) keeps its traceback
     if isinstance(err, _ArgumentError):
       prefix = err.prog
-    print(f"{prefix}: error: {files.one_line(err)}", file=sys.stderr)
+    print(f"{prefix}: error: {message}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"{prefix}: interrupted", file=sys.stderr)

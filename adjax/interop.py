@@ -103,8 +103,11 @@ def export_projector(workdir: str, out: str, *, which: str = "angle",
     `import` reads back); a .pth file is the reference's `{"projectors": ...}` only.
 
   Raises:
-    UserError: bad destination, missing run or params.
+    UserError: bad destination (also one that is not a regular file: a device, a folder, a
+      FIFO, or a symlink to one), missing run or params.
   """
+  # Before the run is read: /dev/null, a folder or a FIFO is refused, never replaced.
+  files.check_regular_target(out)
   ext = os.path.splitext(out)[1].lower()
   if ext not in (".pth", ".pt", ".safetensors"):
     raise UserError(f"--out must end in .pth or .safetensors, got {out!r}")

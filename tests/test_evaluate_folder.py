@@ -104,6 +104,7 @@ def test_evaluate_a_folder_dataset_with_masks_in_part(tmp_path, monkeypatch, cap
   with open(out / "results.json") as f:
     summary = json.load(f)
   assert summary["classes"] == ["alpha", "beta"]
+  assert not (out / ".adjax.lock").exists()   # held while it wrote, released at the end
 
   # The counts, from the tree as written.
   assert summary["mask_counts"] == {

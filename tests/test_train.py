@@ -217,9 +217,14 @@ def test_resume_after_sigkill_is_exact(dataset, uninterrupted, tmp_path):
   steps_on_disk = sorted(int(p) for p in os.listdir(run_layout.checkpoints_dir(workdir))
                          if p.isdigit())
   assert steps_on_disk[-1] == 4
+  # SIGKILL left the run's lock (adjax/workdir_lock.py); its process is gone, so the resumed
+  # run takes it over, and gives it back when it ends.
+  lock = os.path.join(workdir, ".adjax.lock")
+  assert json.load(open(lock))["pid"] != os.getpid()
   summary = pretrain(tiny_config(dataset, with_validation=True), workdir, progress=False,
                      make_evaluator=selection_evaluator)
   assert summary["steps"] == 6
+  assert not os.path.exists(lock)
   want, got = _flat(final_params(reference_dir)), _flat(final_params(workdir))
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)

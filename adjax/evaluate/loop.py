@@ -17,6 +17,7 @@ checkpoint for PatchCore and PaDiM and the FeatureNorm-selected ("norm") one for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from adjax.evaluate.features import (FEATURE_KINDS, FeatureMaker, aligned_refere
                                      method_settings_for, reference_features)
 from adjax.evaluate.synthetic import GlassTextureSets
 from adjax.from_config import build_backbone, compute_dtype, split_classes
+from adjax import workdir_lock
 from adjax.io import files
 from adjax.methods import method_class
 
@@ -107,6 +109,15 @@ def _metrics(scores: np.ndarray, maps: np.ndarray, test_labels: np.ndarray,
 def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
              out_dir: Optional[str] = None, *, progress: bool = True,
              backbone=None, backbone_params=None) -> dict[str, Any]:
+  """See _evaluate; the results folder is locked (adjax.workdir_lock) while it is written."""
+  with contextlib.ExitStack() as held:
+    return _evaluate(config, workdir, out_dir, held, progress=progress, backbone=backbone,
+                     backbone_params=backbone_params)
+
+
+def _evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
+              out_dir: Optional[str], held: contextlib.ExitStack, *, progress: bool = True,
+              backbone=None, backbone_params=None) -> dict[str, Any]:
   """Evaluates every method on every class of config.eval, for every feature kind.
 
   Args:
@@ -133,6 +144,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
     raise ValueError("config.eval.root is empty: give the evaluation dataset's folder "
                      "(--config.eval.root=DIR)")
   out_dir = out_dir or os.path.join(workdir or ".", "eval")
+  # Locked before the slow part (backbone, dataset), so a second evaluation into the same
+  # folder, or an --out that cannot be a folder, is refused at once.
+  held.enter_context(workdir_lock.hold(out_dir, "evaluate"))
   kinds = tuple(ev.features)
   unknown = [k for k in kinds if k not in FEATURE_KINDS]
   if unknown:

@@ -123,16 +123,21 @@ def write_tables(results: Results, out_dir: Any, *, stem: str = "results",
   out.mkdir(parents=True, exist_ok=True)
   paths = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "json": out / f"{stem}.json"}
   md = to_markdown(table, kinds)
-  paths["md"].write_text((f"# {title}\n\n" if title else "") + md)
-  with paths["csv"].open("w", newline="") as f:
+  # Atomic, like every output: a full disk leaves the old table, not half of a new one.
+  files.atomic_write(str(paths["md"]), lambda f: f.write((f"# {title}\n\n" if title else "")
+                                                         + md), binary=False)
+
+  def write_csv(f):
     w = csv.writer(f)
     w.writerow(["class", "metric", kinds[0], kinds[1], "difference"])
     for c, per_metric in table.items():
       for m, e in per_metric.items():
         w.writerow([c, m, repr(e[kinds[0]]), repr(e[kinds[1]]), repr(e["difference"])])
+  files.atomic_write(str(paths["csv"]), write_csv, binary=False)
   clean = {c: {m: {k: (None if math.isnan(v) else v) for k, v in e.items()}
                for m, e in pm.items()} for c, pm in table.items()}
-  paths["json"].write_text(json.dumps(clean, indent=2))
+  files.atomic_write(str(paths["json"]), lambda f: f.write(json.dumps(clean, indent=2)),
+                     binary=False)
   return paths
 
 
@@ -286,7 +291,8 @@ def save_overlays(images: Any, maps: Any, scores: Any, out_dir: Any, *, num: int
     ov = overlay(img, maps[i], vmin=vmin, vmax=vmax, alpha=alpha,
                  mask=None if masks is None else np.asarray(masks)[i])
     path = out / f"{end}_{rank:02d}_{name}.png"
-    Image.fromarray(np.concatenate([img, ov], axis=1)).save(path)
+    picture = Image.fromarray(np.concatenate([img, ov], axis=1))
+    files.atomic_write(str(path), lambda f, picture=picture: picture.save(f, format="PNG"))
     paths.append(path)
   return paths
 
@@ -357,6 +363,6 @@ def plot_tsne(panels: Mapping[str, tuple[Any, Any]], path: Any, *, max_points: i
     fig.suptitle(title)
   fig.tight_layout()
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
+  files.atomic_write(str(path), lambda f: fig.savefig(f, format="png", dpi=120))
   plt.close(fig)
   return result

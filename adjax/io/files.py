@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import stat
 import tempfile
 from typing import Any, Callable, Mapping
 
@@ -31,6 +32,31 @@ def _new_file_mode() -> int:
   return 0o666 & ~umask
 
 
+def check_regular_target(path: str) -> None:
+  """Refuses a destination that is not a regular file and not absent: a device (/dev/null), a
+  folder, a FIFO or a socket, or a symlink to one. Renaming a new file over such a path would
+  replace the node itself (as root, /dev/null would become a file) or fail halfway.
+
+  Raises:
+    UserError: naming the path and what it is.
+  """
+  try:
+    mode = os.stat(path).st_mode   # follows symlinks: what the path leads to counts
+  except FileNotFoundError:        # absent (or a dangling symlink): a new file is made
+    return
+  except NotADirectoryError:       # under a file: the write fails with ENOTDIR, as it should
+    return
+  if stat.S_ISREG(mode):
+    return
+  what = ("a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode)
+          or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+          else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+  if os.path.islink(path):
+    what = f"a symlink to {what} ({os.path.realpath(path)})"
+  from adjax.errors import UserError   # (adjax.errors imports nothing; no cycle)
+  raise UserError(f"{path} is {what}; write to a regular file instead")
+
+
 def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = True) -> None:
   """Calls `write(f)` on a temporary file beside `path`, then renames it over `path`.
 
@@ -39,10 +65,18 @@ def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = True
   the rename, so that after a power loss `path` is either the old file or the whole new one.
 
   Args:
-    path: destination; its folder is created if needed.
+    path: destination, a regular file or absent (see check_regular_target); its folder is
+      created if needed.
     write: writes the content to the open file object it gets.
     binary: open the temporary file in binary (True) or text mode.
+
+  Raises:
+    UserError: `path` is a device, folder, FIFO or a symlink to one (nothing is written).
+    OSError: the write failed (a full disk, a read-only folder); the temporary file is gone
+      and `path` is as it was. The error names `path` when the failing call named no file
+      (write() on a full disk does not).
   """
+  check_regular_target(path)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
@@ -53,9 +87,14 @@ def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = True
       os.fchmod(f.fileno(), _new_file_mode())
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
+  except BaseException as err:
+    try:
       os.remove(tmp)
+    except OSError:  # already gone; a failure here must not hide the write's own error
+      pass
+    if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+      # (OSError(errno, ...) makes the subclass of that errno, e.g. PermissionError)
+      raise OSError(err.errno, err.strerror or os.strerror(err.errno), path) from err
     raise
 
 

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from adjax import run_layout
+from adjax import run_layout, workdir_lock
 from adjax.errors import UserError
 from adjax.from_config import build_backbone, compute_dtype
 from adjax.io import files
@@ -29,6 +29,14 @@ def compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbone
   references and up to `center_images_per_group` other normal images give residuals; the mean
   over all their tokens is the centre. Written to `<workdir>/centers.npz`.
   """
+  # `adjax centers` alone locks the run's folder; within `adjax pretrain` it holds it already.
+  with workdir_lock.hold(workdir, "centers"):
+    return _compute_centers(config, workdir, backbone=backbone,
+                            backbone_params=backbone_params, records=records)
+
+
+def _compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbone,
+                     backbone_params, records) -> list[np.ndarray]:
   from data_pipelines.images import load_record
   if backbone is None:
     backbone, backbone_params = build_backbone(config, workdir)
@@ -88,7 +96,8 @@ REFERENCES_FILE = "references.npz"
 
 def precompute_references(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`adjax refs`: writes `<workdir>/references.npz` (see reference_bank) and summarises it."""
-  bank = reference_bank(config, workdir)
+  with workdir_lock.hold(workdir, "refs"):
+    bank = reference_bank(config, workdir)
   return {"path": os.path.join(workdir, REFERENCES_FILE),
           "shapes": [list(level.shape) for level in bank["levels"]],
           "class_names": bank["class_names"], "view_names": bank["view_names"]}

@@ -25,6 +25,7 @@ import numpy as np
 from adjax import run_layout
 from adjax.io import files
 from adjax import sharding
+from adjax import workdir_lock
 from adjax.checkpointing import RunCheckpointer, abstract_like
 from adjax.compilation_cache import use_compilation_cache
 from adjax.errors import UserError
@@ -151,11 +152,19 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     A summary: steps, skipped steps, last metrics, seconds, images/s.
   """
-  from tqdm import tqdm
-
   sharding.maybe_initialize_distributed()
   config = resolve_augment_place(config)
   stale_derived = _check_run_settings(config, workdir)
+  # One writer per run folder, from here to the end (an error, Ctrl-C and SIGTERM included).
+  with workdir_lock.hold(workdir, "pretrain"):
+    return _pretrain(config, workdir, stale_derived, make_evaluator, progress)
+
+
+def _pretrain(config: ml_collections.ConfigDict, workdir: str, stale_derived: bool,
+              make_evaluator: Optional[EvaluatorFactory], progress: bool) -> dict[str, Any]:
+  """`pretrain` once the settings are checked and the run's folder is locked."""
+  from tqdm import tqdm
+
   use_compilation_cache(config.train.get("compilation_cache", ""))
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.data_mesh()
