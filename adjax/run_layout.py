@@ -9,6 +9,8 @@
   <workdir>/metrics.jsonl          one JSON object per logged step
   <workdir>/results.json           a finished run's (or sweep point's) results
   <workdir>/attention.json         the projector attention resolved at the start (pretrain)
+  <workdir>/unreadable.json        the image check of the pretraining records: which were
+                                   unreadable (and dropped), keyed by the files it checked
   <workdir>/DONE                   written last by a sweep when the point finished
 
 Params are stored flattened: `path/with/slashes -> array` in an .npz, so that reading them
@@ -37,6 +39,7 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 DONE_FILE = "DONE"
 ATTENTION_FILE = "attention.json"   # the projector attention the run resolved at its start
+UNREADABLE_FILE = "unreadable.json"   # the pretraining image check (adjax/pretrain/image_check)
 KINDS = ("angle", "norm")
 
 Params = dict[str, Any]
@@ -79,6 +82,10 @@ def results_path(workdir: str) -> str:
 
 def attention_path(workdir: str) -> str:
   return os.path.join(workdir, ATTENTION_FILE)
+
+
+def unreadable_path(workdir: str) -> str:
+  return os.path.join(workdir, UNREADABLE_FILE)
 
 
 def done_path(workdir: str) -> str:
@@ -161,9 +168,12 @@ def save_config(workdir: str, config: Any) -> None:
 # how long it runs, how often it logs and saves, memory caps that leave the math unchanged,
 # everything about downstream evaluation and the demo's own switches. Any other difference
 # would make a resumed run a different run than its checkpoints. (data.num_workers may
-# change: the loader then starts at the checkpoint's step, the same batches.)
+# change: the loader then starts at the checkpoint's step, the same batches. So may
+# data.skip_unreadable_share: it only decides whether the run goes on, since the records it
+# drops are the unreadable ones, whatever the share.)
 RESUMABLE_CHANGES = ("backbone.weights", "backbone.cache_dir", "data.pretrain_root",
-                     "data.pretrain_tfds_dir", "data.num_workers", "data.val_root",
+                     "data.pretrain_tfds_dir", "data.num_workers", "data.skip_unreadable_share",
+                     "data.val_root",
                      "optim.max_steps",
                      "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.eval_every_epochs",

@@ -284,17 +284,49 @@ def load_record(record: Record, size: int, resize: int | None = None, *,
 
 @dataclasses.dataclass
 class ScanReport:
-  """What `check_records` found: how many records were checked and which were skipped."""
+  """What `check_records` found: how many records were checked and which were skipped.
+
+  `skipped` names each bad record by its image; `failed_files` (in the same order) names the
+  file that failed, the image or its mask, and `bad_indices` its position in the records.
+  """
   checked: int
-  skipped: list[tuple[str, str]]  # (file, reason)
+  skipped: list[tuple[str, str]]  # (image file, reason)
+  failed_files: list[str] = dataclasses.field(default_factory=list)
+  bad_indices: list[int] = dataclasses.field(default_factory=list)
 
   @property
   def skipped_share(self) -> float:
     return len(self.skipped) / max(self.checked, 1)
 
 
+def _check_record(rec: Record) -> tuple[str, str] | None:
+  """(the failing file, why) when a record's image or mask cannot be read and decoded as
+  training reads it; None when both can."""
+  current = rec.image_path
+  try:
+    if rec.packed is None:  # read apart, so that a failure names the file that failed
+      image_bytes = _read_file(rec.image_path)
+      current = rec.mask_path or ""
+      mask_bytes = _read_file(rec.mask_path) if rec.mask_path else None
+    else:
+      image_bytes, mask_bytes = read_record_bytes(rec)
+    current = rec.image_path
+    image = decode_image(image_bytes, rec.image_path)
+    if mask_bytes is not None:
+      current = rec.mask_path or ""
+      mask = decode_mask(mask_bytes, current)
+      if mask.shape != image.shape[:2]:
+        raise ImageDecodeError(
+            f"mask {rec.mask_path!r} is {mask.shape[1]} x {mask.shape[0]} (W x H) but its "
+            f"image {rec.image_path!r} is {image.shape[1]} x {image.shape[0]}")
+  except ImageDecodeError as e:
+    return current, str(e)
+  return None
+
+
 def check_records(records: Sequence[Record], *, skip_bad: bool = False,
-                  max_skip_share: float = 0.01, num_threads: int = 4
+                  max_skip_share: float = 0.01, num_threads: int = 4,
+                  progress: bool = False, desc: str = "check images"
                   ) -> tuple[list[Record], ScanReport]:
   """Decodes every image and mask once and drops (or reports) the bad ones.
 
@@ -304,33 +336,33 @@ def check_records(records: Sequence[Record], *, skip_bad: bool = False,
     max_skip_share: with skip_bad, raise when more than this share of the records is bad (a
       wrong folder or a broken copy, not a few damaged files).
     num_threads: decoding threads (PIL releases the GIL while decoding).
+    progress: a tqdm bar on stderr, one tick per record.
+    desc: the bar's label.
 
   Returns:
     (the good records in their original order, a ScanReport).
   """
   from concurrent.futures import ThreadPoolExecutor
 
-  def check(rec: Record) -> str | None:
-    try:
-      image_bytes, mask_bytes = read_record_bytes(rec)
-      image = decode_image(image_bytes, rec.image_path)
-      if mask_bytes is not None:
-        mask = decode_mask(mask_bytes, rec.mask_path or "")
-        if mask.shape != image.shape[:2]:
-          raise ImageDecodeError(
-              f"mask {rec.mask_path!r} is {mask.shape[1]} x {mask.shape[0]} (W x H) but its "
-              f"image {rec.image_path!r} is {image.shape[1]} x {image.shape[0]}")
-    except ImageDecodeError as e:
-      if not skip_bad:
-        raise
-      return str(e)
-    return None
+  from tqdm import tqdm
 
-  with ThreadPoolExecutor(max(1, num_threads)) as pool:
-    reasons = list(pool.map(check, records))
-  good = [r for r, why in zip(records, reasons) if why is None]
-  report = ScanReport(len(records), [(r.image_path, why) for r, why in zip(records, reasons)
-                                     if why is not None])
+  def check(rec: Record) -> tuple[str, str] | None:
+    failed = _check_record(rec)
+    if failed is not None and not skip_bad:
+      raise ImageDecodeError(failed[1])
+    return failed
+
+  with ThreadPoolExecutor(max(1, num_threads)) as pool, \
+      tqdm(total=len(records), desc=desc, unit="image", dynamic_ncols=True,
+           disable=not progress) as bar:
+    results = []
+    for failed in pool.map(check, records):  # in order: the report does not depend on timing
+      results.append(failed)
+      bar.update(1)
+  bad = [i for i, failed in enumerate(results) if failed is not None]
+  good = [r for r, failed in zip(records, results) if failed is None]
+  report = ScanReport(len(records), [(records[i].image_path, results[i][1]) for i in bad],
+                      [results[i][0] for i in bad], bad)
   if report.skipped_share > max_skip_share:
     first = "; ".join(f"{p}: {w}" for p, w in report.skipped[:3])
     raise ImageDecodeError(

@@ -43,7 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
                                        # recipe's pixels; see docs/scaling.md)
   c.data.num_workers = 0
   c.data.label_threshold_share = 32 / 196   # angle-loss token label: share of patch pixels set
-  c.data.skip_unreadable_share = 0.0   # >0: skip unreadable images up to this share of the set
+  c.data.skip_unreadable_share = 0.0   # pretraining checks every image and mask first: up to
+                                       # this share of unreadable records are dropped (named
+                                       # in <workdir>/unreadable.json), more stop the run;
+                                       # 0: any unreadable file stops it
 
   c.projector = ml_collections.ConfigDict()
   c.projector.num_heads = 16

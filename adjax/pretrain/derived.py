@@ -15,6 +15,7 @@ from adjax import run_layout, workdir_lock
 from adjax.errors import UserError
 from adjax.from_config import build_backbone, compute_dtype
 from adjax.io import files
+from adjax.pretrain.image_check import checked_records
 from adjax.pretrain.setup import pretrain_records
 from adjax.residual import residual_features
 
@@ -97,7 +98,9 @@ REFERENCES_FILE = "references.npz"
 def precompute_references(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`adjax refs`: writes `<workdir>/references.npz` (see reference_bank) and summarises it."""
   with workdir_lock.hold(workdir, "refs"):
-    bank = reference_bank(config, workdir)
+    # The records the run trains on: the unreadable ones dropped as pretraining drops them.
+    records = checked_records(pretrain_records(config), config, workdir)
+    bank = reference_bank(config, workdir, records=records)
   return {"path": os.path.join(workdir, REFERENCES_FILE),
           "shapes": [list(level.shape) for level in bank["levels"]],
           "class_names": bank["class_names"], "view_names": bank["view_names"]}

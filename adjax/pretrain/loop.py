@@ -35,6 +35,7 @@ from adjax.models.reference_attention import attention_record
 from adjax.optim import make_optimizer
 from adjax.pretrain.derived import (REFERENCES_FILE, _same_classes, bank_slots, compute_centers,
                                     load_centers, load_references, reference_bank)
+from adjax.pretrain.image_check import checked_records
 from adjax.pretrain.setup import (make_loader, pretrain_records, resolve_augment_place,
                                   step_settings)
 from adjax.pretrain.step import init_train_state, make_train_step
@@ -169,7 +170,9 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, stale_derived: bo
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.data_mesh()
   backbone, backbone_params = build_backbone(config, workdir)
-  records = pretrain_records(config)
+  # Every image and mask is decoded once before the first step (or the check of the same files
+  # is reused on resume): a damaged file stops the run or is dropped now, not hours in.
+  records = checked_records(pretrain_records(config), config, workdir, progress=progress)
   precomputed = bool(config.train.get("precomputed_refs", False)) and config.loss.residual
   loader = make_loader(config, records, backbone, load_references=not precomputed)
   # Written once the config has proved usable (weights, data): a failed attempt leaves the
