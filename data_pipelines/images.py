@@ -369,10 +369,3 @@ def check_records(records: Sequence[Record], *, skip_bad: bool = False,
         f"{len(report.skipped)} of {report.checked} images are unreadable "
         f"({report.skipped_share:.1%} > max_skip_share={max_skip_share:.1%}); first: {first}")
   return good, report
-
-
-def encode_png(array: np.ndarray) -> bytes:
-  """PNG bytes of a uint8 array (lossless)."""
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format="PNG")
-  return buf.getvalue()
