@@ -86,7 +86,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class _Corrupt(CheckpointError):
-  """Raised where the file's name is not at hand; ``_unpickle`` puts it in front."""
+  """Raised where the file's name is not at hand; ``_unpickle`` puts it in front (as for any
+  CheckpointError raised without it)."""
 
 
 class _StorageType:
@@ -363,10 +364,12 @@ def _unpickle(data: BinaryIO, **kwargs) -> Any:
     raise CheckpointError(
         f"{path}: unsupported tensor dtype torch.{e.dtype_name} (no numpy equivalent to read "
         "it into); convert the checkpoint to a float dtype first") from None
-  except _Corrupt as e:
-    raise CheckpointError(f"{path}: {e}") from None
-  except CheckpointError:
-    raise
+  except CheckpointError as e:
+    if str(e).startswith(path):
+      raise
+    # Raised where the file's name was not at hand (rebuild functions, _Corrupt): add it.
+    cls = UnsafeCheckpointError if isinstance(e, UnsafeCheckpointError) else CheckpointError
+    raise cls(f"{path}: {e}") from None
   except Exception as e:  # pylint: disable=broad-except
     # Whatever a hostile byte stream makes the opcodes raise (EOFError, KeyError of a missing
     # memo entry, OverflowError, RecursionError, MemoryError ...) means one thing: the file
