@@ -172,3 +172,13 @@ def test_import_of_good_metadata_still_works(tmp_path, capsys):
   assert main(["import", path, "--out", run]) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["step"] == 7 and summary["kinds"] == ["angle"]
+
+
+def test_a_tensor_of_the_wrong_rank_for_its_transform_is_named(tmp_path):
+  from adjax.io import mapping
+  template = {"conv": {"kernel": np.zeros((3, 3, 2, 4), np.float32)}}
+  state = {"conv.weight": np.zeros((4, 2), np.float32)}  # a conv kernel needs 4 dims
+  rules = [mapping.Rule("conv/kernel", "conv.weight", mapping.conv2d)]
+  with pytest.raises(UserError, match=r"w\.pth into m: conv\.weight -> conv/kernel") as err:
+    mapping.apply_rules(state, rules, template, source="w.pth", model="m")
+  assert "\n" not in str(err.value)
