@@ -26,6 +26,7 @@ from adjax.checkpointing import read_run_params
 from adjax.errors import UserError
 from adjax.io import files
 from adjax.io import pth_writer
+from adjax.io.safetensors import SafetensorsError
 from adjax.io.weights import CheckpointError, read_weights_file
 
 Params = dict[str, Any]
@@ -146,6 +147,65 @@ def infer_kind(path: str) -> str | None:
   return found[0] if len(found) == 1 else None
 
 
+def _is_count(value: Any, low: int, high: int) -> bool:
+  return type(value) is int and low <= value <= high  # not bool, not 3.0, not inf
+
+
+def _shallow(value: Any, levels: int) -> bool:
+  """Whether a parsed JSON value nests at most `levels` containers deep (metrics are copied
+  into meta.json, and a deep one would fail there, after the run folder was made)."""
+  if isinstance(value, (dict, list)):
+    children = value.values() if isinstance(value, dict) else value
+    return levels > 0 and all(_shallow(c, levels - 1) for c in children)
+  return True
+
+
+# key -> (what it must be, check of the parsed JSON value). The values are JSON texts (as
+# export_projector writes them); they come from the file, so they are checked before use.
+_METADATA_CHECKS: dict[str, tuple[str, Any]] = {
+    "num_heads": ("an integer from 1 to 4096", lambda v: _is_count(v, 1, 4096)),
+    "image_size": ("an integer from 1 to 65536", lambda v: _is_count(v, 1, 65536)),
+    "taps": ("a list of at most 64 block indices (integers from 0 to 4096)",
+             lambda v: isinstance(v, list) and len(v) <= 64
+             and all(_is_count(t, 0, 4096) for t in v)),
+    "step": ("an integer >= 0", lambda v: _is_count(v, 0, 1 << 62)),
+    "metrics": ("a JSON object nested at most 4 deep",
+                lambda v: isinstance(v, dict) and _shallow(v, 4)),
+}
+
+
+def _export_metadata(path: str, metadata: Mapping[str, str]) -> dict[str, Any]:
+  """The settings an adjax export records in a safetensors file's metadata, parsed and checked.
+
+  Done before anything is written, so a file with a bad value leaves no half-made run folder.
+
+  Returns:
+    {key: parsed value} for the keys of `_METADATA_CHECKS` present (absent, empty or "null"
+    ones are left out), plus "backbone" and "which" as strings when given.
+
+  Raises:
+    UserError: a value that is not valid JSON or not of its key's kind, naming file and key.
+  """
+  out: dict[str, Any] = {}
+  for key in ("backbone", "which"):
+    if metadata.get(key):
+      out[key] = metadata[key]
+  for key, (expected, check) in _METADATA_CHECKS.items():
+    text = metadata.get(key)
+    if text in (None, "", "null"):
+      continue
+    try:
+      value = json.loads(text)
+      ok = check(value)
+    except (ValueError, RecursionError):
+      ok = False
+    if not ok:
+      raise UserError(f"{path}: metadata key {key!r} is {text[:60]!r}, not {expected}; the file "
+                      "was not written by `adjax export` or was altered")
+    out[key] = value
+  return out
+
+
 def _backbone_dims(name: str, taps: Any) -> tuple[int, ...]:
   from adjax.models.backbones import get_backbone
   overrides = {"taps": tuple(taps)} if taps else {}
@@ -178,9 +238,10 @@ def import_projector(path: str, out: str, *, backbone: str | None = None,
       dims that do not match the backbone, or an existing run that differs.
   """
   try:
-    raw, metadata = read_weights_file(path)
-  except CheckpointError as err:
+    raw, file_metadata = read_weights_file(path)
+  except (CheckpointError, SafetensorsError) as err:
     raise UserError(files.one_line(err)) from err
+  metadata = _export_metadata(path, file_metadata)
   from adjax.models.projector_torch import projector_from_torch
   try:
     params = projector_from_torch(raw)
@@ -208,12 +269,12 @@ def import_projector(path: str, out: str, *, backbone: str | None = None,
   config.projector.num_ref_tokens = settings["num_ref_tokens"]
   config.projector.depth = settings["depth"]
   # What the shapes cannot tell, as an adjax export records it.
-  if metadata.get("num_heads") not in (None, "", "null"):
-    config.projector.num_heads = int(json.loads(metadata["num_heads"]))
-  if metadata.get("taps") not in (None, "", "null"):
-    config.backbone.taps = tuple(int(t) for t in json.loads(metadata["taps"]))
-  if metadata.get("image_size") not in (None, "", "null"):
-    config.image_size = int(json.loads(metadata["image_size"]))
+  if "num_heads" in metadata:
+    config.projector.num_heads = metadata["num_heads"]
+  if "taps" in metadata:
+    config.backbone.taps = tuple(metadata["taps"])
+  if "image_size" in metadata:
+    config.image_size = metadata["image_size"]
   from adjax.configs import loading as config_loading
   config_loading.apply_overrides(config, overrides)
   got = (config.backbone.name, config.projector.num_ref_tokens, config.projector.depth)
@@ -249,9 +310,7 @@ def import_projector(path: str, out: str, *, backbone: str | None = None,
                       + ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in differ.items())
                       + "; import into a new --out folder")
   run_layout.save_config(out, config)
-  step = metadata.get("step")
-  meta = {"step": json.loads(step) if step else None,
-          "metrics": json.loads(metadata["metrics"]) if metadata.get("metrics") else {},
+  meta = {"step": metadata.get("step"), "metrics": metadata.get("metrics", {}),
           "imported_from": os.path.abspath(path), "backbone": backbone}
   for k in kinds:
     run_layout.save_best(out, k, params, {**meta, "kind": k})

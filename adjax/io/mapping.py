@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from adjax.errors import UserError
+
 __all__ = [
     "Rule", "ConversionError", "apply_rules", "index_at_least", "flatten_tree",
     "unflatten_tree", "strip_prefix",
@@ -27,7 +29,7 @@ Array = np.ndarray
 StateDict = Mapping[str, Array]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
   """A checkpoint does not match the model it is loaded into."""
 
 
@@ -217,7 +219,15 @@ def apply_rules(state: StateDict, rules: Iterable[Rule], template: Mapping[str, 
   flat: dict[str, Array] = {}
   used: set[str] = set()
   for r in rules:
-    flat[r.target] = r.fn(*(state[s] for s in r.sources))
+    try:
+      flat[r.target] = r.fn(*(state[s] for s in r.sources))
+    except (ValueError, TypeError, IndexError) as err:
+      # A tensor of the wrong rank or size for its transform (transpose, stack, reshape): the
+      # shape check below never sees it, so name the keys here instead of a numpy traceback.
+      raise ConversionError(
+          f"cannot load {source} into {model}: {', '.join(r.sources)} -> {r.target}: "
+          f"{' '.join(str(err).split())[:200]} (shapes "
+          f"{[tuple(np.shape(state[s])) for s in r.sources]})") from None
     used.update(r.sources)
   problems = []
   unfilled = sorted(set(expected) - set(flat))

@@ -4,17 +4,24 @@ The format is an 8-byte little-endian header length, a JSON header mapping each 
 its dtype, shape and byte range, then the raw little-endian bytes. Reading memory-maps the file,
 so only the tensors that are used get paged in. Writing is atomic (temporary file, then rename),
 so a crashed or concurrent conversion never leaves a half-written cache file behind.
+
+A file is untrusted: the header must fit in the file and in ``_MAX_HEADER``, parse without
+nesting past Python's recursion, and describe each tensor with integer dims >= 0 whose bytes
+lie inside the data; ``__metadata__`` must map strings to strings. Anything else is one
+``SafetensorsError`` (an adjax UserError) naming the file, and nothing is read beyond the map.
 """
 from __future__ import annotations
 
 import json
 import os
+import reprlib
 import struct
 from typing import Mapping
 
 import ml_dtypes
 import numpy as np
 
+from adjax.errors import UserError
 from adjax.io import files
 
 __all__ = ["SafetensorsError", "load_safetensors", "save_safetensors", "read_metadata"]
@@ -30,9 +37,11 @@ _DTYPES: dict[str, np.dtype] = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 _MAX_HEADER = 100 * 1024 * 1024
+_short = reprlib.Repr()  # bounded repr of header entries for messages (they may nest deep)
+_short.maxlevel, _short.maxstring, _short.maxother = 3, 60, 60
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError):
   """A ``.safetensors`` file is truncated, corrupt or uses an unknown dtype."""
 
 
@@ -50,7 +59,10 @@ def _read_header(path: str) -> tuple[dict, int]:
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from e
+      raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+    except RecursionError:  # json.loads recurses once per level of nesting
+      raise SafetensorsError(f"{path}: the safetensors header nests too deep to be a header "
+                             "(hostile or corrupt)") from None
   if not isinstance(header, dict):
     raise SafetensorsError(f"{path}: safetensors header is not a JSON object")
   return header, 8 + n
@@ -65,8 +77,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
   Returns:
     Its metadata dict.
   """
-  header, _ = _read_header(os.fspath(path))
-  return dict(header.get("__metadata__") or {})
+  path = os.fspath(path)
+  header, _ = _read_header(path)
+  metadata = header.get("__metadata__")
+  if metadata is None:
+    return {}
+  if not isinstance(metadata, dict):
+    raise SafetensorsError(f"{path}: __metadata__ is a JSON {type(metadata).__name__}, not an "
+                           "object of strings")
+  for key, value in metadata.items():
+    if not isinstance(value, str):
+      raise SafetensorsError(f"{path}: __metadata__ key {key[:80]!r} holds a JSON "
+                             f"{type(value).__name__}, not a string")
+  return dict(metadata)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -96,11 +119,16 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       continue
     try:
       dtype = _DTYPES[info["dtype"]]
-      shape = tuple(int(s) for s in info["shape"])
-      begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise SafetensorsError(f"{path}: bad header entry for {name!r}: {info!r:.200}") from e
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      shape = tuple(info["shape"])
+      begin, end = info["data_offsets"]
+      # Plain non-negative ints only: int() would truncate 2.5 and accept "12", and numpy's
+      # int64 product of large dims wraps around to a size that may look right.
+      if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)) or len(shape) > 64:
+        raise ValueError("dims and offsets must be integers >= 0")
+    except (KeyError, TypeError, ValueError):
+      raise SafetensorsError(
+          f"{path}: bad header entry for {name[:80]!r}: {_short.repr(info)}") from None
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if end - begin != nbytes or begin < 0:
       raise SafetensorsError(
           f"{path}: tensor {name!r} spans {end - begin} bytes, expected {nbytes} for {shape}")

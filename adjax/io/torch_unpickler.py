@@ -1,16 +1,24 @@
 """The restricted unpickler of adjax.io.torch_pickle: the only globals a checkpoint of weights
-may name, each replaced by our own inert code, and the tensors rebuilt from storage records
-(see torch_pickle's docstring for what is accepted and why)."""
+may name, each replaced by our own inert code, and the tensor records it yields (see
+torch_pickle's docstring for what is accepted and why; adjax.io.torch_tensors turns the records
+into arrays).
+
+It is the pure-Python unpickler, not the C one: the C unpickler sizes its memo by the index a
+PUT opcode names (4 bytes: a 30-byte file can make it fill gigabytes) and allocates a counted
+string before reading it; the Python one keeps the memo in a dict and reads through the file.
+"""
 
 from __future__ import annotations
 
 import collections
 import pickle
-import struct
+import reprlib
 from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
+
+from adjax.errors import UserError
 
 
 # Typed storage class name -> numpy dtype of its elements.
@@ -57,12 +65,29 @@ _UNSUPPORTED_TORCH_DTYPES = frozenset({
 })
 
 
-class CheckpointError(ValueError):
-  """A checkpoint file is unreadable: truncated, corrupt or of an unknown layout."""
+# Nesting of the pickle's containers (its MARK stack, and the tree the readers walk): state
+# dicts nest a handful of levels, TorchScript modules a few dozen; deeper is hostile and would
+# exhaust Python's recursion in every walk of the tree.
+MAX_DEPTH = 100
+MAX_NDIM = 64        # numpy's own limit on the rank of an array
+MAX_DIM = 1 << 48    # no dimension of a real tensor is near this; it keeps the arithmetic small
+MAX_SCRIPT_CLASSES = 10_000  # distinct __torch__ classes in one TorchScript archive
+
+_short = reprlib.Repr()  # bounded repr for messages: a hostile pid may nest 100,000 deep
+_short.maxlevel, _short.maxstring, _short.maxother = 3, 60, 60
+
+
+class CheckpointError(UserError):
+  """A checkpoint file is unreadable: truncated, corrupt, oversized or of an unknown layout."""
 
 
 class UnsafeCheckpointError(CheckpointError):
   """A checkpoint's pickle names something other than tensors and plain containers."""
+
+
+class _Corrupt(CheckpointError):
+  """Raised where the file's name is not at hand; ``_unpickle`` puts it in front (as for any
+  CheckpointError raised without it)."""
 
 
 class _StorageType:
@@ -92,48 +117,56 @@ class _Storage:
     self.big_endian = False  # set for zip records written on a big-endian machine
 
 
+def _ints(values: Any, what: str) -> tuple[int, ...]:
+  if not isinstance(values, (tuple, list)) or len(values) > MAX_NDIM:
+    raise _Corrupt(f"tensor {what} is not a tuple of at most {MAX_NDIM} integers (corrupt file)")
+  if not all(isinstance(v, int) for v in values):
+    raise _Corrupt(f"tensor {what} {_short.repr(values)} holds non-integers (corrupt file)")
+  return tuple(int(v) for v in values)
+
+
+def check_view(numel: int, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> str:
+  """Why a view (offset, size, stride) does not fit in a storage of ``numel`` elements; "" if
+  it fits. The last element it reads, offset + sum((size_i - 1) * stride_i), must lie inside
+  the storage, or the view would read memory that is not the file's (or fail deep in numpy)."""
+  if len(size) != len(stride):
+    return f"tensor has {len(size)} sizes but {len(stride)} strides"
+  if offset < 0 or any(n < 0 for n in size) or any(st < 0 for st in stride):
+    return f"tensor of shape {size}, strides {stride} at offset {offset} has negative values"
+  if any(n > MAX_DIM for n in size) or offset > MAX_DIM or any(st > MAX_DIM for st in stride):
+    return f"tensor of shape {size}, strides {stride} at offset {offset} is implausibly large"
+  if 0 in size:
+    return ""
+  last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+  if last >= numel:
+    return (f"tensor of shape {size}, strides {stride} at offset {offset} reads element {last} "
+            f"of a storage of {numel} elements")
+  return ""
+
+
 class _TensorRef:
   """A tensor view into a storage; turned into a numpy array once all storages are read."""
 
-  def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple,
+  def __init__(self, storage: _Storage, offset: int, size: Any, stride: Any,
                dtype: np.dtype | None = None):
+    if not isinstance(offset, int):
+      raise _Corrupt(f"tensor storage offset {_short.repr(offset)} is not an integer")
     self.storage = storage
     self.offset = int(offset)
-    self.size = tuple(int(s) for s in size)
-    self.stride = tuple(int(s) for s in stride)
+    self.size = _ints(size, "size")
+    self.stride = _ints(stride, "stride")
     self.dtype = dtype  # element type of an untyped (byte) storage; None for typed storages
+    # Refused here, before any storage is materialised, against the size the pickle declares
+    # (torch_tensors checks again against the bytes actually read).
+    reason = check_view(self.declared_numel(), self.offset, self.size, self.stride)
+    if reason:
+      raise _Corrupt(f"{reason} of storage {storage.key!r} (corrupt file)")
 
-  def materialise(self, path: str) -> np.ndarray:
-    data = self.storage.data
-    if data is None:
-      raise CheckpointError(f"{path}: storage {self.storage.key!r} was never read (corrupt file)")
-    if self.dtype is not None and self.dtype != data.dtype:
-      # Offsets and strides count elements of the tensor's dtype, so view the bytes as it.
-      if data.dtype != np.uint8:
-        raise CheckpointError(
-            f"{path}: a {self.dtype.name} tensor points into storage {self.storage.key!r} of "
-            f"{data.dtype.name} elements (corrupt file)")
-      if data.nbytes % self.dtype.itemsize:
-        raise CheckpointError(
-            f"{path}: storage {self.storage.key!r} of {data.nbytes} bytes does not hold whole "
-            f"{self.dtype.name} elements (corrupt file)")
-      data = data.view(self.dtype)
-      if self.storage.big_endian and self.dtype.itemsize > 1:
-        data = data.byteswap()
-    if any(s == 0 for s in self.size):
-      return np.zeros(self.size, data.dtype)
-    last = self.offset + sum((n - 1) * st for n, st in zip(self.size, self.stride))
-    if self.offset < 0 or last >= data.size or any(st < 0 for st in self.stride):
-      raise CheckpointError(
-          f"{path}: tensor of shape {self.size} at offset {self.offset} runs past its storage "
-          f"{self.storage.key!r} of {data.size} elements (corrupt file)")
-    # as_strided goes through __array_interface__, which cannot describe some ml_dtypes types
-    # (float8): stride over their bytes as same-width unsigned ints, then view them back.
-    raw = data if data.dtype.isbuiltin == 1 else data.view(f"u{data.itemsize}")
-    view = np.lib.stride_tricks.as_strided(
-        raw[self.offset:], shape=self.size,
-        strides=tuple(st * data.itemsize for st in self.stride), writeable=False)
-    return np.array(view).view(data.dtype)  # own the memory, contiguous
+  def declared_numel(self) -> int:
+    """Elements of the tensor's dtype the storage declares."""
+    if self.dtype is None:
+      return self.storage.numel
+    return self.storage.numel // self.dtype.itemsize
 
 
 class ScriptObject:
@@ -215,8 +248,10 @@ _JIT_HELPERS = {"restore_type_tag", "build_intlist", "build_tensorlist", "build_
                 "build_boollist"}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):  # pure Python: see the module's docstring
   """An Unpickler that resolves only allow-listed globals and storage persistent ids."""
+
+  dispatch = dict(pickle._Unpickler.dispatch)
 
   def __init__(self, file: BinaryIO, *, path: str, storages: dict[str, _Storage],
                load_record=None, allow_script_objects: bool = False):
@@ -225,6 +260,33 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self._storages = storages
     self._load_record = load_record
     self._allow_script = allow_script_objects
+    self._script_classes: dict[str, type] = {}
+
+  def _load_mark(self) -> None:
+    if len(self.metastack) >= MAX_DEPTH:
+      raise _Corrupt(f"the pickle nests more than {MAX_DEPTH} levels deep")
+    pickle._Unpickler.load_mark(self)
+
+  def _load_build(self) -> None:
+    # BUILD sets attributes: torch uses it on OrderedDicts (their _metadata) and TorchScript
+    # objects (old files also BUILD dicts with an empty state: a no-op). On a tensor or
+    # storage record it would bypass their checks.
+    inst, state = self.stack[-2], self.stack[-1]
+    if state and not isinstance(inst, (collections.OrderedDict, ScriptObject)):
+      raise UnsafeCheckpointError(
+          f"{self._path}: refusing to load: the pickle sets the state of a "
+          f"{type(inst).__name__}, which checkpoints never do")
+    pickle._Unpickler.load_build(self)
+
+  def _refuse_buffer(self) -> None:
+    # Protocol-5 buffers: BYTEARRAY8 zero-fills its declared length before reading it.
+    raise _Corrupt("the pickle uses protocol-5 buffers, which checkpoints never do")
+
+  dispatch[pickle.MARK[0]] = _load_mark
+  dispatch[pickle.BUILD[0]] = _load_build
+  for _op in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+    dispatch[_op[0]] = _refuse_buffer
+  del _op
 
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) in _ALLOWED_GLOBALS:
@@ -237,31 +299,48 @@ class _RestrictedUnpickler(pickle.Unpickler):
       if module == "torch.jit._pickle" and name in _JIT_HELPERS:
         return _identity_first
       if module == "__torch__" or module.startswith("__torch__."):
-        qualname = f"{module}.{name}"
-        return type(name, (ScriptObject,), {"__new__": lambda cls, *a: _new_script(cls, qualname)})
+        return self._script_class(f"{module}.{name}", name)
     raise UnsafeCheckpointError(
         f"{self._path}: refusing to load: the pickle asks for '{module}.{name}', which is not a "
         "tensor or a plain container. Only weights are read from checkpoints; a file that needs "
         "other objects may run arbitrary code and is not loaded.")
 
+  def _script_class(self, qualname: str, name: str) -> type:
+    # One class per name, and a bounded number of names: each class costs a kilobyte.
+    if qualname not in self._script_classes:
+      if len(self._script_classes) >= MAX_SCRIPT_CLASSES:
+        raise _Corrupt(f"the archive names more than {MAX_SCRIPT_CLASSES} TorchScript classes")
+      self._script_classes[qualname] = type(
+          name, (ScriptObject,), {"__new__": lambda cls, *a: _new_script(cls, qualname)})
+    return self._script_classes[qualname]
+
   def persistent_load(self, pid: Any) -> Any:
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-      raise UnsafeCheckpointError(f"{self._path}: unknown persistent id {pid!r:.80}")
-    storage_type, key, numel = pid[1], str(pid[2]), pid[4]   # pid[3]: the device, unused
+      raise UnsafeCheckpointError(f"{self._path}: unknown persistent id {_short.repr(pid)}")
+    storage_type, key, numel = pid[1], pid[2], pid[4]   # pid[3]: the device, unused
     if not isinstance(storage_type, _StorageType):
-      raise UnsafeCheckpointError(f"{self._path}: storage of unknown type {storage_type!r:.80}")
+      raise UnsafeCheckpointError(
+          f"{self._path}: storage of unknown type {_short.repr(storage_type)}")
+    if not isinstance(key, (str, int)) or not isinstance(numel, int) or not (
+        0 <= numel <= MAX_DIM):
+      raise _Corrupt(f"bad storage record {_short.repr(pid)}")
+    key = str(key)
     dtype = storage_type.dtype
     if key not in self._storages:
-      storage = _Storage(key, dtype, int(numel))
-      if storage_type.name == "UntypedStorage":
-        storage.numel = int(numel)  # bytes
+      storage = _Storage(key, dtype, int(numel))  # UntypedStorage: numel counts bytes
       if self._load_record is not None:
         storage.data = self._load_record(key, dtype, storage.numel)
       self._storages[key] = storage
     storage = self._storages[key]
     view_meta = pid[5] if len(pid) > 5 else None
     if view_meta is not None:  # legacy views into a larger storage: (view_key, offset, size)
+      if not (isinstance(view_meta, tuple) and len(view_meta) == 3
+              and all(isinstance(v, int) for v in view_meta[1:])):
+        raise _Corrupt(f"bad storage view {_short.repr(view_meta)}")
       _, offset, size = view_meta
+      if offset < 0 or size < 0 or offset + size > storage.numel:
+        raise _Corrupt(f"storage view [{offset}:{offset + size}] runs past storage {key!r} of "
+                       f"{storage.numel} elements")
       view = _Storage(f"{key}[{offset}:{offset + size}]", dtype, int(size))
       view.data = None
       # Resolved after the storage bytes are read (legacy format only).
@@ -277,24 +356,6 @@ def _new_script(cls, qualname: str) -> ScriptObject:
   return obj
 
 
-def _materialise(obj: Any, path: str) -> Any:
-  """Replace every ``_TensorRef`` by its numpy array, recursively through containers."""
-  if isinstance(obj, _TensorRef):
-    return obj.materialise(path)
-  if isinstance(obj, collections.OrderedDict):
-    return collections.OrderedDict((k, _materialise(v, path)) for k, v in obj.items())
-  if isinstance(obj, dict):
-    return {k: _materialise(v, path) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_materialise(v, path) for v in obj]
-  if isinstance(obj, tuple):
-    return tuple(_materialise(v, path) for v in obj)
-  if isinstance(obj, ScriptObject):
-    obj.state = {k: _materialise(v, path) for k, v in obj.state.items()}
-    return obj
-  return obj
-
-
 def _unpickle(data: BinaryIO, **kwargs) -> Any:
   path = kwargs["path"]
   try:
@@ -303,10 +364,16 @@ def _unpickle(data: BinaryIO, **kwargs) -> Any:
     raise CheckpointError(
         f"{path}: unsupported tensor dtype torch.{e.dtype_name} (no numpy equivalent to read "
         "it into); convert the checkpoint to a float dtype first") from None
-  except CheckpointError:
-    raise
-  except (EOFError, pickle.UnpicklingError, struct.error, ValueError, TypeError, KeyError,
-          IndexError, AttributeError, MemoryError) as e:
+  except CheckpointError as e:
+    if str(e).startswith(path):
+      raise
+    # Raised where the file's name was not at hand (rebuild functions, _Corrupt): add it.
+    cls = UnsafeCheckpointError if isinstance(e, UnsafeCheckpointError) else CheckpointError
+    raise cls(f"{path}: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Whatever a hostile byte stream makes the opcodes raise (EOFError, KeyError of a missing
+    # memo entry, OverflowError, RecursionError, MemoryError ...) means one thing: the file
+    # is not a checkpoint we can read. The type stays in the message for a bug report.
     raise CheckpointError(
-        f"{path}: cannot read the checkpoint's pickle ({type(e).__name__}: {e}); the file is "
-        "truncated or corrupt") from e
+        f"{path}: cannot read the checkpoint's pickle ({type(e).__name__}: "
+        f"{_short.repr(str(e))[1:-1]}); the file is truncated or corrupt") from None
