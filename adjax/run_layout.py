@@ -2,6 +2,7 @@
 
   <workdir>/config.json            the run's config (ConfigDict as JSON)
   <workdir>/checkpoints/           orbax CheckpointManager steps (the latest N)
+  <workdir>/checkpoints_corrupt/   steps a resume could not restore, moved aside (never deleted)
   <workdir>/best/angle/params.npz  projector params selected by PatchCore ("*_angle")
   <workdir>/best/angle/meta.json   {"step": ..., "metrics": {...}, ...}
   <workdir>/best/norm/...          the same, selected by FeatureNorm ("*_norm")
@@ -29,6 +30,7 @@ from adjax.io import files
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
+CORRUPT_CHECKPOINTS_DIR = "checkpoints_corrupt"
 BEST_DIR = "best"
 PARAMS_FILE = "params.npz"
 META_FILE = "meta.json"
@@ -48,6 +50,10 @@ def config_path(workdir: str) -> str:
 
 def checkpoints_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINTS_DIR)
+
+
+def corrupt_checkpoints_dir(workdir: str) -> str:
+  return os.path.join(workdir, CORRUPT_CHECKPOINTS_DIR)
 
 
 def best_dir(workdir: str, kind: str) -> str:

@@ -220,7 +220,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointer = RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
   start_step = 0
   if checkpointer.latest_step() is not None:
-    state, data_state, start_step = checkpointer.restore(abstract_like(state))
+    try:  # falls back past damaged steps (moved aside); none left restorable: a UserError
+      state, data_state, start_step = checkpointer.restore(abstract_like(state))
+    except BaseException:
+      checkpointer.close()
+      raise
     iterator = loader.resume(data_state, start_step)
     log.info("resumed from step %d", start_step)
   else:
