@@ -174,7 +174,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
 
   centers = None
   if config.loss.center and config.loss.angle:
-    centers = None if stale_derived else load_centers(workdir)
+    centers = None if stale_derived else load_centers(workdir, backbone.level_dims)
     if centers is None:
       centers = compute_centers(config, workdir, backbone=backbone,
                                 backbone_params=backbone_params, records=records)
@@ -198,7 +198,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   batch_keys = ("view1", "view2", "masks", "refs", "ref_valid")
   num_views = 1
   if precomputed:
-    references = (None if stale_derived else load_references(workdir)) or reference_bank(
+    references = None if stale_derived else load_references(workdir, backbone.level_dims)
+    references = references or reference_bank(
         config, workdir, backbone=backbone, backbone_params=backbone_params, records=records)
     if (not _same_classes(references["class_names"], loader.class_names) or
         references["view_names"] != list(loader.view_names)):
@@ -337,12 +338,11 @@ class _BestTracker:
     self.evaluated = False
     self.best: dict[str, float] = {}
     for kind in run_layout.KINDS:
-      meta_path = run_layout.best_meta_path(workdir, kind)
-      if os.path.isfile(meta_path):
-        meta = files.read_json(meta_path)
-        if meta.get("selected_by") != "final":
-          self.best[kind] = float(meta.get("score", -np.inf))
-          self.evaluated = True
+      meta = run_layout.load_best_meta(workdir, kind)  # checked: a UserError names a bad one
+      if meta and meta.get("selected_by") != "final":
+        score = meta.get("score")
+        self.best[kind] = -np.inf if score is None else float(score)
+        self.evaluated = True
 
   def update(self, step: int, params: Any, scores: dict[str, float]) -> None:
     if jax.process_index() != 0:
