@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Mapping, Optional
 
 import jax
@@ -66,6 +67,7 @@ class RunCheckpointer:
       UserError: no step restores (naming the folder and where the damaged ones went), or the
         given `step` does not.
     """
+    _quiet_orbax_leftovers()
     if step is not None:
       try:
         return self._restore_step(abstract_state, step)
@@ -136,7 +138,34 @@ def _free_name(path: str) -> str:
 def _reason(err: BaseException) -> str:
   """One short line: tensorstore's messages run to pages of JSON spec."""
   text = files.one_line(err) or repr(err)
+  text = text.split(" See full TensorStore details")[0]  # the rest is the store's whole spec
   return f"{type(err).__name__}: {text[:240]}{'...' if len(text) > 240 else ''}"
+
+
+def _is_orbax_leftover(unraisable: Any) -> bool:
+  """Whether an unraisable exception is the echo of a failed orbax read: when one array of a
+  step cannot be read, orbax closes its event loop with the other reads still in flight, and
+  each of them later reports, through sys.unraisablehook, a closed loop or its own read error
+  (hundreds of tracebacks after the one-line warning that already said what happened)."""
+  err = getattr(unraisable, "exc_value", None)
+  text = str(err)[:200]
+  return (isinstance(err, RuntimeError) and text == "Event loop is closed") or (
+      type(err) is Exception and text.startswith("Encountered error while reading array"))
+
+
+def _quiet_orbax_leftovers() -> None:
+  """Installs, once, a sys.unraisablehook that drops `_is_orbax_leftover` reports and passes
+  every other one on to the hook it replaces."""
+  if getattr(sys.unraisablehook, "_adjax_filter", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    if not _is_orbax_leftover(unraisable):
+      previous(unraisable)
+
+  hook._adjax_filter = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
 
 
 def _reraise_if_machine_error(err: BaseException) -> None:
@@ -193,8 +222,9 @@ def _read_latest_checkpoint(workdir: str) -> tuple[Params, dict[str, Any]]:
   ckpt_dir = os.path.abspath(run_layout.checkpoints_dir(workdir))
   if not os.path.isdir(ckpt_dir):
     raise UserError(f"{workdir} has no checkpoints/ folder; export --which angle or norm")
+  _quiet_orbax_leftovers()
   manager = ocp.CheckpointManager(ckpt_dir)
-  damaged: list[str] = []
+  damaged: list[tuple[str, str]] = []
   try:
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -204,14 +234,16 @@ def _read_latest_checkpoint(workdir: str) -> tuple[Params, dict[str, Any]]:
         params = _step_params(manager, step)
       except Exception as err:  # orbax and tensorstore raise many types, some plain Exception
         _reraise_if_machine_error(err)
-        damaged.append(f"{os.path.join(ckpt_dir, str(step))} ({_reason(err)})")
+        damaged.append((os.path.join(ckpt_dir, str(step)), _reason(err)))
         continue
       if damaged:
-        log.warning("checkpoint %s cannot be read; using step %d instead", damaged[0], step)
+        log.warning("checkpoint %s cannot be read (%s); using step %d instead", *damaged[0],
+                    step)
       return params, {"step": int(step), "metrics": {}}
   finally:
     manager.close()
-  raise UserError(f"no checkpoint in {ckpt_dir} can be read; the newest: {damaged[0]}")
+  raise UserError(f"no checkpoint in {ckpt_dir} can be read; the newest, {damaged[0][0]}: "
+                  f"{damaged[0][1]}")
 
 
 def _step_params(manager: ocp.CheckpointManager, step: int) -> Params:
@@ -228,6 +260,9 @@ def _step_params(manager: ocp.CheckpointManager, step: int) -> Params:
     except Exception as err:  # a damaged step fails every handler; the first error says why
       _reraise_if_machine_error(err)
       errors.append(err)
+      # Only a handler that does not fit is worth another try; unreadable data is the step's.
+      if not isinstance(err, (KeyError, TypeError, ValueError)) or "DATA_LOSS" in str(err):
+        break
   if restored is None:
     raise errors[0]
   state = restored["state"] if "state" in restored else restored
