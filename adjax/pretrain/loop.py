@@ -338,8 +338,10 @@ class _BestTracker:
     self.evaluated = False
     self.best: dict[str, float] = {}
     for kind in run_layout.KINDS:
+      if not os.path.isfile(run_layout.best_meta_path(workdir, kind)):
+        continue
       meta = run_layout.load_best_meta(workdir, kind)  # checked: a UserError names a bad one
-      if meta and meta.get("selected_by") != "final":
+      if meta.get("selected_by") != "final":
         score = meta.get("score")
         self.best[kind] = -np.inf if score is None else float(score)
         self.evaluated = True
