@@ -69,7 +69,7 @@ def run_demo(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
                         backbone_params=backbone_params)
   eval_seconds = time.perf_counter() - t_eval
   print("[demo] 4/4 report", flush=True)
-  losses = [json.loads(line) for line in open(run_layout.metrics_path(workdir))]
+  losses = files.read_jsonl(run_layout.metrics_path(workdir))
   losses = [row for row in losses if "loss" in row]
   _plot_losses(losses, os.path.join(out_dir, "loss_curves.png"))
   results = {

@@ -2,6 +2,7 @@
 
   <workdir>/config.json            the run's config (ConfigDict as JSON)
   <workdir>/checkpoints/           orbax CheckpointManager steps (the latest N)
+  <workdir>/checkpoints_corrupt/   steps a resume could not restore, moved aside (never deleted)
   <workdir>/best/angle/params.npz  projector params selected by PatchCore ("*_angle")
   <workdir>/best/angle/meta.json   {"step": ..., "metrics": {...}, ...}
   <workdir>/best/norm/...          the same, selected by FeatureNorm ("*_norm")
@@ -27,10 +28,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from adjax.errors import UserError
 from adjax.io import files
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
+CORRUPT_CHECKPOINTS_DIR = "checkpoints_corrupt"
 BEST_DIR = "best"
 PARAMS_FILE = "params.npz"
 META_FILE = "meta.json"
@@ -51,6 +54,10 @@ def config_path(workdir: str) -> str:
 
 def checkpoints_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINTS_DIR)
+
+
+def corrupt_checkpoints_dir(workdir: str) -> str:
+  return os.path.join(workdir, CORRUPT_CHECKPOINTS_DIR)
 
 
 def best_dir(workdir: str, kind: str) -> str:
@@ -135,9 +142,10 @@ def load_params(path: str) -> Params:
     with np.load(path, allow_pickle=False) as data:
       flat = {name: data[name] for name in data.files}
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # truncated or not an npz
-    raise ValueError(f"{path}: not a readable params .npz ({type(err).__name__}: {err})") from err
+    raise UserError(f"{path}: not a readable params .npz ({type(err).__name__}: "
+                    f"{files.one_line(err)})") from err
   if not flat:
-    raise ValueError(f"{path}: holds no parameters")
+    raise UserError(f"{path}: holds no parameters")
   return unflatten_params(flat)
 
 
@@ -152,9 +160,29 @@ def save_best(workdir: str, kind: str, params: Mapping[str, Any],
 def load_best(workdir: str, kind: str) -> tuple[Params, dict[str, Any]]:
   """Reads `best/<kind>`: (params, meta). meta is {} when meta.json is absent."""
   params = load_params(best_params_path(workdir, kind))
-  meta_file = best_meta_path(workdir, kind)
-  meta = files.read_json(meta_file) if os.path.isfile(meta_file) else {}
-  return params, meta
+  return params, load_best_meta(workdir, kind)
+
+
+def load_best_meta(workdir: str, kind: str) -> dict[str, Any]:
+  """`best/<kind>/meta.json` ({} when absent), checked: an object whose "step" is an integer
+  and whose "score" is a number (or null), as save_best writes them.
+
+  Raises:
+    UserError: naming the file, when it is not such an object.
+  """
+  path = best_meta_path(workdir, kind)
+  if not os.path.isfile(path):
+    return {}
+  meta = files.read_json(path)
+  if not isinstance(meta, dict):
+    raise UserError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+  for key, types in (("step", (int,)), ("score", (int, float))):
+    value = meta.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+      raise UserError(f"{path}: {key!r} must be a number, got {value!r}")
+  if not isinstance(meta.get("metrics", {}), dict):
+    raise UserError(f"{path}: 'metrics' must be an object, got {meta['metrics']!r}")
+  return meta
 
 
 # ----------------------------------------------------------------------------- config
@@ -216,7 +244,10 @@ def config_changes(workdir: str, config: Any) -> list[str]:
   if not os.path.isfile(config_path(workdir)):
     return []
   new = flat_config(config)
-  old = _flat_settings(files.read_json(config_path(workdir)))
+  data = files.read_json(config_path(workdir))
+  if not isinstance(data, dict):
+    raise UserError(f"{config_path(workdir)}: expected a JSON object, got {type(data).__name__}")
+  old = _flat_settings(data)
   changes = []
   for key in sorted(set(old) | set(new)):
     if key in PATH_LISTS and key in old and _entries(old[key]) != _entries(new.get(key)):
@@ -250,32 +281,56 @@ def load_config(workdir: str):
 
   Returns:
     An ml_collections.ConfigDict.
+
+  Raises:
+    UserError: the file is not JSON, not an object, or a value does not fit the default's
+      type (naming the file and the setting).
   """
   from adjax.configs import default_config  # ml_collections; only when configs are used
-  data = files.read_json(config_path(workdir))
+  path = config_path(workdir)
+  data = files.read_json(path)
   if not isinstance(data, dict):
-    raise ValueError(f"{config_path(workdir)}: expected a JSON object")
+    raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
   config = default_config()
-  merge_into_config(config, data)
+  try:
+    merge_into_config(config, data)
+  except (TypeError, ValueError) as err:
+    raise UserError(f"{path}: {files.one_line(err)}") from err
   return config
 
 
-def merge_into_config(config: Any, data: Mapping[str, Any]) -> None:
-  """Recursively sets `data` into `config` (a ConfigDict), keeping the config's field types."""
+def merge_into_config(config: Any, data: Mapping[str, Any], prefix: str = "") -> None:
+  """Recursively sets `data` into `config` (a ConfigDict), keeping the config's field types.
+
+  Raises:
+    TypeError: a value that does not fit the type of the setting it replaces, naming the
+      setting (a section replaced by a value, text for a number, true for a number).
+  """
   for key, value in data.items():
-    if key in config and hasattr(config[key], "keys") and isinstance(value, Mapping):
-      merge_into_config(config[key], value)
+    name = f"{prefix}{key}"
+    if key in config and hasattr(config[key], "keys"):
+      if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a section (a JSON object), got {value!r}")
+      merge_into_config(config[key], value, f"{name}.")
       continue
     if isinstance(value, Mapping):
       import ml_collections
       sub = ml_collections.ConfigDict()
-      merge_into_config(sub, value)
+      merge_into_config(sub, value, f"{name}.")
       config[key] = sub
       continue
     if isinstance(value, list):
       value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     if key in config:
       current = config[key]
+      # ml_collections casts true to 1.0 and accepts 1 for a flag; neither is what was meant.
+      if (current is not None and value is not None
+          and isinstance(current, bool) != isinstance(value, bool)):
+        raise TypeError(f"{name} must be {type(current).__name__}, got {value!r}")
       if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    config[key] = value
+    try:
+      config[key] = value
+    except (TypeError, ValueError) as err:
+      expected = type(config[key]).__name__ if key in config else "another type"
+      raise TypeError(f"{name} must be {expected}, got {value!r}") from err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import stat
@@ -16,6 +17,10 @@ import tempfile
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from adjax.errors import UserError
+
+log = logging.getLogger("adjax.files")
 
 
 def one_line(text: object) -> str:
@@ -127,14 +132,15 @@ def json_default(value: Any) -> Any:
 
 
 def read_json(path: str) -> Any:
-  """Reads a JSON file, naming the file in the error when it is missing or malformed."""
+  """Reads a JSON file, naming the file in the error when it is missing or malformed (binary
+  garbage too: the decoder's own message names no file)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"file not found: {path}")
-  with open(path) as f:
-    try:
+  try:
+    with open(path, encoding="utf-8") as f:
       return json.load(f)
-    except json.JSONDecodeError as err:
-      raise ValueError(f"{path}: not valid JSON ({err})") from err
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise UserError(f"{path}: not valid JSON ({one_line(err)})") from err
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -153,18 +159,52 @@ def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
     f.write(json.dumps(record, default=json_default, allow_nan=False) + "\n")
 
 
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics log (JSON objects with a numeric "step"), in order.
+
+  Lines that are not such a record (one torn by a kill, a disk that wrote garbage) are
+  skipped with one warning naming the file and their line numbers: the log is a record of
+  the run, not something it needs in order to go on.
+  """
+  return _jsonl_lines(path)[0]
+
+
 def truncate_jsonl(path: str, last_step: int) -> None:
   """Drops the lines of a metrics log whose "step" is after `last_step` (a run resumed from
-  an earlier checkpoint logs those steps again), atomically; a torn last line goes too."""
+  an earlier checkpoint logs those steps again), atomically; a torn last line and any other
+  line that is not a record (see read_jsonl) go too."""
   if not os.path.isfile(path):
     return
-  kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if not isinstance(record, dict) or record.get("step", 0) <= last_step:
-        kept.append(line if line.endswith("\n") else line + "\n")
+  records, lines = _jsonl_lines(path)
+  kept = [line for record, line in zip(records, lines) if record["step"] <= last_step]
   atomic_write(path, lambda f: f.writelines(kept), binary=False)
+
+
+def _jsonl_lines(path: str) -> tuple[list[dict[str, Any]], list[str]]:
+  """(records, their lines with a newline) of a JSON-lines log; bad lines skipped with a
+  warning (the last one unterminated is the usual torn write of a kill: silently)."""
+  records: list[dict[str, Any]] = []
+  lines: list[str] = []
+  bad: list[int] = []
+  with open(path, "rb") as f:  # bytes: a garbage line must not stop the lines after it
+    raw = f.read().split(b"\n")
+  torn_tail = bool(raw) and raw[-1] != b""
+  if raw and raw[-1] == b"":
+    raw.pop()
+  for number, data in enumerate(raw, start=1):
+    try:
+      record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      record = None
+    step = record.get("step") if isinstance(record, dict) else None
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+      if data.strip() and not (torn_tail and number == len(raw)):
+        bad.append(number)
+      continue
+    records.append(record)
+    lines.append(data.decode("utf-8") + "\n")
+  if bad:
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    log.warning("%s: skipped %d line(s) that are not JSON records with a numeric step "
+                "(line %s)", path, len(bad), shown)
+  return records, lines

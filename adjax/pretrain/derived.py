@@ -5,6 +5,7 @@ run's folder and read back on resume."""
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Optional, Sequence
 
 import jax
@@ -84,12 +85,45 @@ def _compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbon
   return centers
 
 
-def load_centers(workdir: str) -> Optional[list[np.ndarray]]:
+def load_centers(workdir: str, level_dims: Optional[Sequence[int]] = None
+                 ) -> Optional[list[np.ndarray]]:
+  """The centres `compute_centers` wrote (None when there are none yet), checked: l1..lK, one
+  vector per level, with the level's width when `level_dims` is given.
+
+  Raises:
+    UserError: naming the file, when it is not such an .npz (truncated, other keys, shapes).
+  """
   path = run_layout.centers_path(workdir)
   if not os.path.isfile(path):
     return None
-  with np.load(path) as data:
-    return [data[f"l{k + 1}"] for k in range(len(data.files))]
+  arrays = _read_npz(path)
+  count = len(level_dims) if level_dims is not None else len(arrays)
+  want = [f"l{k + 1}" for k in range(count)]
+  if sorted(arrays) != sorted(want):
+    raise UserError(f"{path}: expected the arrays {', '.join(want)}, found "
+                    f"{', '.join(sorted(arrays)) or 'none'}; {_RECOMPUTE}")
+  centers = [arrays[name] for name in want]
+  for k, center in enumerate(centers):
+    width = None if level_dims is None else int(level_dims[k])
+    if center.ndim != 1 or (width is not None and center.shape[0] != width) or \
+        not np.issubdtype(center.dtype, np.floating):
+      raise UserError(f"{path}: l{k + 1} has shape {center.shape} ({center.dtype}), expected "
+                      f"({width if width is not None else 'C'},) floats; {_RECOMPUTE}")
+  return centers
+
+
+_RECOMPUTE = "delete it and the run computes it again"
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """All arrays of an .npz, or a UserError naming it (a truncated zip raises BadZipFile, which
+  no caller would think to catch)."""
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {name: data[name] for name in data.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    raise UserError(f"{path}: not a readable .npz ({type(err).__name__}: "
+                    f"{files.one_line(err)}); {_RECOMPUTE}") from err
 
 
 REFERENCES_FILE = "references.npz"
@@ -186,15 +220,44 @@ def _same_classes(bank_names: list[str], loader_names: list[str]) -> bool:
   return len(set(bare)) == len(bare) and list(bank_names) == bare
 
 
-def load_references(workdir: str) -> Optional[dict[str, Any]]:
+def load_references(workdir: str, level_dims: Optional[Sequence[int]] = None
+                    ) -> Optional[dict[str, Any]]:
+  """The bank `reference_bank` wrote (None when there is none yet), checked against the layout
+  it writes: class and view names, `paths` (G, S + 1) and l1..lK (G, S + 1, h, w, C_k) with
+  G = classes x views (and C_k the level's width when `level_dims` is given).
+
+  Raises:
+    UserError: naming the file, when it is not such an .npz.
+  """
   path = os.path.join(workdir, REFERENCES_FILE)
   if not os.path.isfile(path):
     return None
-  with np.load(path) as data:
-    if "paths" not in data.files:
-      raise UserError(f"{path} was made by an older adjax (no image paths, and no spare "
-                      "image per group to keep an image from being its own reference); delete "
-                      "it, or run `adjax refs` again")
-    levels = [data[f"l{k + 1}"] for k in range(len(data.files) - 3)]
-    return {"levels": levels, "class_names": list(data["class_names"]),
-            "view_names": list(data["view_names"]), "paths": data["paths"]}
+  data = _read_npz(path)
+  if "paths" not in data:
+    raise UserError(f"{path} was made by an older adjax (no image paths, and no spare "
+                    "image per group to keep an image from being its own reference); delete "
+                    "it, or run `adjax refs` again")
+  missing = [k for k in ("class_names", "view_names") if k not in data]
+  count = len([k for k in data if k not in ("class_names", "view_names", "paths")])
+  names = [f"l{k + 1}" for k in range(count)]
+  if missing or not count or any(name not in data for name in names) or (
+      level_dims is not None and count != len(level_dims)):
+    raise UserError(f"{path}: expected class_names, view_names, paths and l1..l"
+                    f"{len(level_dims) if level_dims is not None else 'K'}, found "
+                    f"{', '.join(sorted(data))}; {_RECOMPUTE}")
+  levels = [data[name] for name in names]
+  class_names, view_names, paths = (list(data["class_names"]), list(data["view_names"]),
+                                    data["paths"])
+  groups = len(class_names) * len(view_names)
+  if paths.ndim != 2 or paths.shape[0] != groups:
+    raise UserError(f"{path}: paths has shape {paths.shape}, expected ({groups}, shots) for "
+                    f"{len(class_names)} classes x {len(view_names)} views; {_RECOMPUTE}")
+  for k, level in enumerate(levels):
+    width = None if level_dims is None else int(level_dims[k])
+    if level.ndim != 5 or level.shape[:2] != paths.shape or (
+        width is not None and level.shape[-1] != width):
+      raise UserError(f"{path}: l{k + 1} has shape {level.shape}, expected ({paths.shape[0]}, "
+                      f"{paths.shape[1]}, h, w, {width if width is not None else 'C'}); "
+                      f"{_RECOMPUTE}")
+  return {"levels": levels, "class_names": class_names, "view_names": view_names,
+          "paths": paths}

@@ -186,7 +186,7 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, stale_derived: bo
 
   centers = None
   if config.loss.center and config.loss.angle:
-    centers = None if stale_derived else load_centers(workdir)
+    centers = None if stale_derived else load_centers(workdir, backbone.level_dims)
     if centers is None:
       centers = compute_centers(config, workdir, backbone=backbone,
                                 backbone_params=backbone_params, records=records)
@@ -210,7 +210,8 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, stale_derived: bo
   batch_keys = ("view1", "view2", "masks", "refs", "ref_valid")
   num_views = 1
   if precomputed:
-    references = (None if stale_derived else load_references(workdir)) or reference_bank(
+    references = None if stale_derived else load_references(workdir, backbone.level_dims)
+    references = references or reference_bank(
         config, workdir, backbone=backbone, backbone_params=backbone_params, records=records)
     if (not _same_classes(references["class_names"], loader.class_names) or
         references["view_names"] != list(loader.view_names)):
@@ -232,7 +233,11 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, stale_derived: bo
   checkpointer = RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
   start_step = 0
   if checkpointer.latest_step() is not None:
-    state, data_state, start_step = checkpointer.restore(abstract_like(state))
+    try:  # falls back past damaged steps (moved aside); none left restorable: a UserError
+      state, data_state, start_step = checkpointer.restore(abstract_like(state))
+    except BaseException:
+      checkpointer.close()
+      raise
     iterator = loader.resume(data_state, start_step)
     log.info("resumed from step %d", start_step)
   else:
@@ -345,12 +350,13 @@ class _BestTracker:
     self.evaluated = False
     self.best: dict[str, float] = {}
     for kind in run_layout.KINDS:
-      meta_path = run_layout.best_meta_path(workdir, kind)
-      if os.path.isfile(meta_path):
-        meta = files.read_json(meta_path)
-        if meta.get("selected_by") != "final":
-          self.best[kind] = float(meta.get("score", -np.inf))
-          self.evaluated = True
+      if not os.path.isfile(run_layout.best_meta_path(workdir, kind)):
+        continue
+      meta = run_layout.load_best_meta(workdir, kind)  # checked: a UserError names a bad one
+      if meta.get("selected_by") != "final":
+        score = meta.get("score")
+        self.best[kind] = -np.inf if score is None else float(score)
+        self.evaluated = True
 
   def update(self, step: int, params: Any, scores: dict[str, float]) -> None:
     if jax.process_index() != 0:
