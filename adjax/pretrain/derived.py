@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from adjax import run_layout
+from adjax.configs.validation import validate_config
 from adjax.errors import UserError
 from adjax.from_config import build_backbone, compute_dtype
 from adjax.io import files
@@ -30,6 +31,7 @@ def compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbone
   over all their tokens is the centre. Written to `<workdir>/centers.npz`.
   """
   from data_pipelines.images import load_record
+  validate_config(config)
   if backbone is None:
     backbone, backbone_params = build_backbone(config, workdir)
   records = pretrain_records(config) if records is None else records
@@ -88,6 +90,7 @@ REFERENCES_FILE = "references.npz"
 
 def precompute_references(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`adjax refs`: writes `<workdir>/references.npz` (see reference_bank) and summarises it."""
+  validate_config(config)
   bank = reference_bank(config, workdir)
   return {"path": os.path.join(workdir, REFERENCES_FILE),
           "shapes": [list(level.shape) for level in bank["levels"]],
