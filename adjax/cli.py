@@ -107,8 +107,10 @@ def _print_json(obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- configs
-def _resolve_config(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]):
-  """--config FILE[:ARG], else <workdir>/config.json, else the default; then the overrides."""
+def _resolve_config(args: argparse.Namespace, overrides: Sequence[tuple[str, str]], *,
+                    training: bool = True):
+  """--config FILE[:ARG], else <workdir>/config.json, else the default; then the overrides;
+  then the checks (training: see adjax.configs.validation.validate_config)."""
   from adjax import run_layout
   workdir = getattr(args, "workdir", None)
   if args.config:
@@ -119,7 +121,7 @@ def _resolve_config(args: argparse.Namespace, overrides: Sequence[tuple[str, str
     config = config_loading.load_config(None)
   config_loading.apply_overrides(config, overrides)
   # Every bad setting in one line (exit 2) before the job reads data or writes a file.
-  return validate_config(config)
+  return validate_config(config, training=training)
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -184,7 +186,7 @@ def _cmd_evaluate(args, overrides) -> int:
                       "and residual features only, --out DIR")
   elif not os.path.isdir(args.workdir):
     raise UserError(f"--workdir {args.workdir}: no such run folder")
-  config = _resolve_config(args, overrides)
+  config = _resolve_config(args, overrides, training=False)
   from adjax.evaluate import evaluate
   from adjax.evaluate.reporting import summary_text
   out_dir = args.out or os.path.join(args.workdir, "eval")
@@ -197,7 +199,7 @@ def _cmd_evaluate(args, overrides) -> int:
 
 def _cmd_fit(args, overrides) -> int:
   from adjax.detector.commands import run_fit
-  _print_json(run_fit(args, _resolve_config(args, overrides)))
+  _print_json(run_fit(args, _resolve_config(args, overrides, training=False)))
   return 0
 
 

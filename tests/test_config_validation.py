@@ -146,6 +146,10 @@ def test_relations_between_settings():
   assert config_problems(config) == []
   config.loss.angle = config.loss.norm = False
   assert "expected at least one loss" in config_problems(config)[0]
+  # Evaluating a finished run does not judge how it was trained.
+  config.optim.decay_epochs = (7, 9)
+  assert config_problems(config, training=False) == []
+  assert validate_config(config, training=False) is config
 
 
 def test_every_problem_is_reported_at_once_and_missing_keys_are_left_alone():

@@ -270,9 +270,10 @@ def _shown(value: Any) -> str:
   return repr(value) if isinstance(value, (tuple, list, Mapping)) else str(value)
 
 
-def _relations(config: Any, bad: set[str]) -> list[str]:
+def _relations(config: Any, bad: set[str], training: bool) -> list[str]:
   """Problems between settings; a setting whose own value is already bad is left out (its
-  problem is reported once, by itself)."""
+  problem is reported once, by itself). The schedule's and the losses' relations concern
+  training only: evaluating a finished run must not fail on how it was trained."""
   problems: list[str] = []
 
   def value(key: str) -> Any:
@@ -282,6 +283,8 @@ def _relations(config: Any, bad: set[str]) -> list[str]:
   if shots is not _MISSING and max_shots is not _MISSING and max(shots) > max_shots:
     problems.append(f"config.data.max_shots = {max_shots}: expected >= max(config.data.shots) "
                     f"= {max(shots)} (the batch holds at most max_shots references)")
+  if not training:
+    return problems
   epochs, decay = value("optim.epochs"), value("optim.decay_epochs")
   if decay is not _MISSING and decay:
     steps = [float(v) for v in decay]
@@ -299,8 +302,9 @@ def _relations(config: Any, bad: set[str]) -> list[str]:
   return problems
 
 
-def config_problems(config: Any) -> list[str]:
-  """Every problem of `config`, one line each naming the setting; [] when it is fine."""
+def config_problems(config: Any, *, training: bool = True) -> list[str]:
+  """Every problem of `config`, one line each naming the setting; [] when it is fine.
+  training=False leaves out the relations that only a training run depends on."""
   problems, bad = [], set()
   for key, check in _rules().items():
     value = _lookup(config, key)
@@ -310,16 +314,19 @@ def config_problems(config: Any) -> list[str]:
     if expected is not None:
       bad.add(key)
       problems.append(f"config.{key} = {_shown(value)}: {expected}")
-  return problems + _relations(config, bad)
+  return problems + _relations(config, bad, training)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def validate_config(config: ml_collections.ConfigDict, *,
+                    training: bool = True) -> ml_collections.ConfigDict:
   """Raises UserError naming every bad setting of `config`; returns `config` when fine.
 
   Call it where a config is final (after the file and the overrides) and before anything is
   computed or written: the CLI, pretrain, evaluate, the detector's fit, the references, sweeps.
+  training=False (evaluation, fitting a detector, importing a projector): the settings a
+  finished run was trained with are not judged, only how they relate in a run to come.
   """
-  problems = config_problems(config)
+  problems = config_problems(config, training=training)
   if len(problems) == 1:
     raise UserError(problems[0])
   if problems:

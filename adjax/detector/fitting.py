@@ -88,7 +88,7 @@ def fit_detector(cls, train: Sequence[str], *, method: str, features: str,
   from adjax.methods import checked_settings, method_class
   from data_pipelines.image_files import labelled_images, list_images
 
-  config = validate_config(_config_for(config, workdir))
+  config = validate_config(_config_for(config, workdir), training=False)
   method = str(method).lower()
   try:
     method_class(method)

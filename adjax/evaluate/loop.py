@@ -128,7 +128,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   from data_pipelines.index import read_dataset
 
   t0 = time.perf_counter()
-  validate_config(config)   # before the backbone, the data or out_dir
+  validate_config(config, training=False)   # before the backbone, the data or out_dir
   ev = config.eval
   use_compilation_cache(config.train.get("compilation_cache", ""))
   if not ev.root:
