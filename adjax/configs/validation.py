@@ -8,8 +8,8 @@ user fixes a command line in one go.
 
 Only the keys a config has are checked: configs read from an older run's config.json or built
 by hand may lack some, and the code that reads them falls back to its defaults. Keys that
-default.py does not know (the demo's own group, a method's settings) are left to their users,
-except for the demo group below.
+neither default.py nor the demo's config knows (a method's settings, a sweep file's own keys)
+are left to the code that reads them.
 """
 
 from __future__ import annotations
