@@ -31,13 +31,16 @@ import argparse
 import errno
 import importlib
 import json
+import math
+import numbers
 import os
 import subprocess
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from adjax.io import files
 from adjax.configs import loading as config_loading
+from adjax.configs.validation import validate_config
 from adjax.errors import PREEMPTED_EXIT_STATUS, UserError
 from adjax.terminal_log import library_messages_on_stderr
 
@@ -73,23 +76,43 @@ def _summarised(value: Any) -> Any:
   # not something to read on a terminal.
   if hasattr(value, "shape") and hasattr(value, "dtype"):
     if getattr(value, "ndim", 0) == 0:
-      return value.item()
+      return _strict(value.item())
     return {"shape": list(value.shape), "dtype": str(value.dtype)}
   return str(value)
+
+
+def _strict(value: Any) -> Any:
+  """`value` with every NaN and infinity made null (recursively) and every value JSON has no
+  type for summarised: bare NaN is not JSON, and jq or a strict parser reading a run's
+  summary from stdout would reject the whole line."""
+  if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+    return value
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, Mapping):
+    return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _strict(v)
+            for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict(v) for v in value]
+  if isinstance(value, (numbers.Integral, numbers.Real)) and not hasattr(value, "shape"):
+    return _strict(int(value) if isinstance(value, numbers.Integral) else float(value))
+  return _strict(_summarised(value)) if hasattr(value, "shape") else str(value)
 
 
 def _print_json(obj: Any) -> None:
   if obj is None:
     return
   if isinstance(obj, (dict, list)):
-    print(json.dumps(obj, default=_summarised))
+    print(json.dumps(_strict(obj), allow_nan=False))
   else:
     print(obj)
 
 
 # ----------------------------------------------------------------------------- configs
-def _resolve_config(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]):
-  """--config FILE[:ARG], else <workdir>/config.json, else the default; then the overrides."""
+def _resolve_config(args: argparse.Namespace, overrides: Sequence[tuple[str, str]], *,
+                    training: bool = True):
+  """--config FILE[:ARG], else <workdir>/config.json, else the default; then the overrides;
+  then the checks (training: see adjax.configs.validation.validate_config)."""
   from adjax import run_layout
   workdir = getattr(args, "workdir", None)
   if args.config:
@@ -98,7 +121,9 @@ def _resolve_config(args: argparse.Namespace, overrides: Sequence[tuple[str, str
     config = run_layout.load_config(workdir)
   else:
     config = config_loading.load_config(None)
-  return config_loading.apply_overrides(config, overrides)
+  config_loading.apply_overrides(config, overrides)
+  # Every bad setting in one line (exit 2) before the job reads data or writes a file.
+  return validate_config(config, training=training)
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -163,7 +188,7 @@ def _cmd_evaluate(args, overrides) -> int:
                       "and residual features only, --out DIR")
   elif not os.path.isdir(args.workdir):
     raise UserError(f"--workdir {args.workdir}: no such run folder")
-  config = _resolve_config(args, overrides)
+  config = _resolve_config(args, overrides, training=False)
   from adjax.evaluate import evaluate
   from adjax.evaluate.reporting import summary_text
   out_dir = args.out or os.path.join(args.workdir, "eval")
@@ -176,7 +201,7 @@ def _cmd_evaluate(args, overrides) -> int:
 
 def _cmd_fit(args, overrides) -> int:
   from adjax.detector.commands import run_fit
-  _print_json(run_fit(args, _resolve_config(args, overrides)))
+  _print_json(run_fit(args, _resolve_config(args, overrides, training=False)))
   return 0
 
 

@@ -31,6 +31,7 @@ def run_demo(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   optional "workdir" and "out"."""
   import shutil
   from adjax.configs.loading import apply_overrides
+  from adjax.configs.validation import validate_config
   from adjax.evaluate import evaluate
   from adjax.evaluate.selection import selection_evaluator
   from adjax.from_config import build_backbone
@@ -42,6 +43,7 @@ def run_demo(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   workdir = overrides.pop("workdir", None)
   out_dir = overrides.pop("out", None)
   apply_overrides(config, overrides)
+  validate_config(config)   # before the dataset is generated or the workdir removed
   workdir = workdir or config.demo.workdir
   out_dir = out_dir or workdir
   t0 = time.perf_counter()

@@ -277,6 +277,8 @@ def import_projector(path: str, out: str, *, backbone: str | None = None,
     config.image_size = metadata["image_size"]
   from adjax.configs import loading as config_loading
   config_loading.apply_overrides(config, overrides)
+  from adjax.configs.validation import validate_config
+  validate_config(config, training=False)
   got = (config.backbone.name, config.projector.num_ref_tokens, config.projector.depth)
   if got[1:] != (settings["num_ref_tokens"], settings["depth"]):
     raise UserError(f"the overrides set the projector to {got[1]} reference tokens and depth "

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from adjax.io import files
 from adjax.configs import loading as config_loading
+from adjax.configs.validation import validate_config
 from adjax import run_layout
 from adjax.errors import Preempted, UserError
 
@@ -109,7 +110,10 @@ def point_config(config_spec: str, point: Point,
   except ValueError as err:
     raise UserError(f"sweep point {point.name!r}: {err}") from err
   config_loading.apply_overrides(config, cli_overrides)
-  return config
+  try:   # every point is built before any runs or the sweep's folder is written
+    return validate_config(config)
+  except UserError as err:
+    raise UserError(f"sweep point {point.name!r}: {err}") from err
 
 
 def _base_spec(path: str, config_spec: str | None) -> str:

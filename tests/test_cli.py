@@ -97,7 +97,8 @@ def test_pretrain_gets_the_experiment_config_with_overrides(tmp_path, monkeypatc
   calls = _fake_module(monkeypatch, "adjax.pretrain", pretrain={"steps": 3})
   workdir = str(tmp_path / "run")
   argv = ["pretrain", "--config", PRETRAIN + ":runlocal", "--workdir", workdir,
-          "--config.optim.lr=0.5", "--config.data.shots", "1,2,3", "--config.loss.center=no"]
+          "--config.optim.lr=0.5", "--config.data.shots", "1,2,3", "--config.data.max_shots=3",
+          "--config.loss.center=no"]
   assert main(argv) == 0
   (name, (config, got_workdir), _), = calls
   assert name == "pretrain" and got_workdir == workdir

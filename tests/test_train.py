@@ -112,6 +112,30 @@ def test_skipped_steps_do_not_delay_the_learning_rate_decay():
   assert update_sizes([1, np.nan, np.nan, 1]) == [1.0, 0.0, 0.0, 0.1]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+@pytest.mark.parametrize("lr", [1e39, np.nan])   # overflows float32; NaN (past validation)
+def test_update_that_would_make_params_non_finite_is_skipped(lr):
+  # Finite loss and gradients, but the candidate parameters are not finite: the old state is
+  # kept (parameters and Adam's moments), the step is counted as skipped, training goes on.
+  optimizer = make_optimizer(lr, 5e-4, steps_per_epoch=10)
+  params = init_projector(jax.random.PRNGKey(0), [8], num_heads=2, num_ref_tokens=16)
+  state = init_train_state(params, optimizer, jax.random.PRNGKey(1))
+  grads = jax.tree.map(jnp.ones_like, params)
+  step = jax.jit(lambda s: apply_gradients(s, optimizer, jnp.float32(1.0), grads))
+  new_state, applied, norm = step(state)
+  assert not bool(applied) and np.isfinite(float(norm))
+  assert int(new_state["skipped"]) == 1 and int(new_state["step"]) == 1
+  for old, new in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(new_state["params"])):
+    np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+  for old, new in zip(jax.tree.leaves(state["opt_state"]),
+                      jax.tree.leaves(new_state["opt_state"])):
+    if old.shape:   # the moments (the counts are scalars)
+      np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(new_state))
+  again, _, _ = step(new_state)
+  assert int(again["skipped"]) == 2
+
+
 def test_inf_gradient_with_finite_loss_is_skipped():
   optimizer = make_optimizer(1e-3, 5e-4, steps_per_epoch=10)
   params = init_projector(jax.random.PRNGKey(0), [8], num_heads=2, num_ref_tokens=16)

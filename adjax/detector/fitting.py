@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from adjax.configs.validation import validate_config
 from adjax.detector import thresholds
 from adjax.detector.format import FORMAT, FORMAT_VERSION, KINDS
 from adjax.errors import UserError
@@ -87,7 +88,7 @@ def fit_detector(cls, train: Sequence[str], *, method: str, features: str,
   from adjax.methods import checked_settings, method_class
   from data_pipelines.image_files import labelled_images, list_images
 
-  config = _config_for(config, workdir)
+  config = validate_config(_config_for(config, workdir), training=False)
   method = str(method).lower()
   try:
     method_class(method)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from adjax.configs.validation import validate_config
 from adjax.evaluate import progress as eval_progress
 from adjax.evaluate.features import (FEATURE_KINDS, FeatureMaker, aligned_reference_indices,
                                      checkpoint_kind_for, class_resize, load_projectors,
@@ -138,6 +139,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   from data_pipelines.index import read_dataset
 
   t0 = time.perf_counter()
+  validate_config(config, training=False)   # before the backbone, the data or out_dir
   ev = config.eval
   use_compilation_cache(config.train.get("compilation_cache", ""))
   if not ev.root:

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from adjax import run_layout, workdir_lock
+from adjax.configs.validation import validate_config
 from adjax.errors import UserError
 from adjax.from_config import build_backbone, compute_dtype
 from adjax.io import files
@@ -40,6 +41,7 @@ def compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbone
 def _compute_centers(config: ml_collections.ConfigDict, workdir: str, *, backbone,
                      backbone_params, records) -> list[np.ndarray]:
   from data_pipelines.images import load_record
+  validate_config(config)
   if backbone is None:
     backbone, backbone_params = build_backbone(config, workdir)
   records = pretrain_records(config) if records is None else records
@@ -131,6 +133,7 @@ REFERENCES_FILE = "references.npz"
 
 def precompute_references(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`adjax refs`: writes `<workdir>/references.npz` (see reference_bank) and summarises it."""
+  validate_config(config)
   with workdir_lock.hold(workdir, "refs"):
     # The records the run trains on: the unreadable ones dropped as pretraining drops them.
     records = checked_records(pretrain_records(config), config, workdir)

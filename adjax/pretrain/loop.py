@@ -28,6 +28,7 @@ from adjax import sharding
 from adjax import workdir_lock
 from adjax.checkpointing import RunCheckpointer, abstract_like
 from adjax.compilation_cache import use_compilation_cache
+from adjax.configs.validation import validate_config
 from adjax.errors import UserError
 from adjax.from_config import build_backbone
 from adjax.models.projector import init_projector
@@ -153,6 +154,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     A summary: steps, skipped steps, last metrics, seconds, images/s.
   """
+  validate_config(config)   # before the workdir, its config.json or a checkpoint is written
   sharding.maybe_initialize_distributed()
   config = resolve_augment_place(config)
   stale_derived = _check_run_settings(config, workdir)
