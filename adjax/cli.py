@@ -28,16 +28,13 @@ and one missing piece does not break the others.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
-import json
-import math
-import numbers
 import os
 import subprocess
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
+from adjax.cli_output import print_json, user_error_message
 from adjax.io import files
 from adjax.configs import loading as config_loading
 from adjax.configs.validation import validate_config
@@ -71,43 +68,6 @@ class _Parser(argparse.ArgumentParser):
     raise _ArgumentError(self.prog, message)
 
 
-def _summarised(value: Any) -> Any:
-  # Arrays (centres, feature banks) are summarised, not dumped: a 1024-d centre per level is
-  # not something to read on a terminal.
-  if hasattr(value, "shape") and hasattr(value, "dtype"):
-    if getattr(value, "ndim", 0) == 0:
-      return _strict(value.item())
-    return {"shape": list(value.shape), "dtype": str(value.dtype)}
-  return str(value)
-
-
-def _strict(value: Any) -> Any:
-  """`value` with every NaN and infinity made null (recursively) and every value JSON has no
-  type for summarised: bare NaN is not JSON, and jq or a strict parser reading a run's
-  summary from stdout would reject the whole line."""
-  if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
-    return value
-  if isinstance(value, float):
-    return value if math.isfinite(value) else None
-  if isinstance(value, Mapping):
-    return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _strict(v)
-            for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_strict(v) for v in value]
-  if isinstance(value, (numbers.Integral, numbers.Real)) and not hasattr(value, "shape"):
-    return _strict(int(value) if isinstance(value, numbers.Integral) else float(value))
-  return _strict(_summarised(value)) if hasattr(value, "shape") else str(value)
-
-
-def _print_json(obj: Any) -> None:
-  if obj is None:
-    return
-  if isinstance(obj, (dict, list)):
-    print(json.dumps(_strict(obj), allow_nan=False))
-  else:
-    print(obj)
-
-
 # ----------------------------------------------------------------------------- configs
 def _resolve_config(args: argparse.Namespace, overrides: Sequence[tuple[str, str]], *,
                     training: bool = True):
@@ -134,7 +94,7 @@ def _cmd_demo(args, overrides) -> int:
     argv_overrides["workdir"] = args.workdir
   if args.out:
     argv_overrides["out"] = args.out
-  _print_json(run_demo(argv_overrides))
+  print_json(run_demo(argv_overrides))
   return 0
 
 
@@ -146,7 +106,7 @@ def _cmd_data(args, overrides) -> int:
         args.out, image_size=args.image_size, pretrain_classes=args.pretrain_classes,
         eval_classes=args.eval_classes, images_per_class=args.images_per_class,
         n_views=args.views, seed=args.seed, force=args.force)
-    _print_json({k: summary[k] for k in ("pretrain_root", "eval_root", "generated", "seconds")
+    print_json({k: summary[k] for k in ("pretrain_root", "eval_root", "generated", "seconds")
                  if k in summary})
     return 0
   from data_pipelines.tfds_builders import pack_dataset, pack_summary
@@ -154,7 +114,7 @@ def _cmd_data(args, overrides) -> int:
   builder_dir = pack_dataset(args.format, args.root, args.out, classes=classes,
                              skip_bad=args.skip_bad, verify=not args.no_verify)
   summary = pack_summary(builder_dir)
-  _print_json({"builder_dir": builder_dir, "records": summary.get("records"),
+  print_json({"builder_dir": builder_dir, "records": summary.get("records"),
                "skipped": len(summary.get("skipped", [])),
                "hint": "set --config.data.pretrain_tfds_dir to it"})
   return 0
@@ -169,7 +129,7 @@ def _job(module: str, name: str, *, selects_checkpoints: bool = False):
       summary = fn(config, args.workdir, make_evaluator=selection_evaluator)
     else:
       summary = fn(config, args.workdir)
-    _print_json(summary)
+    print_json(summary)
     if isinstance(summary, dict) and summary.get("preempted"):
       # Saved and stopped on SIGTERM: not finished, so not status 0.
       print(f"{PROG} {args.command}: preempted at step {summary.get('steps')} of "
@@ -201,13 +161,13 @@ def _cmd_evaluate(args, overrides) -> int:
 
 def _cmd_fit(args, overrides) -> int:
   from adjax.detector.commands import run_fit
-  _print_json(run_fit(args, _resolve_config(args, overrides, training=False)))
+  print_json(run_fit(args, _resolve_config(args, overrides, training=False)))
   return 0
 
 
 def _cmd_predict(args, overrides) -> int:
   from adjax.detector.commands import run_predict
-  _print_json(run_predict(args))
+  print_json(run_predict(args))
   return 0
 
 
@@ -216,7 +176,7 @@ def _cmd_export(args, overrides) -> int:
   from adjax import interop
   summary = interop.export_projector(args.workdir, args.out, which=args.which,
                                      use_torch=False if args.no_torch else None)
-  _print_json(summary)
+  print_json(summary)
   return 0
 
 
@@ -225,7 +185,7 @@ def _cmd_import(args, overrides) -> int:
   config = config_loading.load_config(args.config)
   summary = interop.import_projector(args.file, args.out, backbone=args.backbone,
                                      which=args.which, config=config, overrides=overrides)
-  _print_json(summary)
+  print_json(summary)
   return 0
 
 
@@ -245,7 +205,7 @@ def _cmd_sweep(args, overrides) -> int:
   summary = sweep.run_sweep(args.spec, args.workdir, sweep=args.sweep, config_spec=args.config,
                             cli_overrides=overrides, only=only,
                             log=lambda line: print(line, file=sys.stderr, flush=True))
-  _print_json(summary)
+  print_json(summary)
   if summary.get("preempted"):
     return PREEMPTED_EXIT_STATUS
   return 1 if summary["failed"] else 0
@@ -256,7 +216,7 @@ def _cmd_collect(args, overrides) -> int:
   from adjax import sweep_results
   metrics = [m for item in args.metric or [] for m in item.split(",") if m]
   summary = sweep_results.collect(args.dir, out_dir=args.out, metrics=metrics or None)
-  _print_json({k: summary[k] for k in ("rows", "markdown", "csv", "plot")})
+  print_json({k: summary[k] for k in ("rows", "markdown", "csv", "plot")})
   return 0
 
 
@@ -433,30 +393,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(argv)
 
 
-# OS errors the user can act on (free space, pick another --out, fix permissions): one line
-# and exit 2. Other OS errors (EIO, EBADF, ...) keep their traceback.
-_USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EEXIST,
-                          errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
-                          errno.ENOENT, errno.ENAMETOOLONG})
-# Raised by adjax itself with a message of its own (and no errno): one line too.
-_USER_OSERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                  FileExistsError)
-
-
-def _user_error_message(err: BaseException) -> str | None:
-  """The one-line message of an error the user can fix, or None for one that is a bug."""
-  if not isinstance(err, OSError):
-    return files.one_line(err)
-  if err.errno in _USER_ERRNOS:
-    reason = err.strerror or os.strerror(err.errno)
-    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
-    # "<path>: <reason>", as the shell's tools say it; a rename names both paths.
-    return files.one_line(f"{' -> '.join(names)}: {reason}" if names else reason)
-  if err.errno is None and isinstance(err, _USER_OSERRORS):
-    return files.one_line(err)
-  return None
-
-
 def _run(argv: list[str]) -> int:
   command = _command_of(argv)
   prefix = f"{PROG} {command}" if command in COMMANDS else PROG
@@ -474,7 +410,7 @@ def _run(argv: list[str]) -> int:
     code = exit_.code
     return code if isinstance(code, int) else (0 if code is None else 2)
   except (ValueError, OSError) as err:  # UserError is a ValueError
-    message = _user_error_message(err)
+    message = user_error_message(err)
     if message is None or os.environ.get("ADJAX_DEBUG"):
       raise  # an unexpected OSError (a bug, or something to report) keeps its traceback
     if isinstance(err, _ArgumentError):

@@ -12,7 +12,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from adjax.cli import _print_json, main
+from adjax.cli import main
+from adjax.cli_output import print_json
 from adjax.configs import default_config
 from adjax.configs import loading as config_loading
 from adjax.configs.demo import demo_config
@@ -224,7 +225,7 @@ def test_print_json_writes_strict_json(capsys):
              "nested": {"auroc": np.float64("nan"), "steps": np.int64(3), "ok": True},
              "centre": np.zeros((2, 3), np.float32), "scalar": jnp.float32(np.nan),
              "tuple": (1, math.nan), "path": pathlib.Path("/x"), "none": None}
-  _print_json(summary)
+  print_json(summary)
   line = capsys.readouterr().out.strip()
   assert "NaN" not in line and "Infinity" not in line
   parsed = json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name}"))
@@ -232,5 +233,5 @@ def test_print_json_writes_strict_json(capsys):
                     "nested": {"auroc": None, "steps": 3, "ok": True},
                     "centre": {"shape": [2, 3], "dtype": "float32"}, "scalar": None,
                     "tuple": [1, None], "path": "/x", "none": None}
-  _print_json([math.nan])
+  print_json([math.nan])
   assert capsys.readouterr().out.strip() == "[null]"

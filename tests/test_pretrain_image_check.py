@@ -67,7 +67,8 @@ def test_unreadable_files_stop_the_run_before_training(damaged, tmp_path):
   listed = files.read_json(run_layout.unreadable_path(workdir))
   assert sorted(e["file"] for e in listed["unreadable"]) == sorted([image, mask])
   config.data.skip_unreadable_share = 1.5
-  with pytest.raises(UserError, match=r"skip_unreadable_share must be a number in \[0, 1\]"):
+  wanted = r"config.data.skip_unreadable_share = 1.5: expected a finite number in \[0, 1\]"
+  with pytest.raises(UserError, match=wanted):
     pretrain(config, workdir, progress=False)
 
 

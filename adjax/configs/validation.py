@@ -180,7 +180,7 @@ def _rules() -> dict[str, Check]:
       "data.jpeg_draft": boolean,
       "data.num_workers": integer(0),
       "data.label_threshold_share": number(0, 1),
-      "data.skip_unreadable_share": number(0, 1, high_open=True),
+      "data.skip_unreadable_share": number(0, 1),
       "projector.num_heads": integer(1),
       "projector.num_ref_tokens": integer(1),
       "projector.depth": integer(1),
