@@ -2,11 +2,11 @@
 same-hour comparison with `bench_step.py` (this machine's speed drifts by up to 30 % between
 hours, so a ratio of two runs minutes apart says more than a ratio to a figure measured once).
 
-The model is `tests/torch_reference.py`: docs/method.md's projector in the reference's layout with
-its per-image loop (reference tokens, keys and values projected again for every image), the
-angle loss with boolean indexing and dense similarities, the norm loss, and torch's Adam with
-coupled weight decay: projector on both views, angle + norm(view 1) + norm(view 2) per level,
-backward, update. Needs torch (requirements-dev.txt); adjax itself never imports it.
+The model is `tests/support/torch_reference.py`: docs/method.md's projector in the reference's
+layout with its per-image loop (reference tokens, keys and values projected again for every
+image), the angle loss with boolean indexing and dense similarities, the norm loss, and torch's
+Adam with coupled weight decay: projector on both views, angle + norm(view 1) + norm(view 2) per
+level, backward, update. Needs torch (requirements-dev.txt); adjax itself never imports it.
 Prints one JSON line.
 
   python benchmarks/bench_reference_step.py --batch 4 --dim 768 --levels 4 --side 16
@@ -47,7 +47,7 @@ def main() -> None:
   except ImportError:
     sys.exit("bench_reference_step.py needs torch: pip install -r requirements-dev.txt")
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "tests"))
+                                  "tests", "support"))
   from torch_reference import Projector, angle_loss_dense, norm_loss
 
   torch.manual_seed(0)

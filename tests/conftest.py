@@ -41,5 +41,7 @@ if _CACHE:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Helpers the tests import by name (run_helpers, torch_reference, ...).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "support"))
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

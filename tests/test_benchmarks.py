@@ -74,7 +74,7 @@ def test_bench_step_full_mode_with_a_backbone():
 
 def test_bench_attention_reports_both_passes_and_the_handler():
   from adjax.kernels import native
-  if native.available():   # else "native_cpu" is refused (tests/test_reference_attention.py)
+  if native.available():   # else "native_cpu" is refused (tests/models/test_reference_attention.py)
     out = _run("bench_attention.py", "--heads", "2", "--queries", "40", "--refs", "50",
                "--dim", "16", "--dtype", "bfloat16", "--repeats", "1", "--attention",
                "native_cpu")
@@ -129,3 +129,15 @@ def test_scale_model_reports_memory_flops_and_the_gradient_all_reduce():
   h100 = out["projection"]["H100"]
   want = flops["total"] / (989e12 * 0.4) + out["collective_sent_bytes_per_device"] / 450e9
   assert abs(h100["step_s"] - want) <= 1e-4 + 1e-3 * want
+
+
+def test_bench_predict_times_fit_predict_and_evaluate():
+  out = _run("bench_predict.py", "--images", "6", "--size", "48", "--batch", "4",
+             "--methods", "featurenorm", "--features", "original,pretrained")
+  assert out["benchmark"] == "predict" and out["backbone"] == "efficientnet-lite0"
+  assert [(r["method"], r["features"]) for r in out["results"]] == [
+      ("featurenorm", "original"), ("featurenorm", "pretrained")]
+  for r in out["results"]:
+    assert r["test_images"] > 0 and r["fit_images"] > 0
+    assert r["predict_images_per_s"] > 0 and r["evaluate_style_s_per_image"] > 0
+    assert r["evaluate_s"] > 0 and r["fit_s"] > 0

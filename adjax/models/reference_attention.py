@@ -3,7 +3,7 @@
 softmax(q k^T) v per head, for q (H, T, d) and keys/values (H, R, d) shared by the whole batch
 (R = 2048 reference tokens, d = 48 in the paper; the caller scales q). One setting,
 `projector.attention`, chooses the implementation; all return the same values and gradients
-(tests/test_attention_impls.py checks each against a float64 softmax):
+(tests/models/test_attention_impls.py checks each against a float64 softmax):
 
 * "dense": one batched einsum per product, the whole float32 (H, T, R) logits in memory (XLA
   fuses the softmax). What TPUs run, and several CPU devices, where XLA partitions the batched

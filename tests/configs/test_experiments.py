@@ -23,7 +23,7 @@ from adjax.cli import main
 from adjax.configs import default_config
 from adjax.models.backbones import get_backbone
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 PAPER_BACKBONES = ("dinov2-base", "dinov2-large", "clip-base", "clip-large", "imagebind")
 METHODS = ("patchcore", "padim", "featurenorm", "cflow", "uniad", "glass")

@@ -20,7 +20,7 @@ from adjax.detector import Detector, storage, thresholds
 from adjax.errors import UserError
 from data_pipelines.image_files import list_images, load_images
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 56
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from adjax.methods import knn
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _brute(q, bank):

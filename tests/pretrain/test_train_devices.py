@@ -14,6 +14,7 @@ import pytest
 from adjax.models.projector import init_projector
 
 HERE = pathlib.Path(__file__).parent
+SUPPORT = HERE.parent / "support"
 
 
 def _flat(params):
@@ -27,7 +28,7 @@ def eight_device_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("mesh") / "run"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, str(HERE / "multidevice_step.py"), str(out),
+  subprocess.run([sys.executable, str(SUPPORT / "multidevice_step.py"), str(out),
                   "--devices", "1,8"], check=True, env=env, timeout=600)
   return np.load(f"{out}_1.npz"), np.load(f"{out}_8.npz")
 
@@ -51,7 +52,7 @@ def test_angle_loss_rows_split_over_devices(tmp_path):
   out = tmp_path / "angle.npz"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, str(HERE / "multidevice_angle.py"), str(out)], check=True,
+  subprocess.run([sys.executable, str(SUPPORT / "multidevice_angle.py"), str(out)], check=True,
                  env=env, timeout=600)
   data = np.load(out)
   assert bool(data["has_all_gather"])
@@ -99,7 +100,7 @@ def _run_two_processes(argv: list[str], timeout: int) -> list[str]:
 
 def test_two_processes_match_one(eight_device_results, tmp_path):
   one, _ = eight_device_results
-  _run_two_processes([str(HERE / "multidevice_step.py"), str(tmp_path / "dist"),
+  _run_two_processes([str(SUPPORT / "multidevice_step.py"), str(tmp_path / "dist"),
                       "--devices", "0"], timeout=600)
   two = np.load(tmp_path / "dist_0.npz")
   assert int(two["devices"]) == 2
@@ -111,7 +112,7 @@ def test_two_processes_match_one(eight_device_results, tmp_path):
 
 def test_preemption_of_one_host_stops_every_host_at_the_same_step():
   # A host that stopped alone would leave the others waiting in the next step's collectives.
-  outputs = _run_two_processes([str(HERE / "multiprocess_preemption.py")], timeout=300)
+  outputs = _run_two_processes([str(SUPPORT / "multiprocess_preemption.py")], timeout=300)
   stops = [[line for line in out.splitlines() if line.startswith(("STOP", "NEVER"))]
            for out in outputs]
   assert stops[0] == stops[1] and len(stops[0]) == 1 and stops[0][0].startswith("STOP"), stops

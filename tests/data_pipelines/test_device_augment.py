@@ -21,7 +21,7 @@ from data_pipelines import augment
 from data_pipelines import device_augment as da
 from data_pipelines import images
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_run_with_device_augmentation_resumes_exactly(tmp_path):
   """A pretraining run augmenting on the device, stopped after 2 steps and continued to 4,
   ends bit-identical to one that ran the 4 steps at once; the run folder records where it
   augmented and which attention it trained with."""
-  sys.path.insert(0, os.path.join(REPO, "tests"))
+  sys.path.insert(0, os.path.join(REPO, "tests", "support"))
   from run_helpers import tiny_config
   from adjax import run_layout
   from adjax.checkpointing import final_params

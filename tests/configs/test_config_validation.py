@@ -21,7 +21,7 @@ from adjax.configs.validation import config_problems, validate_config
 from adjax.errors import UserError
 from run_helpers import _eval_config, tiny_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 BACKBONES = ("dinov2-base", "dinov2-large", "clip-base", "clip-large", "imagebind")
 METHODS = ("patchcore", "padim", "featurenorm", "cflow", "uniad", "glass")

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:   # run as a script
   sys.path.insert(0, ROOT)
 

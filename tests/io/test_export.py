@@ -1,6 +1,6 @@
 """Projector weights to and from PyTorch: `adjax export` / `adjax import` (adjax/interop.py).
 
-Exported files are loaded into the independent PyTorch projector of tests/torch_reference.py
+Exported files are loaded into the independent PyTorch projector of tests/support/torch_reference.py
 with strict=True and must give adjax's outputs; imported reference checkpoints must give the
 PyTorch module's outputs; import then export must give back the same arrays.
 """

@@ -25,7 +25,8 @@ from adjax.pretrain.step import StepSettings, apply_gradients, init_train_state,
 from run_helpers import _eval_config, dataset, tiny_config  # noqa: F401 (a fixture)
 
 HERE = pathlib.Path(__file__).parent
-REPO = HERE.parent
+SUPPORT = HERE.parent / "support"
+REPO = HERE.parents[1]
 
 
 def _flat(params):
@@ -215,7 +216,7 @@ _KILLED_RUN = textwrap.dedent("""
     from adjax import checkpointing
     from adjax.evaluate.selection import selection_evaluator
     from adjax.pretrain import pretrain
-    from test_train import tiny_config
+    from run_helpers import tiny_config
     original = checkpointing.RunCheckpointer.save
     def save_then_die(self, step, *args, **kwargs):
       original(self, step, *args, **kwargs)
@@ -233,7 +234,7 @@ def test_resume_after_sigkill_is_exact(dataset, uninterrupted, tmp_path):
   from adjax.pretrain import pretrain
   reference_dir, _ = uninterrupted
   workdir = str(tmp_path / "run_b")
-  script = _KILLED_RUN.format(repo=str(REPO), tests=str(HERE), kill_at=4, data=dataset,
+  script = _KILLED_RUN.format(repo=str(REPO), tests=str(SUPPORT), kill_at=4, data=dataset,
                               workdir=workdir)
   proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ),
                         capture_output=True, timeout=600)
@@ -263,10 +264,10 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
   workdir = str(tmp_path / "run_c")
   script = textwrap.dedent(f"""
       import os, signal, sys
-      sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(HERE)!r})
+      sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(SUPPORT)!r})
       from adjax.pretrain import step as train_step
       from adjax.pretrain import pretrain
-      from test_train import tiny_config
+      from run_helpers import tiny_config
       original = train_step.residual_update
       calls = []
       def update_then_term(*args, **kwargs):

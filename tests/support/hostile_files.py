@@ -1,4 +1,4 @@
-"""Small hostile weight files for tests/test_hostile_weights.py: each is a few bytes to a few
+"""Small hostile weight files for tests/io/test_hostile_weights.py: each is a few bytes to a few
 kilobytes that, read naively, would allocate gigabytes, recurse past Python's limit or traceback.
 Built by hand (pickle opcodes, zip records) with adjax's own .pth writer, without torch."""
 

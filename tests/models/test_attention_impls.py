@@ -186,7 +186,7 @@ print("native" if "adjax.kernels.native" in sys.modules else "none")
 
 
 def test_the_native_kernel_is_imported_only_for_native_cpu():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
   result = subprocess.run([sys.executable, "-c", _NO_NATIVE_BY_DEFAULT], capture_output=True,
