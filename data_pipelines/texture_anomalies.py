@@ -37,20 +37,21 @@ MAX_CELLS_LOG2 = 5          # noise cells per axis: 2^0 .. 2^5
 MAX_MASK_DRAWS = 100        # a foreground that small is a user error, not a loop forever
 
 
-def list_textures(root: str) -> list[str]:
-  """Texture image files under `root` (any depth, sorted), e.g. DTD's `images` folder.
+def list_textures(root: str, what: str = "eval.method_settings.glass.textures") -> list[str]:
+  """Texture image files under `root` (any depth, sorted), e.g. DTD's `images` folder; `what`
+  names the setting in errors.
 
   Raises:
     FileNotFoundError: `root` is not a folder.
     ValueError: it holds no image file.
   """
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"texture folder {root!r} (eval.glass_textures) does not exist; "
+    raise FileNotFoundError(f"texture folder {root!r} ({what}) does not exist; "
                             "expected a folder of texture photographs, e.g. DTD's dtd/images")
   found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root)
                  for name in names if name.lower().endswith(TEXTURE_SUFFIXES))
   if not found:
-    raise ValueError(f"texture folder {root!r} (eval.glass_textures) holds no image file "
+    raise ValueError(f"texture folder {root!r} ({what}) holds no image file "
                      f"({', '.join(TEXTURE_SUFFIXES)})")
   return found
 
@@ -193,7 +194,8 @@ def read_foreground(root: str, class_name: str, image_path: str, size: int,
     return None
   path = os.path.join(folder, os.path.basename(image_path))
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"foreground mask {path!r} (eval.glass_foreground) is missing: "
+    raise FileNotFoundError(f"foreground mask {path!r} (eval.method_settings.glass."
+                            f"foreground) is missing: "
                             f"expected one mask per training image of class {class_name!r}, "
                             "named as the image")
   with open(path, "rb") as f:
@@ -225,7 +227,7 @@ def synthesize(images: np.ndarray, texture_paths: Sequence[str], grid: tuple[int
      (rounds * N, h, w) float32 token masks).
   """
   if rounds < 1:
-    raise ValueError(f"eval.glass_texture_rounds must be >= 1, got {rounds}")
+    raise ValueError(f"eval.method_settings.glass.texture_rounds must be >= 1, got {rounds}")
   if not texture_paths:
     raise ValueError("no texture files to synthesize anomalies from")
   size = images.shape[1]

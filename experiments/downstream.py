@@ -12,10 +12,10 @@ Every method runs on both feature kinds ("original": the backbone's; "pretrained
 projector(residual(features))) with 8 reference shots per class, so one run compares them.
 To reproduce the paper's CFLOW and GLASS tables, which report each metric's best over test-set
 checks during training, add `--config.eval.best_over_test=true`; for GLASS's texture anomalies
-as the reference makes them, `--config.eval.glass_textures=/data/dtd/images
---config.eval.glass_texture_refresh=true` (new textures every epoch, as there; and on MVTec AD
-and VisA, where the reference keeps them on the object, `--config.eval.glass_foreground=
-GLASS/fg_mask`).
+as the reference makes them, `--config.eval.method_settings.glass.textures=/data/dtd/images
+--config.eval.method_settings.glass.texture_refresh=true` (new textures every epoch, as
+there; and on MVTec AD and VisA, where the reference keeps them on the object,
+`--config.eval.method_settings.glass.foreground=GLASS/fg_mask`).
 
 On a pretraining run (or on a released checkpoint imported with `adjax import`):
 

@@ -106,15 +106,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.class_resize = ml_collections.ConfigDict()   # per class, over eval.resize
   c.eval.aligned_references = ""       # folder of the reference's per-test-image reference
                                        # tables (<class>.json), for FeatureNorm; "" = shots
-  c.eval.glass_textures = ""           # folder of texture photographs (e.g. DTD's dtd/images):
-                                       # GLASS's texture anomalies made in image space, as the
-                                       # reference; "" = its feature-space stand-in
-  c.eval.glass_texture_rounds = 4      # texture-augmented copies of each training image
-  c.eval.glass_texture_refresh = False # new copies every glass_texture_rounds epochs, so every
-                                       # epoch sees new textures (the reference's way; costs a
-                                       # backbone pass over the training set per epoch and kind)
-  c.eval.glass_foreground = ""         # GLASS's foreground masks (<class>/<image name>): the
-                                       # textures only on the object; "" = anywhere
   c.eval.best_over_test = False        # CFLOW, GLASS: test every test_every epochs and report
                                        # each metric's best, as the reference's scripts do
                                        # (selection on the test set; to reproduce its tables)

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from adjax.configs.validation import validate_config
+from adjax.errors import UserError
 from adjax.evaluate import progress as eval_progress
 from adjax.evaluate.features import (FEATURE_KINDS, FeatureMaker, aligned_reference_indices,
                                      checkpoint_kind_for, class_resize, load_projectors,
@@ -141,6 +142,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   t0 = time.perf_counter()
   validate_config(config, training=False)   # before the backbone, the data or out_dir
   ev = config.eval
+  _refuse_moved_glass_settings(ev)
   use_compilation_cache(config.train.get("compilation_cache", ""))
   if not ev.root:
     raise ValueError("config.eval.root is empty: give the evaluation dataset's folder "
@@ -163,29 +165,32 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: Optional[str],
   checkpoint_choice = ev.get("checkpoint", "auto")
   for method in methods:
     checkpoint_kind_for(method, checkpoint_choice)
-  from adjax.methods import checked_settings, get_method
+  from adjax.methods import checked_settings, get_method, method_inputs
   method_settings = {str(m).lower(): checked_settings(m, s, f"eval.method_settings.{m}")
                      for m, s in dict(ev.get("method_settings", {}) or {}).items()}
   for method in methods:   # the settings together, as each kind will use them
     for kind in kinds:
       get_method(method, **method_settings_for(method, kind, method_settings))
-  # The methods that train on image-space texture anomalies (GLASS) when eval.glass_textures
-  # names a folder of texture photographs.
+  # The methods that train on image-space texture anomalies (GLASS) when their `textures`
+  # input setting (eval.method_settings.glass.textures) names a folder of texture photographs.
   texture_methods = [m for m in methods if method_class(m).synthetic_inputs == "textures"]
+  inputs = (method_inputs(texture_methods[0], method_settings.get(texture_methods[0]))
+            if texture_methods else {})
+  where = f"eval.method_settings.{texture_methods[0]}" if texture_methods else ""
   textures = None
-  if ev.get("glass_textures", "") and texture_methods:
+  if inputs.get("textures") and texture_methods:
     from data_pipelines.texture_anomalies import list_textures
-    textures = list_textures(ev.glass_textures)
-    if ev.get("glass_foreground", "") and not os.path.isdir(ev.glass_foreground):
-      raise FileNotFoundError(f"eval.glass_foreground {ev.glass_foreground!r} is not a folder; "
+    textures = list_textures(inputs["textures"], what=f"{where}.textures")
+    if inputs["foreground"] and not os.path.isdir(inputs["foreground"]):
+      raise FileNotFoundError(f"{where}.foreground {inputs['foreground']!r} is not a folder; "
                               "expected GLASS's foreground masks, <class>/<image name>")
-  elif ev.get("glass_foreground", "") and texture_methods:
-    log.warning("eval.glass_foreground is set but eval.glass_textures is not: foreground "
-                "masks only apply to image-space texture anomalies; ignored")
-  texture_refresh = bool(ev.get("glass_texture_refresh", False)) and textures is not None
-  if ev.get("glass_texture_refresh", False) and textures is None and texture_methods:
-    log.warning("eval.glass_texture_refresh is set but eval.glass_textures is not: it only "
-                "refreshes image-space texture anomalies; ignored")
+  elif inputs.get("foreground"):
+    log.warning("%s.foreground is set but %s.textures is not: foreground masks only apply to "
+                "image-space texture anomalies; ignored", where, where)
+  texture_refresh = bool(inputs.get("texture_refresh")) and textures is not None
+  if inputs.get("texture_refresh") and textures is None:
+    log.warning("%s.texture_refresh is set but %s.textures is not: it only refreshes "
+                "image-space texture anomalies; ignored", where, where)
   projector = {}
   if "pretrained" in kinds:
     projector = load_projectors(workdir, [checkpoint_kind_for(m, checkpoint_choice)
@@ -415,3 +420,20 @@ def _tsne(features, kinds, masks, backbone, out_dir, class_name, config, has_mas
     reporting.plot_tsne(panels, os.path.join(out_dir, f"tsne_{class_name}.png"),
                         max_points=1000, seed=config.seed, max_iter=500,
                         title=f"{class_name}: test tokens (level {level + 1})")
+
+
+# Settings of GLASS's texture anomalies that were eval.glass_<name> before they moved under
+# eval.method_settings.glass (Glass.input_settings), with their defaults: a run folder written
+# before the move still loads (its config.json keeps them, ignored), but one that changed them
+# is refused rather than silently evaluated without them.
+_MOVED_GLASS_SETTINGS = {"glass_textures": "", "glass_texture_rounds": 4,
+                         "glass_texture_refresh": False, "glass_foreground": ""}
+
+
+def _refuse_moved_glass_settings(ev) -> None:
+  changed = [k for k, default in _MOVED_GLASS_SETTINGS.items()
+             if k in ev and ev[k] != default]
+  if changed:
+    new = [f"eval.method_settings.glass.{k[len('glass_'):]}" for k in changed]
+    raise UserError(f"{', '.join('eval.' + k for k in changed)} moved to {', '.join(new)}: "
+                    "set them there (a config.json written before the move keeps the old names)")

@@ -75,8 +75,6 @@ def _methods_of(key: str) -> Optional[tuple[str, ...]]:
   """The methods whose numbers `key` alone changes; None: every method's."""
   if key.startswith("eval.method_settings."):
     return (key.split(".")[2].lower(),)
-  if key.startswith("eval.glass_"):
-    return ("glass",)
   return _METHOD_KEYS.get(key)
 
 

@@ -16,38 +16,40 @@ log = logging.getLogger("adjax.evaluate")
 
 class GlassTextureSets:
   """GLASS's image-space texture anomalies of one class's training images, featurised, set by
-  set: set s is `eval.glass_texture_rounds` R texture-augmented copies of each training image
-  (copy r of image i at r * N + i; textures from `eval.glass_textures`, only on the object with
-  `eval.glass_foreground`), seeded by the run's seed, the class and s (set 0 by the seed and
-  the class alone), featurised as the real images of a feature kind (the class's references,
-  the projector). With `eval.glass_texture_refresh` GLASS asks for set s at epoch s R."""
+  set. With GLASS's input settings (eval.method_settings.glass.*, Glass.input_settings): set s
+  is `texture_rounds` R texture-augmented copies of each training image (copy r of image i at
+  r * N + i; textures from `textures`, only on the object with `foreground`), seeded by the
+  run's seed, the class and s (set 0 by the seed and the class alone), featurised as the real
+  images of a feature kind (the class's references, the projector). With `texture_refresh`
+  GLASS asks for set s at epoch s R."""
 
   def __init__(self, config: ml_collections.ConfigDict, maker: FeatureMaker, data: dict,
                class_name: str, train_levels, textures: Sequence[str], method_settings: dict,
                method: str = "glass"):
     import zlib
-    from adjax.methods import get_method
+    from adjax.methods import get_method, method_inputs
     from data_pipelines import texture_anomalies
     ev = config.eval
     self._maker, self._textures, self._images = maker, textures, data["train_images"]
     self._glass = get_method(method, **method_settings_for(method, "original", method_settings))
     self._grid = self._glass.token_grid(train_levels)
     self._resize = class_resize(ev, class_name)
-    self._rounds = int(ev.get("glass_texture_rounds", 4))
+    inputs = method_inputs(method, method_settings.get(method))
+    self._rounds = int(inputs["texture_rounds"])
     self._seed = [int(config.seed), zlib.crc32(class_name.encode())]
     # In chunks, keeping only the levels GLASS uses: R x N images of every level and kind at
     # once would take several times the memory of the class's own features.
     self._chunk = max(1, int(ev.get("batch_size", 16))) * 4
     self._foregrounds = None
-    if ev.get("glass_foreground", ""):
+    if inputs["foreground"]:
       # GLASS's masks are for the class's normal training images; an anomalous image mixed
       # into training (eval.noisy_share) has none, and a class without a folder has none.
       self._foregrounds = [None if noisy else texture_anomalies.read_foreground(
-          ev.glass_foreground, class_name, path, config.image_size, self._resize)
+          inputs["foreground"], class_name, path, config.image_size, self._resize)
           for path, noisy in zip(data["train_paths"], data["train_noisy"])]
       if all(f is None for f in self._foregrounds):
         log.info("class %r: no foreground masks under %s; texture anomalies go anywhere",
-                 class_name, ev.glass_foreground)
+                 class_name, inputs["foreground"])
 
   def features(self, set_index: int, kinds: Sequence[str], refs, projector: dict[str, Any]
                ) -> tuple[dict[str, list], np.ndarray]:

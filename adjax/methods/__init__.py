@@ -13,7 +13,7 @@ projector(residual(features)) ("pretrained"), and each method picks its own leve
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 from adjax.methods.cflow import CFlow
 from adjax.methods.featurenorm import FeatureNorm
@@ -61,11 +61,21 @@ def get_method(name: str, **overrides: Any):
   cls = method_class(name)
   key = str(name).lower()
   fields = {f.name for f in dataclasses.fields(cls)}
+  # The loop's input settings (cls.input_settings) are not the method's: see method_inputs.
+  overrides = {k: v for k, v in overrides.items() if k not in cls.input_settings}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"method {key!r} has no setting(s) {unknown}; its settings are "
                      f"{sorted(fields)}")
   return cls(**overrides)
+
+
+def method_inputs(name: str, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The input settings of method `name` (its class's `input_settings`, e.g. GLASS's texture
+  folder) from its checked eval.method_settings entry, defaults filled in."""
+  cls = method_class(name)
+  return {**cls.input_settings,
+          **{k: v for k, v in dict(settings or {}).items() if k in cls.input_settings}}
 
 
 def _did_you_mean(name: str, choices: Any) -> str:
@@ -96,7 +106,8 @@ def checked_settings(name: str, settings: Any, what: str) -> dict[str, Any]:
   if key not in METHODS:
     raise ValueError(f"{what}: unknown method {name!r}{_did_you_mean(key, METHODS)} "
                      f"(methods: {sorted(METHODS)})")
-  defaults = {f.name: f.default for f in dataclasses.fields(METHODS[key])}
+  defaults = {**{f.name: f.default for f in dataclasses.fields(METHODS[key])},
+              **METHODS[key].input_settings}
   checked = {}
   for setting, value in dict(settings or {}).items():
     if setting not in defaults:
@@ -114,5 +125,5 @@ def checked_settings(name: str, settings: Any, what: str) -> dict[str, Any]:
   return checked
 
 
-__all__ = ["METHODS", "checked_settings", "get_method", "CFlow", "FeatureNorm", "Glass", "PaDiM",
-           "PatchCore", "UniAD"]
+__all__ = ["METHODS", "checked_settings", "get_method", "method_inputs", "CFlow", "FeatureNorm",
+           "Glass", "PaDiM", "PatchCore", "UniAD"]

@@ -25,6 +25,9 @@ class MethodFacts:
       config.eval.aligned_references is set.
     synthetic_inputs: what `fit` can take beyond the training features: "textures" for GLASS's
       image-space texture anomalies; "" for nothing.
+    input_settings: settings under `eval.method_settings.<method>` that are not the method's
+      own fields but tell the evaluation loop how to make its inputs (GLASS's texture folder),
+      with their defaults.
   """
 
   checkpoint: ClassVar[str] = "norm"
@@ -32,6 +35,7 @@ class MethodFacts:
   residual_settings: ClassVar[Mapping[str, Any]] = {}
   aligned_references: ClassVar[bool] = False
   synthetic_inputs: ClassVar[str] = ""
+  input_settings: ClassVar[Mapping[str, Any]] = {}
 
 
 class Detector(Protocol):
@@ -46,6 +50,7 @@ class Detector(Protocol):
   residual_settings: ClassVar[Mapping[str, Any]]
   aligned_references: ClassVar[bool]
   synthetic_inputs: ClassVar[str]
+  input_settings: ClassVar[Mapping[str, Any]]
 
   def fit(self, train_levels: Optional[Sequence[jax.Array]], rng: jax.Array,
           **extras: Any) -> Any:

@@ -46,14 +46,16 @@ Deliberate differences from the reference:
     backbone. The methods here see features only, so `fit` takes them as optional
     `synthetic_levels` (features of such images) with `synthetic_masks` (N_s, h, w) on the
     first used level's grid (`token_grid`), binarised at 0.5: `adjax evaluate` makes them with
-    data_pipelines/texture_anomalies.py from a texture folder (`eval.glass_textures`),
-    `eval.glass_texture_rounds` R copies of each training image. When N_s is a multiple R of
+    data_pipelines/texture_anomalies.py from a texture folder (the input setting `textures`,
+    eval.method_settings.glass.textures), `texture_rounds` R copies of each training image.
+    When N_s is a multiple R of
     the N training images (copy r of image i at r * N + i, as `adjax evaluate` lays them out),
     a step's texture batch is the copies of its own true batch, as in the reference (whose
     loader returns each image with its textured version), and epoch e uses copy e mod R: a new
-    copy per epoch for R epochs. With `synthetic_refresh` (`eval.glass_texture_refresh`) a new
-    set of R copies follows every R epochs, so every epoch sees new textures, as the
-    reference's, which draws anew in every epoch; without it the R copies repeat.
+    copy per epoch for R epochs. With `synthetic_refresh` (the input setting
+    `texture_refresh`) a new set of R copies follows every R epochs, so every epoch sees new
+    textures, as the reference's, which draws anew in every epoch; without it the R copies
+    repeat.
     Otherwise each step draws its texture batch at random. Without them `fit` makes a
     feature-space surrogate:
     under a Perlin mask drawn on the token grid (common.perlin_mask), a token becomes
@@ -128,6 +130,16 @@ class Glass(MethodFacts):
   # ("residual features don't need adapter and need smaller noise").
   residual_settings = {"projection": False, "noise_std": 0.005}
   synthetic_inputs = "textures"
+  # eval.method_settings.glass.<name>: how the evaluation makes the texture anomalies.
+  #   textures: a folder of texture photographs (e.g. DTD's dtd/images): the anomalies are made
+  #     in image space, as the reference makes them; "" = the feature-space stand-in.
+  #   texture_rounds: texture-augmented copies of each training image.
+  #   texture_refresh: new copies every texture_rounds epochs, so every epoch sees new textures
+  #     (the reference's way; a backbone pass over the training set per epoch and kind).
+  #   foreground: GLASS's foreground masks (<class>/<image name>): the textures only on the
+  #     object; "" = anywhere.
+  input_settings = {"textures": "", "texture_rounds": 4, "texture_refresh": False,
+                    "foreground": ""}
   num_levels: int | None = 2
   embed_dim: int = 1536
   target_dim: int = 1536

@@ -93,7 +93,7 @@ def test_synthesize_blends_a_texture_under_the_mask(monkeypatch):
   assert len(set(np.round(betas, 3))) > 1   # each copy draws its own
   again, _ = ta.synthesize(images, ["t.jpg"], (2, 2), np.random.default_rng(3), rounds=2)
   np.testing.assert_array_equal(out, again)
-  with pytest.raises(ValueError, match="glass_texture_rounds must be >= 1"):
+  with pytest.raises(ValueError, match="glass.texture_rounds must be >= 1"):
     ta.synthesize(images, ["t.jpg"], (2, 2), rng, rounds=0)
 
 
@@ -109,7 +109,7 @@ def test_textures_from_files(tmp_path):
   assert [p.rsplit("/", 1)[1] for p in paths] == ["brick_0001.jpg", "grass_0001.png"]
   patch = ta.prepare_texture(paths[0], 40, np.random.default_rng(0))
   assert patch.shape == (40, 40, 3) and patch.dtype == np.uint8 and patch.std() > 5
-  with pytest.raises(FileNotFoundError, match="eval.glass_textures"):
+  with pytest.raises(FileNotFoundError, match=r"eval\.method_settings\.glass\.textures"):
     ta.list_textures(str(tmp_path / "nowhere"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="holds no image file"):

@@ -238,8 +238,7 @@ def test_partial_results_are_kept_only_for_the_same_settings(tmp_path):
   # A setting of a method the file holds no results of is no difference (GLASS here); one of
   # a method it holds results of is (CFLOW's via eval.best_over_test, below).
   glass_changed = configs.default_config()
-  glass_changed.eval.method_settings = {"glass": {"epochs": 5}}
-  glass_changed.eval.glass_texture_rounds = 2
+  glass_changed.eval.method_settings = {"glass": {"epochs": 5, "texture_rounds": 2}}
   eval_progress.read_partial(str(tmp_path), eval_progress.evaluation_settings(
       glass_changed, backbone, projectors))
   glass_changed.eval.best_over_test = True
@@ -299,3 +298,16 @@ def test_method_settings_are_checked_and_typed_before_any_work(tmp_path, monkeyp
                      r"--config.eval.features=original,residual"):
     evaluate_lib.evaluate(config, None, str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+
+
+def test_glass_settings_of_their_old_place_are_refused_by_their_new_name(tmp_path):
+  from adjax import configs
+  from adjax.errors import UserError
+  from adjax.evaluate import evaluate
+  config = configs.default_config()
+  config.eval.glass_textures = "/data/dtd/images"   # as a config.json from before the move has it
+  config.eval.glass_texture_rounds = 4               # at its old default: not a difference
+  config.eval.methods = ("glass",)
+  with pytest.raises(UserError, match=r"^eval\.glass_textures moved to "
+                     r"eval\.method_settings\.glass\.textures"):
+    evaluate(config, None, str(tmp_path / "out"), progress=False)

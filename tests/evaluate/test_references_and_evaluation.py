@@ -178,8 +178,8 @@ def test_featurenorm_with_the_references_own_aligned_tables(dataset, tmp_path):
 
 
 def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch, caplog):
-  """With eval.glass_textures, GLASS's texture anomalies are real images (texture photographs
-  blended into the training images), featurised as the kind being evaluated."""
+  """With eval.method_settings.glass.textures, GLASS's texture anomalies are real images
+  (texture photographs blended into the training images), featurised as the kind evaluated."""
   from PIL import Image
   from skimage import data as skdata
   from adjax.evaluate import FeatureMaker, evaluate
@@ -195,10 +195,10 @@ def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch, caplog
   monkeypatch.setattr(FeatureMaker, "backbone_levels", lambda self, images: backbone_calls.append(
       len(images)) or levels_of(self, images))
   config = _eval_config(dataset, ("glass",), ("original", "residual"))
-  config.eval.glass_textures = str(tmp_path / "dtd")
-  config.eval.glass_texture_rounds = 2
   config.eval.method_settings = {"glass": {"embed_dim": 16, "target_dim": 16, "hidden": 16,
-                                           "epochs": 2, "batch_size": 4, "ascent_steps": 2}}
+                                           "epochs": 2, "batch_size": 4, "ascent_steps": 2,
+                                           "textures": str(tmp_path / "dtd"),
+                                           "texture_rounds": 2}}
   summary = evaluate(config, None, str(tmp_path / "out"), progress=False)
   (class_name,) = summary["classes"]
   for kind in ("original", "residual"):
@@ -218,7 +218,7 @@ def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch, caplog
   # residual kind runs GLASS as the reference does (no projection).
   assert not np.allclose(np.asarray(syn_o[-1]), np.asarray(syn_r[-1]))
   assert original.projection and not residual.projection
-  # eval.glass_texture_refresh: a new set of copies every `rounds` epochs, made when GLASS's
+  # texture_refresh: a new set of copies every `rounds` epochs, made when GLASS's
   # training reaches it (here epoch 2 of 3), seeded anew, featurised as the kind's.
   from data_pipelines import texture_anomalies
   made, synthesize = [], texture_anomalies.synthesize
@@ -227,7 +227,7 @@ def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch, caplog
   fits.clear()
   backbone_calls.clear()
   config.eval.features = ("residual",)
-  config.eval.glass_texture_refresh = True
+  config.eval.method_settings["glass"]["texture_refresh"] = True
   config.eval.method_settings["glass"]["epochs"] = 3
   refreshed = evaluate(config, None, str(tmp_path / "refreshed"), progress=False)
   assert 0.0 <= refreshed["results"]["glass"][class_name]["residual"]["image_auroc"] <= 1.0
@@ -241,18 +241,19 @@ def test_glass_learns_from_texture_images(dataset, tmp_path, monkeypatch, caplog
   assert [x.shape for x in fresh] == [x.shape for x in kw["synthetic_levels"]]
   assert not np.allclose(fresh[-1], kw["synthetic_levels"][-1])
   # A texture folder that is not there fails before any work, naming the setting.
-  config.eval.glass_textures = str(tmp_path / "missing")
-  with pytest.raises(FileNotFoundError, match="eval.glass_textures"):
+  config.eval.method_settings["glass"]["textures"] = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match=r"eval\.method_settings\.glass\.textures"):
     evaluate(config, None, str(tmp_path / "out2"), progress=False)
   # Without a texture folder the refresh and the foreground masks have nothing to act on:
   # both warned, GLASS trains on its feature-space stand-in.
-  config.eval.glass_textures = ""
-  config.eval.glass_foreground = str(tmp_path)
+  config.eval.method_settings["glass"]["textures"] = ""
+  config.eval.method_settings["glass"]["foreground"] = str(tmp_path)
   fits.clear()
   with caplog.at_level("WARNING", logger="adjax"):
     evaluate(config, None, str(tmp_path / "out3"), progress=False)
-  assert "eval.glass_texture_refresh is set but eval.glass_textures is not" in caplog.text
-  assert "eval.glass_foreground is set but eval.glass_textures is not" in caplog.text
+  glass = "eval.method_settings.glass"
+  assert f"{glass}.texture_refresh is set but {glass}.textures is not" in caplog.text
+  assert f"{glass}.foreground is set but {glass}.textures is not" in caplog.text
   ((_, _, kw),) = fits
   assert kw == {}
 
