@@ -21,17 +21,10 @@ from adjax.cli import main
 # The real tables module, which `adjax evaluate` prints with, stays importable while the tests
 # replace the package `adjax.evaluate` by fakes.
 import adjax.evaluate.reporting  # noqa: F401
+from run_helpers import one_error_line
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "experiments" / "pretrain.py")
-
-
-def _one_error_line(capsys) -> str:
-  err = capsys.readouterr().err
-  lines = err.strip().splitlines()
-  assert len(lines) == 1, err
-  assert "Traceback" not in err
-  return lines[0]
 
 
 def _fake_module(monkeypatch, name: str, **functions) -> list:
@@ -64,12 +57,12 @@ def test_help_of_every_subcommand(argv, capsys):
 
 def test_unknown_command_and_missing_flag_are_one_line(capsys):
   assert main(["frobnicate"]) == 2
-  assert "invalid choice: 'frobnicate'" in _one_error_line(capsys)
+  assert "invalid choice: 'frobnicate'" in one_error_line(capsys)
   assert main(["export", "--out", "x.pth"]) == 2
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert line.startswith("adjax export: error:") and "--workdir" in line
   assert main([]) == 2
-  _one_error_line(capsys)
+  one_error_line(capsys)
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -83,14 +76,14 @@ def test_bad_override_is_one_line_exit_2(override, expected, tmp_path, monkeypat
   calls = _fake_module(monkeypatch, "adjax.pretrain", pretrain=None)
   argv = ["pretrain", "--config", PRETRAIN, "--workdir", str(tmp_path), override]
   assert main(argv) == 2
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert line.startswith("adjax pretrain: error:") and expected in line
   assert not calls  # nothing ran
 
 
 def test_override_on_a_command_without_config_is_refused(capsys):
   assert main(["collect", "somewhere", "--config.optim.lr=1"]) == 2
-  assert "takes no --config.* overrides" in _one_error_line(capsys)
+  assert "takes no --config.* overrides" in one_error_line(capsys)
 
 
 def test_pretrain_gets_the_experiment_config_with_overrides(tmp_path, monkeypatch):
@@ -158,7 +151,7 @@ def test_evaluate_without_a_run_needs_an_out_folder(tmp_path, monkeypatch, capsy
   # The backbone's own features (original, residual) need no pretraining run.
   calls = _fake_module(monkeypatch, "adjax.evaluate", evaluate={"image_auroc": 0.5})
   assert main(["evaluate", "--config.eval.features=original,residual"]) == 2
-  assert _one_error_line(capsys) == (
+  assert one_error_line(capsys) == (
       "adjax evaluate: error: evaluate: pass --workdir RUN (results go to RUN/eval) or, for "
       "original and residual features only, --out DIR")
   assert main(["evaluate", "--out", str(tmp_path / "out"),
@@ -167,7 +160,7 @@ def test_evaluate_without_a_run_needs_an_out_folder(tmp_path, monkeypatch, capsy
   assert workdir is None and out_dir == str(tmp_path / "out")
   assert config.eval.features == ("original", "residual")
   assert main(["evaluate", "--workdir", str(tmp_path / "none")]) == 2
-  assert "--workdir " + str(tmp_path / "none") + ": no such run folder" in _one_error_line(capsys)
+  assert "--workdir " + str(tmp_path / "none") + ": no such run folder" in one_error_line(capsys)
 
 
 def test_library_messages_reach_stderr_once_while_a_command_runs(tmp_path, monkeypatch, capsys):
@@ -212,7 +205,7 @@ def test_library_value_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
   _fake_module(monkeypatch, "adjax.pretrain",
                pretrain=ValueError("data.pretrain_root '' is not a folder\n(set it)"))
   assert main(["pretrain", "--workdir", str(tmp_path)]) == 2
-  assert _one_error_line(capsys) == ("adjax pretrain: error: data.pretrain_root '' is not a "
+  assert one_error_line(capsys) == ("adjax pretrain: error: data.pretrain_root '' is not a "
                                      "folder (set it)")
 
 
@@ -245,7 +238,7 @@ def test_bench_runs_the_script_with_the_remaining_args(tmp_path, capsys):
   assert main(["bench", str(script), "--steps", "5", "--config.x=1"]) == 3
   assert json.loads(record.read_text()) == ["--steps", "5", "--config.x=1"]
   assert main(["bench", "no-such-benchmark"]) == 2
-  assert "unknown benchmark 'no-such-benchmark'" in _one_error_line(capsys)
+  assert "unknown benchmark 'no-such-benchmark'" in one_error_line(capsys)
 
 
 def test_installed_console_script(tmp_path):

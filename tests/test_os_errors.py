@@ -16,17 +16,10 @@ from adjax import run_layout
 from adjax.cli import main
 from adjax.errors import UserError
 from adjax.io import files
+from run_helpers import one_error_line
 
 # tiny-vit: a registered backbone with four levels of 64 channels (no weights are read).
 BACKBONE, DIMS, HEADS, NUM_REF = "tiny-vit", (64, 64, 64, 64), 4, 16
-
-
-def _one_error_line(capsys) -> str:
-  err = capsys.readouterr().err
-  lines = err.strip().splitlines()
-  assert len(lines) == 1, err
-  assert "Traceback" not in err
-  return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ def test_full_disk_is_one_line_and_leaves_the_old_file(code, reason, run_dir, tm
   monkeypatch.setattr(files.os, "fsync", fsync)
   capsys.readouterr()
   assert main(["export", "--workdir", workdir, "--out", str(out)]) == 2
-  assert _one_error_line(capsys) == f"adjax export: error: {out}: {reason}"
+  assert one_error_line(capsys) == f"adjax export: error: {out}: {reason}"
   assert out.read_bytes() == b"old"
   _no_temporary_files(tmp_path)
   # ADJAX_DEBUG=1: the traceback instead.
@@ -92,7 +85,7 @@ def test_read_only_folder_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
   (tmp_path / "ro").mkdir()
   assert main(["export", "--workdir", workdir, "--out", str(tmp_path / "ro" / "p.pth"),
                "--no-torch"]) == 2
-  assert _one_error_line(capsys) == (f"adjax export: error: {tmp_path / 'ro'}: "
+  assert one_error_line(capsys) == (f"adjax export: error: {tmp_path / 'ro'}: "
                                      "Read-only file system")
 
 
@@ -106,7 +99,7 @@ def test_unwritable_folder_is_one_line(run_dir, tmp_path, capsys):
   try:
     assert main(["export", "--workdir", workdir, "--out", str(folder / "p.pth"),
                  "--no-torch"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
   finally:
     folder.chmod(0o700)
   assert line.startswith(f"adjax export: error: {folder}") and "Permission denied" in line
@@ -119,21 +112,21 @@ def test_an_out_under_a_file_or_that_is_a_file(run_dir, tmp_path, capsys):
   under = a_file / "sub"
   # export: a path under a file.
   assert main(["export", "--workdir", workdir, "--out", str(under / "p.pth"), "--no-torch"]) == 2
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert line.startswith(f"adjax export: error: {a_file}") and "Not a directory" in line
   # import: a run folder that is a file, or lies under one.
   base = ["import", exported, "--which", "angle"]
   assert main(base + ["--out", str(a_file)]) == 2
-  assert _one_error_line(capsys) == f"adjax import: error: {a_file}: File exists"
+  assert one_error_line(capsys) == f"adjax import: error: {a_file}: File exists"
   assert main(base + ["--out", str(under)]) == 2
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert line.startswith(f"adjax import: error: {under}") and "Not a directory" in line
   # evaluate: a results folder that is a file, or lies under one (refused before the backbone).
   flags = [f"--config.eval.root={tmp_path}", "--config.eval.features=original,residual"]
   assert main(["evaluate", "--out", str(a_file)] + flags) == 2
-  assert _one_error_line(capsys) == f"adjax evaluate: error: {a_file}: Not a directory"
+  assert one_error_line(capsys) == f"adjax evaluate: error: {a_file}: Not a directory"
   assert main(["evaluate", "--out", str(under)] + flags) == 2
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert line.startswith(f"adjax evaluate: error: {under}") and "Not a directory" in line
   assert a_file.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
@@ -173,7 +166,7 @@ def test_export_refuses_a_target_that_is_not_a_regular_file(target, run_dir, tmp
       os.symlink(folder, out)
   before = sorted(os.listdir(tmp_path))
   assert main(["export", "--workdir", workdir, "--out", out, "--no-torch"]) == 2
-  line = _one_error_line(capsys)
+  line = one_error_line(capsys)
   assert line.startswith(f"adjax export: error: {out} is ") and "regular file" in line
   assert sorted(os.listdir(tmp_path)) == before
   assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

@@ -24,6 +24,7 @@ from adjax.models.projector_torch import projector_from_torch, projector_to_torc
 from adjax.checkpointing import read_run_params
 from adjax.io.pth_writer import pth_bytes
 from adjax.models.projector import project
+from run_helpers import one_error_line
 from torch_reference import Projector
 
 pytestmark = pytest.mark.torch
@@ -46,14 +47,6 @@ def _torch_outputs(module: Projector, levels: list[np.ndarray]) -> list[np.ndarr
 def _adjax_outputs(params, levels) -> list[np.ndarray]:
   return [np.asarray(o) for o in project(params, [jax.numpy.asarray(x) for x in levels],
                                          num_heads=HEADS)]
-
-
-def _one_error_line(capsys) -> str:
-  err = capsys.readouterr().err
-  lines = err.strip().splitlines()
-  assert len(lines) == 1, err
-  assert "Traceback" not in err
-  return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -249,12 +242,12 @@ def test_bad_files_give_one_clear_line_and_exit_2(trained_run, tmp_path, capsys)
   truncated = tmp_path / "cut_angle.pth"
   truncated.write_bytes(data[:len(data) // 2])
   assert main(["import", str(truncated), "--backbone", BACKBONE, "--out", run]) == 2
-  assert "cut_angle.pth" in _one_error_line(capsys)
+  assert "cut_angle.pth" in one_error_line(capsys)
 
   text = tmp_path / "notes_angle.pth"
   text.write_text("this is not a checkpoint\n")
   assert main(["import", str(text), "--backbone", BACKBONE, "--out", run]) == 2
-  assert "not a PyTorch checkpoint" in _one_error_line(capsys)
+  assert "not a PyTorch checkpoint" in one_error_line(capsys)
 
   st = str(tmp_path / "w_angle.safetensors")
   assert main(["export", "--workdir", workdir, "--out", st]) == 0
@@ -263,33 +256,33 @@ def test_bad_files_give_one_clear_line_and_exit_2(trained_run, tmp_path, capsys)
   cut_st = tmp_path / "cut_angle.safetensors"
   cut_st.write_bytes(st_data[:len(st_data) - 100])
   assert main(["import", str(cut_st), "--backbone", BACKBONE, "--out", run]) == 2
-  assert "truncated" in _one_error_line(capsys)
+  assert "truncated" in one_error_line(capsys)
 
   other = str(tmp_path / "other_angle.pth")
   torch.save({"projectors": {"head.weight": torch.zeros(2, 2)}}, other)
   assert main(["import", other, "--backbone", BACKBONE, "--out", run]) == 2
-  assert "not a projector checkpoint" in _one_error_line(capsys)
+  assert "not a projector checkpoint" in one_error_line(capsys)
 
   # The right file for the wrong backbone: its dims are named.
   assert main(["import", good, "--backbone", "dinov2-base", "--out", run]) == 2
-  assert "dims" in _one_error_line(capsys)
+  assert "dims" in one_error_line(capsys)
 
   plain = str(tmp_path / "projector.pth")
   os.link(good, plain)
   assert main(["import", plain, "--backbone", BACKBONE, "--out", run]) == 2
-  assert "--which" in _one_error_line(capsys)
+  assert "--which" in one_error_line(capsys)
 
   assert main(["import", str(tmp_path / "missing_angle.pth"), "--backbone", BACKBONE,
                "--out", run]) == 2
-  assert "not found" in _one_error_line(capsys)
+  assert "not found" in one_error_line(capsys)
   assert not os.path.exists(run)  # nothing half-written by the failed imports
 
   assert main(["export", "--workdir", str(tmp_path / "nope"), "--out", good]) == 2
-  assert "not found" in _one_error_line(capsys)
+  assert "not found" in one_error_line(capsys)
   assert main(["export", "--workdir", workdir, "--out", str(tmp_path / "x.bin")]) == 2
-  assert ".safetensors" in _one_error_line(capsys)
+  assert ".safetensors" in one_error_line(capsys)
   assert main(["export", "--workdir", workdir, "--out", good, "--which", "latest"]) == 2
-  assert "checkpoints" in _one_error_line(capsys)
+  assert "checkpoints" in one_error_line(capsys)
 
 
 def test_written_files_have_the_mode_of_a_plain_open(trained_run, tmp_path):

@@ -15,19 +15,7 @@ import pytest
 from adjax.errors import UserError
 from adjax.models import reference_attention as attention
 from adjax.models.projector import init_projector, project
-
-
-def _float64_attention(q, k, v, g):
-  """Independent float64 softmax(q k^T) v per head and its VJP for cotangent g: out, dq, dk, dv."""
-  q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, g))
-  logits = np.einsum("htd,hrd->htr", q, k)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  out = np.einsum("htr,hrd->htd", weights, v)
-  d_weights = np.einsum("htd,hrd->htr", g, v)
-  d_logits = weights * (d_weights - np.sum(d_weights * weights, -1, keepdims=True))
-  return (out, np.einsum("htr,hrd->htd", d_logits, k), np.einsum("htr,htd->hrd", d_logits, q),
-          np.einsum("htr,htd->hrd", weights, g))
+from attention_reference import float64_attention
 
 
 def _inputs(heads=2, queries=20, refs=24, dim=16, seed=0, dtype=np.float32):
@@ -60,7 +48,7 @@ def test_every_implementation_matches_float64_softmax_and_gradients(implementati
   assert out.dtype == dtype
   # The float64 reference of the same (rounded) operands: what is left is the implementation's
   # own arithmetic (bfloat16: products of bfloat16-rounded weights, outputs rounded).
-  want = _float64_attention(q, k, v, g)
+  want = float64_attention(q, k, v, g)
   for name, got, expected in zip(("out", "dq", "dk", "dv"), (out, *vjp(g)), want):
     assert got.dtype == dtype, name
     scale = max(1.0, float(np.abs(expected).max()))
@@ -71,7 +59,7 @@ def test_every_implementation_matches_float64_softmax_and_gradients(implementati
 def test_dot_product_in_groups_is_the_same_attention():
   # The layout the step uses with cuDNN on several GPUs: the queries as a batch of groups.
   q, k, v, g = _inputs(queries=24)
-  want = _float64_attention(q, k, v, g)
+  want = float64_attention(q, k, v, g)
   out, vjp = jax.vjp(lambda a, b, c: attention.dot_product_attention(a, b, c, groups=3), q, k, v)
   for name, got, expected in zip(("out", "dq", "dk", "dv"), (out, *vjp(g)), want):
     np.testing.assert_allclose(np.asarray(got), expected, atol=2e-5, err_msg=name)

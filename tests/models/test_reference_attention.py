@@ -8,6 +8,7 @@ import pytest
 
 from adjax.models.reference_attention import (blocked_attention, dense_attention,
                                               reference_attention)
+from attention_reference import float64_attention
 
 
 def _numpy_attention(q, k, v):
@@ -198,18 +199,6 @@ def _needs_amx():
     pytest.skip("this CPU (or Linux) offers no AMX tiles: the bfloat16 AMX handlers cannot run")
 
 
-def _numpy_gradients(q, k, v, cotangent):
-  """Independent float64 backward of softmax(q k^T) v: (dq, dk, dv)."""
-  q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, cotangent))
-  logits = np.einsum("htd,hrd->htr", q, k)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  d_weights = np.einsum("htd,hrd->htr", g, v)
-  d_logits = weights * (d_weights - np.sum(d_weights * weights, -1, keepdims=True))
-  return (np.einsum("htr,hrd->htd", d_logits, k), np.einsum("htr,htd->hrd", d_logits, q),
-          np.einsum("htr,htd->hrd", weights, g))
-
-
 @pytest.mark.parametrize("dim,queries,refs,scale", [
     (48, 64, 2048, 1.0),   # the paper's head width and key count
     (16, 37, 50, 1.0),     # queries not a multiple of 32 (padded), keys not of 16 (masked)
@@ -236,7 +225,7 @@ def test_native_cpu_bfloat16_on_amx_matches_float64(dim, queries, refs, scale):
   want = _numpy_attention(*wide[:3])
   np.testing.assert_allclose(np.asarray(got, np.float32), want,
                              atol=1e-2 * np.abs(want).max())
-  for name, g, d in zip("qkv", vjp(g16), _numpy_gradients(*wide)):
+  for name, g, d in zip("qkv", vjp(g16), float64_attention(*wide)[1:]):
     assert g.dtype == jnp.bfloat16, name
     np.testing.assert_allclose(np.asarray(g, np.float32), d, atol=1.5e-2 * np.abs(d).max(),
                                err_msg=name)

@@ -52,3 +52,12 @@ def _eval_config(dataset, methods, features, tsne=False):
   config.eval.shots = 2
   config.eval.tsne = tsne
   return config
+
+
+def one_error_line(capsys) -> str:
+  """The single line a command printed on stderr for a user error (no traceback)."""
+  err = capsys.readouterr().err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  assert "Traceback" not in err
+  return lines[0]
