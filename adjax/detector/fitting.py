@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import os
 from typing import Any, Optional, Sequence
@@ -18,16 +17,9 @@ from adjax.configs.validation import validate_config
 from adjax.detector import thresholds
 from adjax.detector.format import FORMAT, FORMAT_VERSION, KINDS
 from adjax.errors import UserError
+from adjax.io import files
 
 log = logging.getLogger("adjax.detector")
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def weights_of(config: ml_collections.ConfigDict) -> Optional[dict]:
@@ -40,7 +32,7 @@ def weights_of(config: ml_collections.ConfigDict) -> Optional[dict]:
   if not path:
     return None
   path = os.path.abspath(os.path.expanduser(path))
-  return {"name": os.path.basename(path), "path": path, "sha256": file_sha256(path)}
+  return {"name": os.path.basename(path), "path": path, "sha256": files.file_sha256(path)}
 
 
 def _config_for(config: Optional[ml_collections.ConfigDict], workdir: Optional[str]):

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from adjax.detector import state_io
-from adjax.detector.fitting import file_sha256
 from adjax.detector.format import FORMAT, FORMAT_VERSION
 from adjax.errors import UserError
 from adjax.io import files
@@ -79,7 +78,7 @@ def save_detector(detector, path: str) -> str:
         written[rel] = None
     manifest = dict(detector.manifest)
     manifest["state"] = skeleton
-    manifest["files"] = {f: file_sha256(os.path.join(tmp, f)) for f in written}
+    manifest["files"] = {f: files.file_sha256(os.path.join(tmp, f)) for f in written}
     files.write_json(os.path.join(tmp, MANIFEST), manifest)   # last: the folder is complete
     if os.path.isdir(path):
       old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
@@ -134,7 +133,7 @@ def _checked_file(path: str, name: str, manifest: dict) -> str:
   file_path = os.path.join(path, name)
   if not os.path.isfile(file_path):
     raise UserError(f"{file_path}: missing from the detector folder")
-  digest = file_sha256(file_path)
+  digest = files.file_sha256(file_path)
   if digest != manifest["files"][name]:
     raise UserError(f"{file_path}: its SHA-256 {digest} differs from the manifest's "
                     f"{manifest['files'][name]} (the file was changed or damaged)")
@@ -166,7 +165,7 @@ def backbone_weights(manifest: dict, weights: Optional[str]) -> Optional[str]:
   if not os.path.isfile(path):
     raise UserError(f"backbone weights {path} ({recorded['name']}, SHA-256 "
                     f"{recorded['sha256']}) not found; pass the same file with --weights PATH")
-  digest = file_sha256(path)
+  digest = files.file_sha256(path)
   if digest != recorded["sha256"]:
     raise UserError(f"backbone weights {path}: SHA-256 {digest} differs from the detector's "
                     f"{recorded['sha256']} ({recorded['name']}); these are other weights")

@@ -8,6 +8,7 @@ JSON (bare NaN is not JSON: jq, browsers and strict parsers reject it).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -208,3 +209,12 @@ def _jsonl_lines(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     log.warning("%s: skipped %d line(s) that are not JSON records with a numeric step "
                 "(line %s)", path, len(bad), shown)
   return records, lines
+
+
+def file_sha256(path: str) -> str:
+  """The SHA-256 of a file's bytes (hex), read a MiB at a time."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()

@@ -18,6 +18,7 @@ from PIL import Image
 from adjax.configs import default_config
 from adjax.detector import Detector, storage, thresholds
 from adjax.errors import UserError
+from adjax.io import files
 from data_pipelines.image_files import list_images, load_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -154,13 +155,13 @@ def test_backbone_weights_are_checked_by_digest(tmp_path):
   weights.write_bytes(b"weights one")
   manifest = {"backbone": {"name": "x", "weights": {
       "name": "w.pth", "path": str(weights),
-      "sha256": storage.file_sha256(str(weights))}}}
+      "sha256": files.file_sha256(str(weights))}}}
   assert storage.backbone_weights(manifest, None) == str(weights)
   moved = tmp_path / "elsewhere.pth"
   moved.write_bytes(b"weights one")
   assert storage.backbone_weights(manifest, str(moved)) == str(moved)
   moved.write_bytes(b"weights two")
-  digest = storage.file_sha256(str(moved))
+  digest = files.file_sha256(str(moved))
   with pytest.raises(UserError, match=f"SHA-256 {digest} differs from the detector's "
                                       f"{manifest['backbone']['weights']['sha256']}"):
     storage.backbone_weights(manifest, str(moved))
