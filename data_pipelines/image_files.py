@@ -60,12 +60,10 @@ class LoadedImages:
     paths: the files that were read, in input order.
     images: (N, S, S, 3) uint8, the evaluation's preprocessing (short side to `resize`, centre
       crop S).
-    sizes: (N, 2) int, each file's original (height, width).
     failed: {path: reason} of the files that could not be read or decoded.
   """
   paths: list[str]
   images: np.ndarray
-  sizes: np.ndarray
   failed: dict[str, str]
 
 
@@ -80,18 +78,17 @@ def load_images(paths: Sequence[str], size: int, *, resize: int | None = None,
       with open(path, "rb") as f:
         data = f.read()
       image, _ = images_lib.preprocess_pair(data, None, size, image_path=path, resize=resize)
-      return image, images_lib.image_size(data, path), None
+      return image, None
     except (OSError, ValueError) as err:
-      return None, None, f"{type(err).__name__}: {err}".splitlines()[0]
+      return None, f"{type(err).__name__}: {err}".splitlines()[0]
 
   with ThreadPoolExecutor(max(1, num_threads)) as pool:
     results = list(pool.map(one, paths))
-  kept = [(p, img, hw) for p, (img, hw, err) in zip(paths, results) if err is None]
-  failed = {p: err for p, (_, _, err) in zip(paths, results) if err is not None}
-  images = (np.stack([img for _, img, _ in kept]) if kept
+  kept = [(p, img) for p, (img, err) in zip(paths, results) if err is None]
+  failed = {p: err for p, (_, err) in zip(paths, results) if err is not None}
+  images = (np.stack([img for _, img in kept]) if kept
             else np.zeros((0, size, size, 3), np.uint8))
-  sizes = np.asarray([hw for _, _, hw in kept], np.int64).reshape(-1, 2)
-  return LoadedImages([p for p, _, _ in kept], images, sizes, failed)
+  return LoadedImages([p for p, _ in kept], images, failed)
 
 
 def read_original(path: str) -> np.ndarray:

@@ -37,15 +37,6 @@ def _open(data: bytes, path: str) -> Image.Image:
   return _open_scaled(data, path)[0]
 
 
-def image_size(data: bytes, path: str = "<bytes>") -> tuple[int, int]:
-  """An encoded image's (H, W), from its header."""
-  try:
-    width, height = Image.open(io.BytesIO(data)).size
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise ImageDecodeError(f"cannot decode image file {path!r}: {e}") from e
-  return height, width
-
-
 def _open_scaled(data: bytes, path: str, draft_short_side: int | None = None
                  ) -> tuple[Image.Image, tuple[int, int]]:
   """Opens and fully decodes an image, and gives its full (H, W). A JPEG with draft_short_side

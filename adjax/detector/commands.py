@@ -66,7 +66,7 @@ def run_fit(args: argparse.Namespace, config: Any) -> dict:
 
 def run_predict(args: argparse.Namespace) -> dict:
   from tqdm import tqdm
-  from adjax.detector import outputs, thresholds
+  from adjax.detector import outputs
   from adjax.detector.model import Detector
   from data_pipelines.image_files import list_images, load_images, read_original
   if args.batch < 1:
@@ -90,7 +90,7 @@ def run_predict(args: argparse.Namespace) -> dict:
     failed.update(loaded.failed)
     if loaded.paths:
       scores, maps, flags = detector.predict(loaded.images, batch=args.batch)
-      norm = thresholds.normalised(scores, detector.manifest["validation"]["image_scores"])
+      norm = detector.normalised(scores)
       for i, path in enumerate(loaded.paths):
         rows.append((path, scores[i], norm[i], flags[i]))
         if not args.no_maps:
